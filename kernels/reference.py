@@ -1,0 +1,93 @@
+"""Pure-PyTorch reference ops: the CPU path and the test oracle for the Triton kernels.
+
+Each function here has exactly the signature of its dispatched twin in `kernels/__init__.py`.
+They compute in fp32 (or the input's dtype if wider) and return the input dtype, like the kernels.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """y = x / sqrt(mean(x^2) + eps) * weight, over the last dim; statistics in fp32."""
+    acc = torch.promote_types(x.dtype, torch.float32)
+    xf = x.to(acc)
+    y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return (y * weight.to(acc)).to(x.dtype)
+
+
+def apply_rope(x_BSND: torch.Tensor, cos_BSR: torch.Tensor, sin_BSR: torch.Tensor,
+               interleaved: bool = True) -> torch.Tensor:
+    """Rotate x [B, S, N, D] by per-position angles; cos/sin are [B or 1, S, D/2].
+
+    interleaved=True rotates DeepSeek's adjacent pairs (x[2i], x[2i+1]) and keeps that layout;
+    interleaved=False rotates (x[i], x[i + D/2]) (the "rotate_half" layout of Llama/HF).
+    """
+    acc = torch.promote_types(x_BSND.dtype, torch.float32)
+    x = x_BSND.to(acc)
+    cos = cos_BSR.to(acc).unsqueeze(2)  # [B, S, 1, D/2]
+    sin = sin_BSR.to(acc).unsqueeze(2)
+    if interleaved:
+        x1, x2 = x[..., 0::2], x[..., 1::2]
+        out = torch.stack((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).flatten(-2)
+    else:
+        x1, x2 = x.chunk(2, dim=-1)
+        out = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+    return out.to(x_BSND.dtype)
+
+
+def route(logits_TE: torch.Tensor, bias_E: Optional[torch.Tensor], top_k: int, score_func: str,
+          n_group: int = 1, topk_group: int = 1, norm_topk_prob: bool = True,
+          routed_scaling_factor: float = 1.0):
+    """Token-choice top-k routing, DeepSeek-V3 semantics.
+
+    Returns (weights_TK fp32, indices_TK int64, scores_TE fp32, counts_E int32):
+      scores   = softmax or sigmoid of the fp32 logits
+      choice   = scores + bias (the bias steers selection only: aux-loss-free balancing)
+      groups   : with n_group > 1, keep the topk_group groups with the largest top-2 sum of
+                 `choice`, mask the rest to -inf
+      indices  = top-k of choice;  weights = scores at indices (unbiased), optionally
+                 renormalised to sum 1 (+1e-20, as DeepSeek/HF), times routed_scaling_factor
+      counts   = tokens routed to each expert
+    Gradients flow to logits through weights and scores.
+    """
+    T, E = logits_TE.shape
+    logits = logits_TE.float()
+    if score_func == "sigmoid":
+        scores = torch.sigmoid(logits)
+    elif score_func == "softmax":
+        scores = F.softmax(logits, dim=-1)
+    else:
+        raise ValueError(f"score_func must be 'softmax' or 'sigmoid', got {score_func!r}")
+    with torch.no_grad():
+        choice = scores if bias_E is None else scores + bias_E.float()
+        if n_group > 1:
+            grouped = choice.view(T, n_group, E // n_group)
+            group_scores = grouped.topk(2, dim=-1).values.sum(dim=-1)          # [T, G]
+            group_idx = group_scores.topk(topk_group, dim=-1, sorted=False).indices
+            dropped = torch.ones_like(group_scores, dtype=torch.bool).scatter_(1, group_idx, False)
+            choice = grouped.masked_fill(dropped.unsqueeze(-1), float("-inf")).view(T, E)
+        indices = choice.topk(top_k, dim=-1, sorted=False).indices
+    weights = scores.gather(1, indices)
+    if norm_topk_prob:
+        weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+    weights = weights * routed_scaling_factor
+    counts = torch.zeros(E, dtype=torch.int32, device=logits.device)
+    counts.scatter_add_(0, indices.reshape(-1), torch.ones(indices.numel(), dtype=torch.int32, device=logits.device))
+    return weights, indices, scores, counts
+
+
+def attention(q_BSHD: torch.Tensor, k_BSHD: torch.Tensor, v_BSHE: torch.Tensor, scale: float,
+              causal: bool = True) -> torch.Tensor:
+    """Plain softmax attention in fp32 (eager): the oracle for the fused backends. [B, S, H, E] out."""
+    q, k, v = (t.transpose(1, 2).float() for t in (q_BSHD, k_BSHD, v_BSHE))
+    scores = q @ k.transpose(-1, -2) * scale
+    if causal:
+        Sq, Sk = scores.shape[-2:]
+        mask = torch.ones(Sq, Sk, dtype=torch.bool, device=q.device).tril(Sk - Sq)
+        scores = scores.masked_fill(~mask, float("-inf"))
+    out = scores.softmax(-1) @ v
+    return out.transpose(1, 2).to(q_BSHD.dtype)

@@ -1,0 +1,42 @@
+"""megamoe: DeepSeek-V3-style Mixture-of-Experts pretraining on DeepSpeed.
+
+Install order matters (see Makefile): torch first (pinned, the CPU wheel installs offline),
+then this package, then deepspeed with --no-build-isolation so it builds against that torch
+instead of pulling a multi-GB CUDA build into an isolated build environment.
+"""
+from setuptools import find_packages, setup
+
+TORCH = "torch==2.13.0"
+DEEPSPEED = "deepspeed==0.19.8"
+
+setup(
+    name="megamoe",
+    version="0.1.0",
+    description="Pretrain DeepSeek-V3-style MoE language models (MLA + fine-grained experts) on DeepSpeed",
+    python_requires=">=3.10",
+    packages=find_packages(include=["megamoe", "megamoe.*", "kernels", "kernels.*"]),
+    package_data={"megamoe": ["presets/*.json"]},
+    install_requires=[
+        TORCH,
+        "numpy>=1.26",
+        "transformers==5.23.0",
+        "safetensors>=0.4",
+        "sentencepiece>=0.2",
+        "tokenizers>=0.21",
+        "tiktoken>=0.8",
+        "pyarrow>=15",
+        "pyyaml>=6",
+        "tqdm>=4.66",
+        "tensorboard>=2.16",
+        "matplotlib>=3.8",
+    ],
+    extras_require={
+        # deepspeed must be installed after torch without build isolation: `make` does that.
+        "train": [DEEPSPEED],
+        # Triton kernels: the wheel runs under TRITON_INTERPRET=1 on CPU and compiles for CUDA.
+        "kernels": ["triton==3.9.0"],
+        # GPU only: flash-attn needs CUDA to build.
+        "gpu": ["flash-attn>=2.6"],
+        "dev": ["pytest>=8", "pytest-timeout>=2.3"],
+    },
+)
