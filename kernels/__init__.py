@@ -66,16 +66,33 @@ def use_triton(x: torch.Tensor) -> bool:
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm over the last dim (kernels/rmsnorm.py); fp32 statistics, returns x.dtype."""
+    if use_triton(x):
+        from kernels import rmsnorm  # imported lazily: Triton decides interpret mode at import
+        return rmsnorm.rms_norm(x, weight, eps)
     return reference.rms_norm(x, weight, eps)
 
 
 def apply_rope(x_BSND: torch.Tensor, cos_BSR: torch.Tensor, sin_BSR: torch.Tensor,
                interleaved: bool = True) -> torch.Tensor:
+    """RoPE on x [B, S, N, D] with cos/sin [B or 1, S, D/2] (kernels/rope.py)."""
+    # The kernel gives cos/sin no gradient; if a caller ever trains them, stay exact.
+    if use_triton(x_BSND) and not (cos_BSR.requires_grad or sin_BSR.requires_grad):
+        from kernels import rope
+        return rope.apply_rope(x_BSND, cos_BSR, sin_BSR, interleaved)
     return reference.apply_rope(x_BSND, cos_BSR, sin_BSR, interleaved)
 
 
 def route(logits_TE: torch.Tensor, bias_E: Optional[torch.Tensor], top_k: int, score_func: str,
           n_group: int = 1, topk_group: int = 1, norm_topk_prob: bool = True,
           routed_scaling_factor: float = 1.0):
+    """DeepSeek-V3 routing (kernels/router.py); see reference.route for the exact semantics.
+
+    Returns (weights_TK fp32, indices_TK int64, scores_TE fp32, counts_E int32).
+    """
+    if use_triton(logits_TE):
+        from kernels import router
+        return router.route(logits_TE, bias_E, top_k, score_func, n_group, topk_group,
+                            norm_topk_prob, routed_scaling_factor)
     return reference.route(logits_TE, bias_E, top_k, score_func, n_group, topk_group,
                            norm_topk_prob, routed_scaling_factor)

@@ -53,9 +53,11 @@ def route(logits_TE: torch.Tensor, bias_E: Optional[torch.Tensor], top_k: int, s
                  renormalised to sum 1 (+1e-20, as DeepSeek/HF), times routed_scaling_factor
       counts   = tokens routed to each expert
     Gradients flow to logits through weights and scores.
+    Scores and weights are fp32 for fp32/bf16/fp16 logits; float64 logits stay float64 (the
+    module's "input dtype if wider" rule), which makes this the float64 oracle for the kernel.
     """
     T, E = logits_TE.shape
-    logits = logits_TE.float()
+    logits = logits_TE.to(torch.promote_types(logits_TE.dtype, torch.float32))
     if score_func == "sigmoid":
         scores = torch.sigmoid(logits)
     elif score_func == "softmax":
@@ -63,14 +65,15 @@ def route(logits_TE: torch.Tensor, bias_E: Optional[torch.Tensor], top_k: int, s
     else:
         raise ValueError(f"score_func must be 'softmax' or 'sigmoid', got {score_func!r}")
     with torch.no_grad():
-        choice = scores if bias_E is None else scores + bias_E.float()
+        choice = scores if bias_E is None else scores + bias_E.to(scores.dtype)
         if n_group > 1:
             grouped = choice.view(T, n_group, E // n_group)
             group_scores = grouped.topk(2, dim=-1).values.sum(dim=-1)          # [T, G]
             group_idx = group_scores.topk(topk_group, dim=-1, sorted=False).indices
             dropped = torch.ones_like(group_scores, dtype=torch.bool).scatter_(1, group_idx, False)
             choice = grouped.masked_fill(dropped.unsqueeze(-1), float("-inf")).view(T, E)
-        indices = choice.topk(top_k, dim=-1, sorted=False).indices
+        # sorted: picks in descending `choice` order (a defined order, the one the kernel uses)
+        indices = choice.topk(top_k, dim=-1, sorted=True).indices
     weights = scores.gather(1, indices)
     if norm_topk_prob:
         weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
