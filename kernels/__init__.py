@@ -21,6 +21,8 @@ from kernels import reference
 from kernels.attention import attention, attention_backend  # noqa: F401
 
 _BACKENDS = ("auto", "triton", "reference")
+ROUTER_MAX_EXPERTS = 256  # the router kernel keeps a token's E scores in one register tile
+ROUTER_MAX_TOP_K = 8
 _forced: Optional[str] = None
 
 
@@ -90,7 +92,10 @@ def route(logits_TE: torch.Tensor, bias_E: Optional[torch.Tensor], top_k: int, s
 
     Returns (weights_TK fp32, indices_TK int64, scores_TE fp32, counts_E int32).
     """
-    if use_triton(logits_TE):
+    fits_kernel = logits_TE.shape[-1] <= ROUTER_MAX_EXPERTS and top_k <= ROUTER_MAX_TOP_K
+    # auto sends shapes the kernel does not cover to the reference; forced triton lets the
+    # kernel raise its ValueError (never a silent fallback).
+    if use_triton(logits_TE) and (fits_kernel or backend() == "triton"):
         from kernels import router
         return router.route(logits_TE, bias_E, top_k, score_func, n_group, topk_group,
                             norm_topk_prob, routed_scaling_factor)
