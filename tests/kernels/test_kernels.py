@@ -1,0 +1,267 @@
+"""Triton kernels (run by the interpreter: tests/conftest.py sets TRITON_INTERPRET=1) against the
+float64 references in kernels/reference.py, forward and backward, on random non-zero inputs.
+
+Error metric: max |kernel - reference| / max |reference| over the tensor (a relative error that
+does not blow up on individual near-zero entries). Bounds: 2e-6 for fp32, 1e-2 for bf16 (whose
+outputs are rounded to 8 mantissa bits, and which the interpreter truncates rather than rounds).
+"""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from kernels import reference
+from kernels import rmsnorm as rmsnorm_mod
+from kernels import rope as rope_mod
+from kernels import router as router_mod
+
+TOL = {torch.float32: 2e-6, torch.bfloat16: 1e-2}
+
+
+def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    expected = expected.double()
+    return ((actual.double() - expected).abs().max() / expected.abs().max()).item()
+
+
+def assert_close(actual, expected, dtype, what):
+    err = rel_err(actual, expected)
+    assert err <= TOL[dtype], f"{what}: relative error {err:.3g} > {TOL[dtype]:g}"
+
+
+# --------------------------------------------------------------------------------------------
+# RMSNorm
+# --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("shape", [(37, 3), (37, 7), (3, 11, 100), (64, 512), (5, 1000),
+                                   (3, 9000)])  # 9000 > MAX_BLOCK_N: two column chunks
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rms_norm_matches_float64_reference(shape, dtype):
+    torch.manual_seed(0)
+    N = shape[-1]
+    x = (torch.randn(shape) * 3 + 0.5).to(dtype).requires_grad_()
+    w = (1 + 0.5 * torch.randn(N)).to(dtype).requires_grad_()
+    dy = torch.randn(shape).to(dtype)
+    y = rmsnorm_mod.rms_norm(x, w, 1e-6)
+    y.backward(dy)
+    assert y.dtype == dtype and y.shape == x.shape
+
+    x64 = x.detach().double().requires_grad_()
+    w64 = w.detach().double().requires_grad_()
+    y64 = reference.rms_norm(x64, w64, 1e-6)
+    y64.backward(dy.double())
+    assert_close(y, y64, dtype, "y")
+    assert_close(x.grad, x64.grad, dtype, "dx")
+    assert_close(w.grad, w64.grad, dtype, "dweight")
+
+
+def test_rms_norm_mixed_dtypes_and_strided_rows():
+    """bf16 activations with an fp32 weight, rows taken from a wider buffer (row stride != N)."""
+    torch.manual_seed(1)
+    buf = torch.randn(2, 9, 160, dtype=torch.bfloat16)
+    x = buf[..., :96].detach().requires_grad_()  # a strided leaf (row stride 160)
+    x_view = buf[..., 16:112]                     # strided, and not starting at column 0
+    w = (1 + 0.3 * torch.randn(96)).requires_grad_()
+    y = rmsnorm_mod.rms_norm(x_view, w, 1e-5)
+    assert y.dtype == torch.bfloat16
+    assert_close(y, reference.rms_norm(x_view.double(), w.detach().double(), 1e-5),
+                 torch.bfloat16, "y strided")
+    dy = torch.randn(2, 9, 96)
+    rmsnorm_mod.rms_norm(x, w, 1e-5).backward(dy.to(torch.bfloat16))
+    assert w.grad.dtype == torch.float32
+    x64 = x.detach().double().requires_grad_()
+    w64 = w.detach().double().requires_grad_()
+    reference.rms_norm(x64, w64, 1e-5).backward(dy.to(torch.bfloat16).double())
+    assert_close(x.grad, x64.grad, torch.bfloat16, "dx")
+    assert_close(w.grad, w64.grad, torch.bfloat16, "dweight")
+
+
+def test_rms_norm_config_is_chunked_and_bounded():
+    for N in (1, 7, 100, 7168, 8192, 9000, 100000):
+        cfg = rmsnorm_mod.rms_norm_config(N, interpret=False)
+        assert cfg["BLOCK_N"] & (cfg["BLOCK_N"] - 1) == 0
+        assert cfg["BLOCK_N"] <= rmsnorm_mod.MAX_BLOCK_N
+        assert cfg["BLOCK_N"] * cfg["NUM_CHUNKS"] >= N
+        assert cfg["BLOCK_M"] * cfg["BLOCK_N"] <= 8192
+
+
+# --------------------------------------------------------------------------------------------
+# RoPE
+# --------------------------------------------------------------------------------------------
+def yarn_tables(positions_BS: torch.Tensor, dim: int, base=10000.0, factor=4.0, orig_max=64,
+                beta_fast=32.0, beta_slow=1.0, mscale=0.707):
+    """YaRN cos/sin gathered at position ids, carrying the attention factor (DeepSeek-V3 recipe),
+    built here only to feed the kernel realistic, non-unit-norm tables."""
+    inv_freq = 1.0 / base ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim)
+
+    def corr_dim(rot):
+        return dim * math.log(orig_max / (rot * 2 * math.pi)) / (2 * math.log(base))
+    low = max(math.floor(corr_dim(beta_fast)), 0)
+    high = min(math.ceil(corr_dim(beta_slow)), dim - 1)
+    ramp = ((torch.arange(dim // 2, dtype=torch.float64) - low) / max(high - low, 1e-3)).clamp(0, 1)
+    inv_freq = inv_freq / factor * ramp + inv_freq * (1 - ramp)
+    attn_factor = 0.1 * mscale * math.log(factor) + 1.0
+    angles = positions_BS.double()[..., None] * inv_freq
+    return (angles.cos() * attn_factor).float(), (angles.sin() * attn_factor).float()
+
+
+ROPE_CASES = [
+    # B, S, H, D_nope, D_rope, batch of the cos/sin tables
+    (2, 7, 3, 5, 6, 1),     # R = 3 pairs: non-power-of-2 everything, q slice of a wider head
+    (2, 9, 1, 0, 64, 2),    # the shared rope key [B, S, 1, Dr], per-batch position ids
+    (1, 13, 16, 32, 16, 1),
+]
+
+
+@pytest.mark.parametrize("B,S,H,Dn,Dr,bc", ROPE_CASES)
+@pytest.mark.parametrize("interleaved", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rope_matches_float64_reference(B, S, H, Dn, Dr, bc, interleaved, dtype):
+    torch.manual_seed(2)
+    q = torch.randn(B, S, H, Dn + Dr).to(dtype).requires_grad_()
+    x = q[..., Dn:]  # the model rotates the rope slice of q in place of a copy
+    positions = torch.stack([torch.randperm(4 * S)[:S] for _ in range(bc)])  # arbitrary ids
+    cos, sin = yarn_tables(positions, Dr)
+    y = rope_mod.apply_rope(x, cos, sin, interleaved)
+    dy = torch.randn(B, S, H, Dr).to(dtype)
+    y.backward(dy)
+    assert y.shape == x.shape and y.dtype == dtype
+
+    q64 = q.detach().double().requires_grad_()
+    y64 = reference.apply_rope(q64[..., Dn:], cos.double(), sin.double(), interleaved)
+    y64.backward(dy.double())
+    assert_close(y, y64, dtype, "y")
+    assert_close(q.grad, q64.grad, dtype, "dq")
+    if Dn:
+        assert torch.all(q.grad[..., :Dn] == 0)  # nothing leaks into the nope part
+
+
+def test_rope_layouts_differ():
+    """Guard against the two layouts silently computing the same thing."""
+    torch.manual_seed(3)
+    x = torch.randn(1, 4, 2, 8)
+    cos, sin = yarn_tables(torch.arange(4)[None], 8)
+    a = rope_mod.apply_rope(x, cos, sin, True)
+    b = rope_mod.apply_rope(x, cos, sin, False)
+    assert rel_err(a, b) > 0.1
+
+
+# --------------------------------------------------------------------------------------------
+# Router
+# --------------------------------------------------------------------------------------------
+GROUPING = {8: (1, 1), 64: (8, 4), 160: (8, 3), 256: (8, 4)}  # E -> (n_group, topk_group)
+
+
+def untied_rows(logits_TE, bias_E, top_k, score_func, n_group, topk_group, gap=1e-5):
+    """Rows whose float64 selection has margins > gap (group scores and the k/k+1 boundary), so
+    the fp32 kernel and the float64 reference must agree on them."""
+    lg = logits_TE.double()
+    scores = lg.sigmoid() if score_func == "sigmoid" else lg.softmax(-1)
+    choice = scores + (0 if bias_E is None else bias_E.double())
+    T, E = choice.shape
+    ok = torch.ones(T, dtype=torch.bool)
+    if n_group > 1:
+        gs = choice.view(T, n_group, -1).topk(2, -1).values.sum(-1).sort(-1, descending=True).values
+        ok &= (gs[:, :-1] - gs[:, 1:]).abs().min(-1).values > gap
+    top = choice.sort(-1, descending=True).values[:, :top_k + 1]
+    ok &= (top[:, :-1] - top[:, 1:]).min(-1).values > gap
+    return ok
+
+
+def run_route(mod_route, logits, bias, k, sf, G, TG, norm, scale, dW, dS):
+    logits = logits.detach().requires_grad_()
+    w, idx, s, counts = mod_route(logits, bias, k, sf, G, TG, norm, scale)
+    loss = (w * dW).sum() + ((s * dS).sum() if dS is not None else 0)
+    loss.backward()
+    return w, idx, s, counts, logits.grad
+
+
+def check_route(T, E, k, score_func, n_group, topk_group, norm, scale, dtype, with_bias=True,
+                with_dscores=True, seed=0):
+    torch.manual_seed(seed)
+    logits = (torch.randn(T, E) * 2).to(dtype)
+    bias = 0.05 * torch.randn(E) if with_bias else None
+    dW = torch.randn(T, k)
+    dS = torch.randn(T, E) if with_dscores else None
+    w, idx, s, counts, dlogits = run_route(router_mod.route, logits, bias, k, score_func, n_group,
+                                           topk_group, norm, scale, dW, dS)
+    w6, idx6, s6, counts6, dlogits6 = run_route(
+        reference.route, logits.double(), None if bias is None else bias.double(), k, score_func,
+        n_group, topk_group, norm, scale, dW.double(), None if dS is None else dS.double())
+
+    assert w.dtype == torch.float32 and s.dtype == torch.float32
+    assert idx.dtype == torch.int64 and counts.dtype == torch.int32
+    assert w.shape == (T, k) and idx.shape == (T, k) and s.shape == (T, E) and counts.shape == (E,)
+    ok = untied_rows(logits, bias, k, score_func, n_group, topk_group)
+    assert ok.float().mean() > 0.8, "test inputs are too tied to be informative"
+    assert torch.equal(idx[ok], idx6[ok]), "expert choice differs on untied rows"
+    # counts are exact: they count the kernel's own picks, and match the reference when untied
+    assert torch.equal(counts, torch.bincount(idx.flatten(), minlength=E).int())
+    if ok.all():
+        assert torch.equal(counts, counts6)
+    fp32 = torch.float32
+    assert_close(s, s6, fp32, "scores")                        # scores are always fp32
+    assert_close(w[ok], w6[ok], fp32, "weights")
+    assert_close(dlogits[ok], dlogits6[ok].to(dtype), dtype, "dlogits")
+    assert dlogits.dtype == dtype
+
+
+@pytest.mark.parametrize("E", [8, 64, 160, 256])
+@pytest.mark.parametrize("k", [1, 2, 6, 8])
+@pytest.mark.parametrize("score_func", ["sigmoid", "softmax"])
+def test_route_matches_float64_reference(E, k, score_func):
+    n_group, topk_group = GROUPING[E]
+    norm = score_func == "sigmoid"          # DeepSeek-V3 renormalises; V2-style softmax does not
+    scale = 2.5 if norm else 16.0
+    check_route(37, E, k, score_func, n_group, topk_group, norm, scale, torch.float32, seed=E + k)
+
+
+@pytest.mark.parametrize("case", [
+    dict(E=256, k=8, score_func="sigmoid", n_group=8, topk_group=4, norm=True, scale=2.5,
+         dtype=torch.bfloat16),                                  # DeepSeek-V3 in bf16
+    dict(E=160, k=6, score_func="softmax", n_group=8, topk_group=3, norm=True, scale=1.0,
+         dtype=torch.float32, with_bias=False),                  # softmax + renorm, no bias
+    dict(E=64, k=6, score_func="sigmoid", n_group=1, topk_group=1, norm=False, scale=1.0,
+         dtype=torch.float32, with_dscores=False),               # only the weights used
+    dict(E=64, k=2, score_func="softmax", n_group=4, topk_group=1, norm=True, scale=1.0,
+         dtype=torch.bfloat16),
+    dict(E=8, k=8, score_func="softmax", n_group=1, topk_group=1, norm=True, scale=1.0,
+         dtype=torch.float32, T=300),                            # k = E, several programs
+])
+def test_route_variants(case):
+    case = dict(case)
+    check_route(case.pop("T", 37), case.pop("E"), case.pop("k"), case.pop("score_func"),
+                case.pop("n_group"), case.pop("topk_group"), case.pop("norm"),
+                case.pop("scale"), case.pop("dtype"), **case)
+
+
+def test_route_bias_steers_selection_but_not_weights():
+    """A large bias on expert 3 makes every token pick it, with its unbiased score as weight."""
+    torch.manual_seed(5)
+    logits = torch.randn(20, 16)
+    bias = torch.zeros(16)
+    bias[3] = 10.0
+    w, idx, s, counts = router_mod.route(logits, bias, 2, "sigmoid", 1, 1, False, 1.0)
+    assert torch.all(idx[:, 0] == 3)
+    torch.testing.assert_close(w[:, 0], torch.sigmoid(logits[:, 3]), rtol=1e-6, atol=1e-7)
+    assert counts[3] == 20 and counts.sum() == 40
+
+
+def test_route_ties_pick_a_valid_distinct_set():
+    """With exactly tied scores, the picks are still k distinct experts among the tied maxima."""
+    logits = torch.zeros(4, 8)
+    logits[:, [1, 5, 6]] = 3.0
+    w, idx, _, counts = router_mod.route(logits, None, 3, "softmax", 1, 1, True, 1.0)
+    assert torch.equal(idx.sort(-1).values, torch.tensor([[1, 5, 6]] * 4))
+    torch.testing.assert_close(w, torch.full((4, 3), 1 / 3))
+    assert counts.tolist() == [0, 4, 0, 0, 0, 4, 4, 0]
+
+
+def test_route_rejects_unsupported_shapes():
+    x = torch.randn(4, 300)
+    with pytest.raises(ValueError, match="E must be"):
+        router_mod.route(x, None, 2, "sigmoid")
+    with pytest.raises(ValueError, match="top_k"):
+        router_mod.route(torch.randn(4, 64), None, 9, "sigmoid")
+    with pytest.raises(ValueError, match="n_group"):
+        router_mod.route(torch.randn(4, 64), None, 2, "sigmoid", n_group=7)
