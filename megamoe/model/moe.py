@@ -1,0 +1,186 @@
+"""DeepSeek-V3 MoE: router, grouped routed experts, shared experts.
+
+Routing is dropless token-choice top-k (kernels.route). Routed experts keep their weights as
+fused 3-D tensors (`gate_up_proj` [E, 2I, H], gate rows first; `down_proj` [E, H, I]) — the
+layout of transformers' DeepseekV3Experts and of DeepSpeed AutoEP, so expert parallelism can
+shard them without a repack. Tokens are sorted by expert and each expert runs one matmul over
+its contiguous slice (`torch._grouped_mm`, or a loop where that is unavailable).
+
+The balance loss and z-loss do not travel through return values: the router attaches their
+gradient to its output weights (Megatron's MoEAuxLossAutoScaler), so they reach the router
+weights through activation checkpointing and through DeepSpeed's expert-parallel layer alike,
+and `loss.backward()` on the LM loss alone trains the router correctly. Their detached values
+and the tokens-per-expert counts are kept on the router for logging and bias updates.
+
+Shapes: T tokens (B*S), H hidden, E routed experts, K top-k, I expert intermediate size.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import kernels
+from megamoe.config import ModelConfig
+from megamoe.model.layers import MLP
+
+
+class AuxLossScaler(torch.autograd.Function):
+    """Identity on `x`; in backward, gives `aux_loss` the gradient `scale` (d total / d aux).
+
+    `scale` is set by the trainer: DeepSpeed divides the LM loss by the gradient accumulation
+    steps inside engine.backward, so the aux losses must be scaled the same way.
+    """
+    scale: float = 1.0
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, aux_loss: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(aux_loss)
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad_x: torch.Tensor):
+        (aux_loss,) = ctx.saved_tensors
+        return grad_x, torch.full_like(aux_loss, AuxLossScaler.scale)
+
+
+def set_aux_loss_scale(scale: float) -> None:
+    AuxLossScaler.scale = float(scale)
+
+
+def sequence_balance_loss(scores_TE: torch.Tensor, indices_TK: torch.Tensor, n_experts: int,
+                          seq_len: Optional[int]) -> torch.Tensor:
+    """DeepSeek-V3 sequence-wise balance loss (eqs. 17-20), before the alpha coefficient.
+
+    Per sequence: f_i = E / (K * S) * #tokens routed to i, P_i = mean_t s'_{i,t} with scores
+    normalised over experts; loss = sum_i f_i P_i, averaged over sequences. Equals 1 when balanced.
+    """
+    T, K = indices_TK.shape
+    S = seq_len if seq_len and T % seq_len == 0 else T
+    B = T // S
+    probs_BSE = (scores_TE / scores_TE.sum(-1, keepdim=True)).view(B, S, n_experts)
+    with torch.no_grad():
+        counts_BE = torch.zeros(B, n_experts, device=scores_TE.device, dtype=scores_TE.dtype)
+        counts_BE.scatter_add_(1, indices_TK.view(B, S * K), torch.ones(B, S * K, device=scores_TE.device,
+                                                                          dtype=scores_TE.dtype))
+        f_BE = counts_BE * (n_experts / (K * S))
+    return (f_BE * probs_BSE.mean(1)).sum(-1).mean()
+
+
+class Router(nn.Module):
+    """Scores experts for each token and picks the top-k.
+
+    Contract shared with DeepSpeed AutoEP's router: forward(x [T, H], expert_bias=None) ->
+    (weights [T, K] fp32, indices [T, K] int64, tokens_per_expert [E] int32).
+    `e_score_correction_bias` [E] (fp32, saved in checkpoints) steers selection only; the trainer
+    updates it from `tokens_per_expert_acc` once per optimizer step (aux-loss-free balancing).
+    """
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_experts, self.top_k = cfg.n_routed_experts, cfg.num_experts_per_tok
+        self.score_func, self.n_group, self.topk_group = cfg.scoring_func, cfg.n_group, cfg.topk_group
+        self.norm_topk_prob, self.routed_scaling_factor = cfg.norm_topk_prob, cfg.routed_scaling_factor
+        self.aux_loss_alpha, self.z_loss_coef = cfg.aux_loss_alpha, cfg.router_z_loss_coef
+        self.weight = nn.Parameter(torch.empty(cfg.n_routed_experts, cfg.hidden_size))
+        self.register_buffer("e_score_correction_bias", torch.zeros(cfg.n_routed_experts, dtype=torch.float32))
+        # Routed-token counts since the trainer last read them (for the bias update and monitoring).
+        self.register_buffer("tokens_per_expert_acc", torch.zeros(cfg.n_routed_experts, dtype=torch.float32),
+                             persistent=False)
+        self.seq_len: Optional[int] = None  # set by the Block so the balance loss is per sequence
+        self.last_aux_loss = torch.zeros(())
+        self.last_z_loss = torch.zeros(())
+        self.last_tokens_per_expert = torch.zeros(cfg.n_routed_experts, dtype=torch.int32)
+
+    def _apply(self, fn, recurse=True):
+        # The bias must stay fp32 under model.half()/bf16 engines: it is compared against scores.
+        super()._apply(fn, recurse)
+        if self.e_score_correction_bias.dtype != torch.float32:
+            self.e_score_correction_bias.data = self.e_score_correction_bias.data.float()
+        if self.tokens_per_expert_acc.dtype != torch.float32:
+            self.tokens_per_expert_acc.data = self.tokens_per_expert_acc.data.float()
+        return self
+
+    def forward(self, x_TH: torch.Tensor, expert_bias: Optional[torch.Tensor] = None):
+        logits_TE = F.linear(x_TH.float(), self.weight.float())
+        bias_E = self.e_score_correction_bias if expert_bias is None else self.e_score_correction_bias + expert_bias
+        weights_TK, indices_TK, scores_TE, counts_E = kernels.route(
+            logits_TE, bias_E, self.top_k, self.score_func, self.n_group, self.topk_group,
+            self.norm_topk_prob, self.routed_scaling_factor)
+        self.last_tokens_per_expert = counts_E.detach()
+        if self.training and torch.is_grad_enabled():
+            self.tokens_per_expert_acc += counts_E.detach().float()
+            aux = torch.zeros((), device=logits_TE.device)
+            if self.aux_loss_alpha > 0:
+                bal = sequence_balance_loss(scores_TE, indices_TK, self.n_experts, self.seq_len)
+                aux = aux + self.aux_loss_alpha * bal
+                self.last_aux_loss = (self.aux_loss_alpha * bal).detach()
+            if self.z_loss_coef > 0:
+                z = self.z_loss_coef * torch.logsumexp(logits_TE, dim=-1).square().mean()
+                aux = aux + z
+                self.last_z_loss = z.detach()
+            if aux.requires_grad:
+                weights_TK = AuxLossScaler.apply(weights_TK, aux)
+        return weights_TK, indices_TK, counts_E
+
+
+def grouped_mm_supported(x: torch.Tensor, w: torch.Tensor) -> bool:
+    """torch._grouped_mm needs 16-byte aligned rows; on CUDA it wants bf16 (Hopper kernels)."""
+    if not hasattr(torch, "_grouped_mm"):
+        return False
+    if x.is_cuda and (x.dtype != torch.bfloat16 or torch.cuda.get_device_capability(x.device) < (9, 0)):
+        return False
+    align = 16 // x.element_size()
+    return all(d % align == 0 for d in (*w.shape[1:], x.shape[-1]))
+
+
+def grouped_mm(x_TK: torch.Tensor, w_ENK: torch.Tensor, counts_E: torch.Tensor, offs_E: torch.Tensor) -> torch.Tensor:
+    """y[t] = x[t] @ w[e].T for the tokens t of expert e, tokens sorted by expert. [T, N] out."""
+    if grouped_mm_supported(x_TK, w_ENK):
+        return torch._grouped_mm(x_TK, w_ENK.transpose(-2, -1), offs=offs_E)
+    chunks = x_TK.split(counts_E.tolist())
+    return torch.cat([chunk @ w_ENK[e].T for e, chunk in enumerate(chunks)], dim=0)
+
+
+class GroupedExperts(nn.Module):
+    """E SwiGLU experts as fused 3-D weights; dropless, computed per expert on sorted tokens."""
+
+    def __init__(self, n_experts: int, hidden_size: int, intermediate_size: int):
+        super().__init__()
+        self.n_experts = n_experts
+        self.gate_up_proj = nn.Parameter(torch.empty(n_experts, 2 * intermediate_size, hidden_size))
+        self.down_proj = nn.Parameter(torch.empty(n_experts, hidden_size, intermediate_size))
+
+    def forward(self, x_TH: torch.Tensor, weights_TK: torch.Tensor, indices_TK: torch.Tensor) -> torch.Tensor:
+        T, K = indices_TK.shape
+        flat_expert = indices_TK.reshape(-1)
+        order = flat_expert.argsort(stable=True)       # (token, slot) pairs grouped by expert
+        token_of = order // K
+        counts_E = torch.bincount(flat_expert, minlength=self.n_experts)
+        offs_E = counts_E.cumsum(0).to(torch.int32)
+        x_sorted = x_TH[token_of]
+        gate, up = grouped_mm(x_sorted, self.gate_up_proj, counts_E, offs_E).chunk(2, dim=-1)
+        y_sorted = grouped_mm(F.silu(gate) * up, self.down_proj, counts_E, offs_E)
+        y_sorted = y_sorted * weights_TK.reshape(-1)[order].unsqueeze(-1)
+        out = torch.zeros(T, x_TH.shape[-1], dtype=y_sorted.dtype, device=x_TH.device)
+        return out.index_add_(0, token_of, y_sorted).to(x_TH.dtype)
+
+
+class MoE(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.router = Router(cfg)
+        self.experts = GroupedExperts(cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size)
+        self.shared_experts = (MLP(cfg.hidden_size, cfg.moe_intermediate_size * cfg.n_shared_experts)
+                               if cfg.n_shared_experts > 0 else None)
+
+    def forward(self, x_BSH: torch.Tensor) -> torch.Tensor:
+        B, S, H = x_BSH.shape
+        x_TH = x_BSH.reshape(B * S, H)
+        weights_TK, indices_TK, _ = self.router(x_TH)
+        y_TH = self.experts(x_TH, weights_TK, indices_TK)
+        if self.shared_experts is not None:
+            y_TH = y_TH + self.shared_experts(x_TH)
+        return y_TH.view(B, S, H)

@@ -1,0 +1,175 @@
+"""The causal LM: embedding, N pre-norm blocks (MLA + dense MLP or MoE), final norm, LM head."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Iterator, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from megamoe.config import ModelConfig
+from megamoe.model.attention import MLA, LatentCache
+from megamoe.model.layers import MLP, RMSNorm, RotaryEmbedding
+from megamoe.model.moe import MoE, Router
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class ModelOutput:
+    logits: torch.Tensor                       # [B, S, V]
+    loss: Optional[torch.Tensor] = None        # next-token cross-entropy (labels given)
+    aux_loss: Optional[torch.Tensor] = None    # sum over layers of alpha * balance loss (detached)
+    z_loss: Optional[torch.Tensor] = None      # sum over layers of the router z-loss (detached)
+    tokens_per_expert: Optional[torch.Tensor] = None  # [L_moe, E] routed tokens in this forward
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.is_moe = cfg.is_moe_layer(layer_idx)
+        self.attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.attn = MLA(cfg)
+        self.ffn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.ffn = MoE(cfg) if self.is_moe else MLP(cfg.hidden_size, cfg.intermediate_size)
+
+    def forward(self, x_BSH, cos, sin, cache: Optional[LatentCache] = None, start_pos: int = 0):
+        x_BSH = x_BSH + self.attn(self.attn_norm(x_BSH), cos, sin, cache, start_pos)
+        if self.is_moe:
+            # ffn may be an expert-parallel replacement of MoE; both keep our Router at .router
+            self.ffn.router.seq_len = x_BSH.shape[1]
+        return x_BSH + self.ffn(self.ffn_norm(x_BSH))
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig, seed: int = 0, device=None):
+        super().__init__()
+        cfg.validate()
+        self.cfg = cfg
+        self.gradient_checkpointing = False
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.rotary = RotaryEmbedding(cfg)
+        if device is not None:
+            self.to(device)
+        self.init_weights(seed)
+
+    # ------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def init_weights(self, seed: int = 0) -> None:
+        """Deterministic from `seed` on any device: N(0, initializer_range) for every matrix
+        (each expert slice drawn independently), output projections (wo, down_proj) scaled by
+        1/sqrt(2 * num_layers) as GPT-2/DeepSeek do, norms to 1, routing bias to 0."""
+        std = self.cfg.initializer_range
+        out_std = std / math.sqrt(2 * self.cfg.num_hidden_layers)
+        gen = torch.Generator(device="cpu").manual_seed(seed)
+        for name, p in self.named_parameters():
+            if name.endswith("norm.weight"):
+                p.fill_(1.0)
+                continue
+            s = out_std if name.endswith(("wo.weight", "down_proj.weight", "down_proj")) else std
+            p.copy_(torch.normal(0.0, s, p.shape, generator=gen).to(p.dtype))
+        for m in self.modules():
+            if isinstance(m, Router):
+                m.e_score_correction_bias.zero_()
+
+    def routers(self) -> Iterator[tuple[int, Router]]:
+        for i, layer in enumerate(self.layers):
+            if layer.is_moe:
+                yield i, layer.ffn.router
+
+    def set_gradient_checkpointing(self, enabled: bool = True) -> None:
+        self.gradient_checkpointing = enabled
+
+    def output_weight(self) -> torch.Tensor:
+        return self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+
+    # ------------------------------------------------------------------------------------------
+    def forward(self, input_ids: torch.Tensor, labels: Optional[torch.Tensor] = None,
+                caches: Optional[list[LatentCache]] = None, start_pos: int = 0) -> ModelOutput:
+        B, S = input_ids.shape
+        positions = torch.arange(start_pos, start_pos + S, device=input_ids.device).unsqueeze(0)
+        cos, sin = self.rotary(positions)
+        h = self.embed_tokens(input_ids)
+        for i, layer in enumerate(self.layers):
+            cache = caches[i] if caches is not None else None
+            if self.gradient_checkpointing and self.training and cache is None:
+                h = checkpoint(layer, h, cos, sin, use_reentrant=False)
+            else:
+                h = layer(h, cos, sin, cache, start_pos)
+        h = self.norm(h)
+        logits = F.linear(h, self.output_weight())
+        out = ModelOutput(logits=logits)
+        if labels is not None:
+            out.loss = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), labels.reshape(-1),
+                                       ignore_index=IGNORE_INDEX)
+        routers = [r for _, r in self.routers()]
+        if routers:
+            out.tokens_per_expert = torch.stack([r.last_tokens_per_expert for r in routers])
+            if self.training:
+                out.aux_loss = sum(r.last_aux_loss.to(logits.device) for r in routers)
+                out.z_loss = sum(r.last_z_loss.to(logits.device) for r in routers)
+        return out
+
+    # ------------------------------------------------------------------------------------------
+    def new_caches(self, batch: int, max_len: int) -> list[LatentCache]:
+        p = self.embed_tokens.weight
+        return [LatentCache.empty(self.cfg, batch, max_len, p.device, p.dtype) for _ in self.layers]
+
+    @torch.no_grad()
+    def generate(self, input_ids: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
+                 top_k: Optional[int] = None, top_p: Optional[float] = None,
+                 eos_token_id: Optional[int] = None, generator: Optional[torch.Generator] = None,
+                 on_token: Optional[Callable[[torch.Tensor], None]] = None) -> torch.Tensor:
+        """Sample with the latent KV cache. temperature 0 is greedy. Prompts in a batch have equal
+        length. `on_token(next_ids [B])` is called for each new token (streaming). Stops early
+        when every row has produced `eos_token_id`. Returns prompt + generated ids."""
+        B, S = input_ids.shape
+        total = S + max_new_tokens
+        if total > self.cfg.max_position_embeddings:
+            raise ValueError(f"prompt ({S}) + max_new_tokens ({max_new_tokens}) exceeds "
+                             f"max_position_embeddings ({self.cfg.max_position_embeddings})")
+        was_training = self.training
+        self.eval()
+        caches = self.new_caches(B, total)
+        out_ids = input_ids
+        done = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
+        logits = self(input_ids, caches=caches, start_pos=0).logits[:, -1]
+        for step in range(max_new_tokens):
+            next_ids = sample_next(logits, temperature, top_k, top_p, generator)
+            if eos_token_id is not None:
+                next_ids = torch.where(done, torch.full_like(next_ids, eos_token_id), next_ids)
+                done |= next_ids == eos_token_id
+            out_ids = torch.cat([out_ids, next_ids[:, None]], dim=1)
+            if on_token is not None:
+                on_token(next_ids)
+            if done.all() or step == max_new_tokens - 1:
+                break
+            logits = self(next_ids[:, None], caches=caches, start_pos=S + step).logits[:, -1]
+        self.train(was_training)
+        return out_ids
+
+
+def sample_next(logits_BV: torch.Tensor, temperature: float = 1.0, top_k: Optional[int] = None,
+                top_p: Optional[float] = None, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """Greedy at temperature 0; else top-k, then nucleus (top-p) filtering, then sampling."""
+    if temperature <= 0:
+        return logits_BV.argmax(dim=-1)
+    logits = logits_BV.float() / temperature
+    if top_k is not None and top_k > 0:
+        kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and 0 < top_p < 1:
+        sorted_logits, sorted_idx = logits.sort(dim=-1, descending=True)
+        cum = sorted_logits.softmax(-1).cumsum(-1)
+        drop_sorted = cum - sorted_logits.softmax(-1) > top_p  # keep the smallest set reaching top_p
+        drop = drop_sorted.scatter(1, sorted_idx, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    probs = logits.softmax(dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)

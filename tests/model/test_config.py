@@ -1,0 +1,61 @@
+import json
+
+import pytest
+
+from megamoe.config import ConfigError, ModelConfig, list_presets
+
+
+def test_presets_load_and_have_expected_sizes():
+    assert {"tiny", "small-moe", "small-dense", "deepseek-v2-lite", "deepseek-v3"} <= set(list_presets())
+    assert ModelConfig.load("tiny").num_params()["total"] < 2_000_000
+    v3 = ModelConfig.load("deepseek-v3").num_params()
+    assert 660e9 < v3["total"] < 690e9 and 36e9 < v3["active"] < 39e9   # 671B total, 37B active
+    lite = ModelConfig.load("deepseek-v2-lite").num_params()
+    assert 15e9 < lite["total"] < 16.5e9
+    moe, dense = ModelConfig.load("small-moe").num_params(), ModelConfig.load("small-dense").num_params()
+    assert abs(moe["active"] - dense["active"]) / dense["active"] < 0.05   # matched active params
+
+
+def test_built_model_parameter_count_matches_formula():
+    cfg = ModelConfig.load("tiny")
+    assert sum(p.numel() for p in cfg.build().parameters()) == cfg.num_params()["total"]
+
+
+@pytest.mark.parametrize("overrides, field", [
+    (dict(num_experts_per_tok=9), "num_experts_per_tok"),
+    (dict(n_group=3), "n_group"),
+    (dict(n_group=2, topk_group=3), "topk_group"),
+    (dict(n_group=4, topk_group=1, num_experts_per_tok=3), "topk_group"),
+    (dict(qk_rope_head_dim=7), "qk_rope_head_dim"),
+    (dict(scoring_func="relu"), "scoring_func"),
+    (dict(first_k_dense_replace=9), "first_k_dense_replace"),
+    (dict(q_lora_rank=0), "q_lora_rank"),
+    (dict(eos_token_id=512), "eos_token_id"),
+    (dict(attention_backend="xformers"), "attention_backend"),
+    (dict(num_nextn_predict_layers=1), "num_nextn_predict_layers"),
+])
+def test_bad_configs_name_the_field(overrides, field):
+    with pytest.raises(ConfigError, match=rf"ModelConfig\.{field}"):
+        ModelConfig.load("tiny", **overrides)
+
+
+def test_unknown_field_and_missing_file_are_clear(tmp_path):
+    with pytest.raises(ConfigError, match="unknown ModelConfig field.*'hidden'"):
+        ModelConfig.load("tiny", hidden=3)
+    with pytest.raises(ConfigError, match="does not exist"):
+        ModelConfig.load(tmp_path / "nope.json")
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"hidden_size": 64,\n "vocab_size": }')
+    with pytest.raises(ConfigError, match="line 2"):
+        ModelConfig.load(bad)
+    with pytest.raises(ConfigError, match="unknown model preset"):
+        ModelConfig.load("gpt-5")
+
+
+def test_json_and_yaml_round_trip(tmp_path):
+    cfg = ModelConfig.load("deepseek-v3")
+    cfg.to_json(tmp_path / "c.json")
+    assert ModelConfig.load(tmp_path / "c.json") == cfg
+    import yaml
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(json.loads(cfg.to_json())))
+    assert ModelConfig.load(tmp_path / "c.yaml") == cfg

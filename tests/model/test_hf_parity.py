@@ -1,0 +1,138 @@
+"""Our model vs transformers' DeepseekV3/V2ForCausalLM loaded from our converted weights."""
+import dataclasses
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from megamoe import hf
+from megamoe.config import ModelConfig, RopeScaling
+
+BASE = ModelConfig.load("tiny")
+
+
+def variant(**kw) -> ModelConfig:
+    return dataclasses.replace(BASE, **kw).validate()
+
+
+CONFIGS = {
+    "tiny (q_lora, sigmoid, groups, renorm)": variant(),
+    "no q_lora": variant(q_lora_rank=None),
+    "no groups": variant(n_group=1, topk_group=1),
+    "no renorm, scaling 2.5": variant(norm_topk_prob=False, routed_scaling_factor=2.5),
+    "tied embeddings": variant(tie_word_embeddings=True),
+    "dense only": variant(n_routed_experts=0, n_shared_experts=0),
+    "no shared expert, top-3 of 8, 4 groups": variant(n_shared_experts=0, num_experts_per_tok=3, n_group=4, topk_group=2),
+    "yarn": variant(rope_scaling=RopeScaling(factor=4.0, original_max_position_embeddings=64, mscale=0.9,
+                                             mscale_all_dim=0.9)),
+    "half-rotation rope": variant(rope_interleave=False),
+    "softmax (deepseek_v2)": variant(scoring_func="softmax", norm_topk_prob=False, n_group=1, topk_group=1),
+}
+
+
+def export_and_load(model, cfg, tmp_path):
+    from transformers import AutoModelForCausalLM
+    out = tmp_path / "hf"
+    hf.save_hf_dir(out, cfg, model.state_dict())
+    model, info = AutoModelForCausalLM.from_pretrained(out, local_files_only=True, dtype=torch.float32,
+                                                       output_loading_info=True)
+    assert not any(info.get(k) for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
+    return model.eval()
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_logits_match_transformers(name, tmp_path):
+    cfg = CONFIGS[name]
+    model = cfg.build(seed=1).eval()
+    # a non-zero routing bias must be carried over (it changes expert choice)
+    for _, router in model.routers():
+        if cfg.scoring_func == "sigmoid":
+            router.e_score_correction_bias.normal_(0, 0.05)
+    ids = torch.randint(0, cfg.vocab_size, (2, 24), generator=torch.Generator().manual_seed(0))
+    ours = model(ids).logits
+    theirs_model = export_and_load(model, cfg, tmp_path)
+    assert type(theirs_model).__name__ == ("DeepseekV2ForCausalLM" if "softmax" in name else "DeepseekV3ForCausalLM")
+    with torch.no_grad():
+        theirs = theirs_model(ids).logits
+    rel = (ours - theirs).norm() / theirs.norm()
+    assert rel < 1e-5, f"{name}: relative error {rel:.2e}"
+
+
+def test_hf_native_hf_round_trip_is_bit_exact(tmp_path):
+    from transformers import DeepseekV3ForCausalLM
+    cfg = CONFIGS["no renorm, scaling 2.5"]
+    hf_model = DeepseekV3ForCausalLM(hf.to_hf_config(cfg))
+    hf_model.save_pretrained(tmp_path / "orig")
+    hf_sd = load_file(str(tmp_path / "orig" / "model.safetensors"))
+    back_cfg = hf.from_hf_config(hf_model.config)
+    assert back_cfg == dataclasses.replace(cfg, aux_loss_alpha=0.0, router_z_loss_coef=0.0,
+                                           bias_update_rate=back_cfg.bias_update_rate,
+                                           max_position_embeddings=back_cfg.max_position_embeddings)
+    native = hf.from_hf_state_dict(hf_sd, back_cfg)
+    model = back_cfg.build()
+    model.load_state_dict(native, strict=True)   # every native tensor present, nothing extra
+    again = hf.to_hf_state_dict(native, back_cfg)
+    assert set(again) == set(hf_sd)
+    for k in hf_sd:
+        assert torch.equal(again[k], hf_sd[k]), k
+
+
+def test_fused_in_memory_hf_layout_is_accepted():
+    from transformers import DeepseekV3ForCausalLM
+    cfg = CONFIGS["tiny (q_lora, sigmoid, groups, renorm)"]
+    hf_model = DeepseekV3ForCausalLM(hf.to_hf_config(cfg))
+    native = hf.from_hf_state_dict(hf_model.state_dict(), cfg)
+    model = cfg.build()
+    model.load_state_dict(native, strict=True)
+    ids = torch.randint(0, cfg.vocab_size, (1, 12))
+    with torch.no_grad():
+        assert torch.allclose(model.eval()(ids).logits, hf_model.eval()(ids).logits, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("kw, message", [
+    (dict(scoring_func="softmax", norm_topk_prob=True, n_group=1, topk_group=1), "norm_topk_prob"),
+    (dict(scoring_func="softmax", norm_topk_prob=False), "group-limited"),
+])
+def test_unrepresentable_softmax_models_are_refused(kw, message):
+    cfg = variant(**kw)
+    with pytest.raises(hf.HFConversionError, match=message):
+        hf.to_hf_config(cfg)
+
+
+def test_softmax_with_trained_bias_is_refused():
+    cfg = variant(scoring_func="softmax", norm_topk_prob=False, n_group=1, topk_group=1)
+    model = cfg.build()
+    next(r for _, r in model.routers()).e_score_correction_bias[0] = 0.1
+    with pytest.raises(hf.HFConversionError, match="selection bias"):
+        hf.to_hf_state_dict(model.state_dict(), cfg)
+
+
+def test_mtp_checkpoints_are_refused_not_dropped():
+    from transformers import DeepseekV3Config
+    hf_cfg = DeepseekV3Config(**{**hf.to_hf_config(BASE).to_dict(), "num_nextn_predict_layers": 1})
+    with pytest.raises(hf.HFConversionError, match="multi-token"):
+        hf.from_hf_config(hf_cfg)
+    sd = hf.to_hf_state_dict(BASE.build().state_dict(), BASE)
+    sd["model.layers.3.eh_proj.weight"] = torch.zeros(2, 2)  # an MTP layer's tensor
+    with pytest.raises(hf.HFConversionError, match="cannot place"):
+        hf.from_hf_state_dict(sd, BASE)
+
+
+def test_export_refuses_to_overwrite(tmp_path):
+    (tmp_path / "x").mkdir()
+    (tmp_path / "x" / "keep.txt").write_text("user data")
+    with pytest.raises(FileExistsError):
+        hf.save_hf_dir(tmp_path / "x", BASE, BASE.build().state_dict())
+    assert (tmp_path / "x" / "keep.txt").read_text() == "user data"
+
+
+def test_sharded_export_loads(tmp_path):
+    from transformers import AutoModelForCausalLM
+    model = BASE.build(seed=3).eval()
+    hf.save_hf_dir(tmp_path / "hf", BASE, model.state_dict(), max_shard_bytes=100_000)
+    files = sorted(p.name for p in (tmp_path / "hf").iterdir())
+    assert "model.safetensors.index.json" in files and sum(f.endswith(".safetensors") for f in files) > 1
+    theirs = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", local_files_only=True, dtype=torch.float32)
+    ids = torch.randint(0, BASE.vocab_size, (1, 16))
+    with torch.no_grad():
+        assert torch.allclose(model(ids).logits, theirs(ids).logits, rtol=1e-5, atol=1e-6)

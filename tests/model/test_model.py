@@ -1,0 +1,213 @@
+"""The model's own behaviour: routing, dropless grouped experts, MLA cache, losses, init."""
+import dataclasses
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from megamoe.config import ModelConfig
+from megamoe.model.moe import GroupedExperts, MoE, grouped_mm, sequence_balance_loss, set_aux_loss_scale
+
+TINY = ModelConfig.load("tiny")
+
+
+def naive_moe(moe: MoE, x_TH: torch.Tensor) -> torch.Tensor:
+    """Token by token, expert by expert: the definition the grouped path must equal."""
+    weights, indices, _ = moe.router(x_TH)
+    I = moe.experts.down_proj.shape[-1]
+    out = torch.zeros_like(x_TH)
+    for t in range(x_TH.shape[0]):
+        for k in range(indices.shape[1]):
+            e = indices[t, k]
+            gate_w, up_w = moe.experts.gate_up_proj[e, :I], moe.experts.gate_up_proj[e, I:]
+            h = F.silu(x_TH[t] @ gate_w.T) * (x_TH[t] @ up_w.T)
+            out[t] += weights[t, k] * (h @ moe.experts.down_proj[e].T)
+    if moe.shared_experts is not None:
+        out = out + moe.shared_experts(x_TH)
+    return out
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(num_experts_per_tok=3, n_group=1, topk_group=1),
+                                dict(scoring_func="softmax", norm_topk_prob=False, n_shared_experts=0)])
+def test_grouped_experts_equal_naive_per_token_loop(kw):
+    cfg = dataclasses.replace(TINY, hidden_size=32, moe_intermediate_size=16, **kw).validate()
+    torch.manual_seed(0)
+    moe = MoE(cfg)
+    for p in moe.parameters():
+        torch.nn.init.normal_(p, std=0.2)
+    x = torch.randn(2, 13, cfg.hidden_size)
+    fast = moe(x).view(-1, cfg.hidden_size)
+    slow = naive_moe(moe, x.view(-1, cfg.hidden_size))
+    torch.testing.assert_close(fast, slow, rtol=1e-5, atol=1e-6)
+    # every (token, slot) pair was computed: the layer is dropless
+    assert moe.router.last_tokens_per_expert.sum() == 2 * 13 * cfg.num_experts_per_tok
+
+
+def test_grouped_mm_fallback_equals_torch_grouped_mm():
+    torch.manual_seed(0)
+    counts = torch.tensor([3, 0, 5, 8])
+    x, w = torch.randn(16, 32), torch.randn(4, 8, 32)
+    offs = counts.cumsum(0).to(torch.int32)
+    ref = torch.cat([x[a:b] @ w[e].T for e, (a, b) in enumerate(zip([0, *offs[:-1].tolist()], offs.tolist()))])
+    torch.testing.assert_close(grouped_mm(x, w, counts, offs), ref)
+    x_odd, w_odd = torch.randn(16, 7), torch.randn(4, 5, 7)   # unaligned: takes the loop
+    ref_odd = torch.cat([x_odd[a:b] @ w_odd[e].T for e, (a, b) in
+                         enumerate(zip([0, *offs[:-1].tolist()], offs.tolist()))])
+    torch.testing.assert_close(grouped_mm(x_odd, w_odd, counts, offs), ref_odd)
+
+
+def test_expert_gradients_match_naive():
+    cfg = dataclasses.replace(TINY, hidden_size=32, moe_intermediate_size=16, aux_loss_alpha=0.0,
+                              router_z_loss_coef=0.0).validate()
+    torch.manual_seed(1)
+    moe = MoE(cfg)
+    for p in moe.parameters():
+        torch.nn.init.normal_(p, std=0.2)
+    x = torch.randn(20, cfg.hidden_size)
+    g = torch.randn(20, cfg.hidden_size)
+    (moe(x[None]).view(-1, cfg.hidden_size) * g).sum().backward()
+    fast = {n: p.grad.clone() for n, p in moe.named_parameters()}
+    moe.zero_grad()
+    (naive_moe(moe, x) * g).sum().backward()
+    for n, p in moe.named_parameters():
+        torch.testing.assert_close(fast[n], p.grad, rtol=1e-4, atol=1e-6, msg=n)
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(q_lora_rank=None), dict(n_routed_experts=0, n_shared_experts=0)])
+def test_cached_decoding_equals_full_forward(kw):
+    cfg = dataclasses.replace(TINY, **kw).validate()
+    model = cfg.build(seed=2).eval()
+    ids = torch.randint(0, cfg.vocab_size, (2, 20))
+    with torch.no_grad():
+        full = model(ids).logits
+        caches = model.new_caches(2, 20)
+        parts = [model(ids[:, :7], caches=caches).logits]
+        parts += [model(ids[:, i:i + 1], caches=caches, start_pos=i).logits for i in range(7, 20)]
+    torch.testing.assert_close(torch.cat(parts, 1), full, rtol=1e-5, atol=2e-6)
+
+
+def test_greedy_generation_equals_argmax_of_uncached_forward():
+    model = TINY.build(seed=4).eval()
+    prompt = torch.randint(3, TINY.vocab_size, (2, 5))
+    out = model.generate(prompt, max_new_tokens=10, temperature=0)
+    ids = prompt
+    with torch.no_grad():
+        for _ in range(10):
+            ids = torch.cat([ids, model(ids).logits[:, -1].argmax(-1, keepdim=True)], 1)
+    assert torch.equal(out, ids)
+
+
+def test_sampling_is_seeded_and_respects_top_k():
+    model = TINY.build(seed=4).eval()
+    prompt = torch.randint(3, TINY.vocab_size, (1, 4))
+    a = model.generate(prompt, 12, temperature=1.0, top_k=5, generator=torch.Generator().manual_seed(7))
+    b = model.generate(prompt, 12, temperature=1.0, top_k=5, generator=torch.Generator().manual_seed(7))
+    assert torch.equal(a, b)
+    streamed = []
+    model.generate(prompt, 6, temperature=0.8, top_p=0.9, on_token=lambda t: streamed.append(int(t)))
+    assert len(streamed) == 6
+
+
+def test_balance_loss_is_one_when_perfectly_balanced_and_larger_when_skewed():
+    E, K, S = 4, 2, 8
+    uniform = torch.full((S, E), 0.5)
+    balanced = torch.tensor([[0, 1], [2, 3]] * (S // 2))
+    assert sequence_balance_loss(uniform, balanced, E, S).item() == pytest.approx(1.0)
+    scores = torch.tensor([[0.9, 0.8, 0.1, 0.1]] * S)
+    skewed = torch.tensor([[0, 1]] * S)
+    assert sequence_balance_loss(scores, skewed, E, S).item() > 1.5
+
+
+def test_aux_losses_reach_router_gradient_and_scale():
+    cfg = dataclasses.replace(TINY, aux_loss_alpha=0.1, router_z_loss_coef=0.1).validate()
+    model = cfg.build(seed=0).train()
+    ids = torch.randint(0, cfg.vocab_size, (2, 16))
+    router = next(r for _, r in model.routers())
+
+    def router_grad(scale, alpha, z):
+        set_aux_loss_scale(scale)
+        for _, r in model.routers():
+            r.aux_loss_alpha, r.z_loss_coef = alpha, z
+        model.zero_grad()
+        model(ids, labels=ids).loss.backward()
+        return router.weight.grad.clone()
+
+    try:
+        without = router_grad(1.0, 0.0, 0.0)
+        with_aux = router_grad(1.0, 0.1, 0.1)
+        half = router_grad(0.5, 0.1, 0.1)
+    finally:
+        set_aux_loss_scale(1.0)
+    assert not torch.allclose(without, with_aux)
+    # d total/d aux scaled by 0.5: the aux part of the gradient halves
+    torch.testing.assert_close(half - without, 0.5 * (with_aux - without), rtol=1e-4, atol=1e-7)
+
+
+def test_training_output_reports_losses_and_counts():
+    model = TINY.build().train()
+    ids = torch.randint(0, TINY.vocab_size, (3, 10))
+    out = model(ids, labels=ids)
+    n_moe = len(TINY.moe_layer_indices)
+    assert out.tokens_per_expert.shape == (n_moe, TINY.n_routed_experts)
+    assert (out.tokens_per_expert.sum(1) == 30 * TINY.num_experts_per_tok).all()
+    assert out.aux_loss.item() > 0 and out.z_loss.item() > 0
+    assert abs(out.loss.item() - math.log(TINY.vocab_size)) < 0.5  # ~uniform at init
+    acc = next(r for _, r in model.routers()).tokens_per_expert_acc
+    assert acc.sum().item() == 30 * TINY.num_experts_per_tok
+
+
+def test_routing_bias_steers_selection_only():
+    cfg = dataclasses.replace(TINY, n_group=1, topk_group=1).validate()
+    model = cfg.build().eval()
+    router = next(r for _, r in model.routers())
+    x = torch.randn(50, cfg.hidden_size)
+    router.e_score_correction_bias[3] = 10.0          # force expert 3 into every top-k
+    w, idx, counts = router(x)
+    assert (idx == 3).any(1).all() and counts[3] == 50
+    scores = torch.sigmoid(x @ router.weight.T)
+    raw = scores.gather(1, idx)
+    torch.testing.assert_close(w, raw / raw.sum(1, keepdim=True) * cfg.routed_scaling_factor)
+
+
+def test_init_is_deterministic_and_experts_independent():
+    a, b, c = TINY.build(seed=5), TINY.build(seed=5), TINY.build(seed=6)
+    for (n, p), q, r in zip(a.named_parameters(), b.parameters(), c.parameters()):
+        assert torch.equal(p, q), n
+        if p.dim() >= 2:
+            assert not torch.equal(p, r), n
+    experts = a.layers[1].ffn.experts.gate_up_proj
+    assert not torch.equal(experts[0], experts[1])
+    std = TINY.initializer_range
+    assert abs(a.layers[1].attn.wkv_a.weight.std().item() - std) < 0.2 * std
+    out_std = std / math.sqrt(2 * TINY.num_hidden_layers)
+    assert abs(a.layers[1].attn.wo.weight.std().item() - out_std) < 0.2 * out_std
+
+
+def test_gradient_checkpointing_gives_identical_gradients():
+    ids = torch.randint(0, TINY.vocab_size, (2, 12))
+    grads = []
+    for ckpt in (False, True):
+        model = TINY.build(seed=3).train()
+        model.set_gradient_checkpointing(ckpt)
+        model(ids, labels=ids).loss.backward()
+        grads.append({n: p.grad for n, p in model.named_parameters()})
+    for n in grads[0]:
+        torch.testing.assert_close(grads[0][n], grads[1][n], rtol=1e-5, atol=1e-8, msg=n)
+
+
+def test_bf16_forward_backward_runs_and_bias_stays_fp32():
+    model = TINY.build().to(torch.bfloat16).train()
+    assert next(r for _, r in model.routers()).e_score_correction_bias.dtype == torch.float32
+    ids = torch.randint(0, TINY.vocab_size, (2, 8))
+    out = model(ids, labels=ids)
+    out.loss.backward()
+    assert torch.isfinite(out.loss)
+
+
+def test_eager_attention_backend_matches_sdpa():
+    ids = torch.randint(0, TINY.vocab_size, (2, 12))
+    a = TINY.build(seed=1).eval()
+    b = dataclasses.replace(TINY, attention_backend="eager").build(seed=1).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(a(ids).logits, b(ids).logits, rtol=1e-5, atol=1e-6)
