@@ -58,6 +58,20 @@ def _rms_norm_fwd_kernel(x_ptr, w_ptr, y_ptr, rstd_ptr, M, N, stride_x, stride_y
     rows_M64 = rows_M.to(tl.int64)  # M * stride can exceed 2^31 for long sequences
     cols_N = tl.arange(0, BLOCK_N)
 
+    if NUM_CHUNKS == 1:
+        # the common case (N <= MAX_BLOCK_N): the row stays in registers, x is read once
+        col_ok = cols_N < N
+        mask = row_ok_M[:, None] & col_ok[None, :]
+        x = tl.load(x_ptr + rows_M64[:, None] * stride_x + cols_N[None, :], mask=mask,
+                    other=0.0).to(tl.float32)
+        rstd_M = 1.0 / tl.sqrt(tl.sum(x * x, axis=1) / N + eps)
+        tl.store(rstd_ptr + rows_M, rstd_M, mask=row_ok_M)
+        w = tl.load(w_ptr + cols_N, mask=col_ok, other=0.0).to(tl.float32)
+        y = x * rstd_M[:, None] * w[None, :]
+        tl.store(y_ptr + rows_M64[:, None] * stride_y + cols_N[None, :],
+                 y.to(y_ptr.dtype.element_ty), mask=mask)
+        return
+
     sumsq_M = tl.zeros([BLOCK_M], dtype=tl.float32)
     for c in tl.static_range(NUM_CHUNKS):
         col_N = c * BLOCK_N + cols_N

@@ -265,3 +265,34 @@ def test_route_rejects_unsupported_shapes():
         router_mod.route(torch.randn(4, 64), None, 9, "sigmoid")
     with pytest.raises(ValueError, match="n_group"):
         router_mod.route(torch.randn(4, 64), None, 2, "sigmoid", n_group=7)
+
+
+# --------------------------------------------------------------------------------------------
+# The GPU launch configs (small tiles, many programs) under the interpreter: the tests above use
+# interpreter-sized tiles (one big program), so this is what exercises row-block boundaries,
+# the persistent RMSNorm backward loop and the cross-program atomic expert counts.
+# --------------------------------------------------------------------------------------------
+@pytest.fixture
+def gpu_tiles(monkeypatch):
+    for mod in (rmsnorm_mod, rope_mod, router_mod):
+        monkeypatch.setattr(mod, "_interpreting", lambda: False)
+
+
+@pytest.mark.parametrize("shape", [(37, 100), (5, 9000), (70, 16)])
+def test_rms_norm_gpu_tiles(gpu_tiles, shape):
+    assert rmsnorm_mod.rms_norm_config(shape[-1])["BLOCK_M"] < shape[0] or shape[-1] > 8192
+    test_rms_norm_matches_float64_reference(shape, torch.float32)
+
+
+def test_rope_gpu_tiles(gpu_tiles):
+    assert rope_mod.rope_config(1, 32)["BLOCK_T"] < 2 * 40
+    test_rope_matches_float64_reference(2, 40, 1, 0, 64, 2, True, torch.float32)
+    test_rope_matches_float64_reference(1, 13, 16, 32, 16, 1, False, torch.float32)
+
+
+@pytest.mark.parametrize("E,k,score_func,G,TG", [(256, 8, "sigmoid", 8, 4), (160, 6, "softmax", 8, 3),
+                                                 (8, 2, "softmax", 1, 1)])
+def test_route_gpu_tiles(gpu_tiles, E, k, score_func, G, TG):
+    T = 300
+    assert router_mod.router_config(E, k, G)["BLOCK_T"] < T  # several programs
+    check_route(T, E, k, score_func, G, TG, True, 2.5, torch.float32, seed=E)
