@@ -1,0 +1,7 @@
+"""Parallelism applied to a megamoe model from outside it (the model imports no DeepSpeed).
+
+expert.py   DeepSpeed AutoEP block derived from ModelConfig; initialize() runs megamoe's Router
+            inside every expert-parallel layer; ep_layout() for the checkpoint guard.
+balance.py  aux-loss-free balancing: all-reduced token counts -> selection-bias update, once per
+            optimizer step.
+"""

@@ -1,0 +1,88 @@
+"""Aux-loss-free load balancing (DeepSeek-V3 §2.1.2), done by the trainer once per optimizer step.
+
+Each Router adds the tokens it routes during training forwards to `tokens_per_expert_acc` [E].
+After every optimizer step (at a gradient-accumulation boundary, so the counts cover all
+micro-batches of the step) the trainer calls `update_routing_bias`, which
+
+  1. all-reduces the counts of every MoE layer over the data-parallel world: every rank routes
+     its own tokens over all E experts (expert parallelism moves tokens, not routing), so the sum
+     over ranks is the global load of the step, the same number on every rank;
+  2. updates the selection-only bias of each layer: b_i += rate * sign(mean_load - load_i),
+     computed from identical inputs with identical ops, hence identical on every rank;
+  3. zeroes the accumulators (ours and AutoEP's own never-reset `tokens_per_expert`).
+
+The bias is a persistent buffer of the Router (`...router.e_score_correction_bias`), so it is in
+the engine's module state dict and travels with checkpoints and the HF export.
+
+Works on a raw Transformer, a DeepSpeed engine (engine.module) and with AutoEP layers (whose
+`.router` is our Router, see megamoe.parallel.expert).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+from megamoe.model.moe import Router
+
+
+def routers(engine_or_model: nn.Module) -> list[tuple[str, Router]]:
+    """(module name, Router) of every MoE layer, in layer order."""
+    model = getattr(engine_or_model, "module", engine_or_model)
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, Router)]
+
+
+@torch.no_grad()
+def update_routing_bias(model: nn.Module, rate: float, group=None) -> dict:
+    """All-reduce the routed-token counts, move each layer's bias toward balance, reset counts.
+
+    model: Transformer or DeepSpeed engine. rate: gamma (0 = only stats and reset).
+    group: process group over which tokens were routed (default: the whole world, i.e. the
+    data-parallel world when there is no tensor/pipeline parallelism).
+
+    Returns stats of the step's global load, identical on every rank:
+      "tokens_per_expert" [L_moe, E] float (summed over ranks and micro-batches),
+      "max_over_mean" [L_moe] (1.0 = perfectly balanced; 0 for a layer that routed nothing),
+      "bias_abs_mean" [L_moe] (mean |bias| after the update), "layers": module names.
+    """
+    found = routers(model)
+    if not found:
+        return {"tokens_per_expert": torch.zeros(0, 0), "max_over_mean": torch.zeros(0),
+                "bias_abs_mean": torch.zeros(0), "layers": []}
+    names = [n for n, _ in found]
+    counts_LE = torch.stack([r.tokens_per_expert_acc.float() for _, r in found])
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1:
+        dist.all_reduce(counts_LE, op=dist.ReduceOp.SUM, group=group)
+    mean_L1 = counts_LE.mean(dim=-1, keepdim=True)
+    if rate:
+        delta_LE = float(rate) * torch.sign(mean_L1 - counts_LE)
+        for (_, r), delta_E in zip(found, delta_LE):
+            r.e_score_correction_bias.add_(delta_E.to(r.e_score_correction_bias))
+    for _, r in found:
+        r.tokens_per_expert_acc.zero_()
+    _reset_autoep_counters(model)
+    max_over_mean_L = torch.where(mean_L1.squeeze(-1) > 0,
+                                  counts_LE.max(dim=-1).values / mean_L1.squeeze(-1).clamp_min(1e-12),
+                                  torch.zeros_like(mean_L1.squeeze(-1)))
+    bias_abs_mean_L = torch.stack([r.e_score_correction_bias.abs().mean() for _, r in found])
+    return {"tokens_per_expert": counts_LE.cpu(), "max_over_mean": max_over_mean_L.cpu(),
+            "bias_abs_mean": bias_abs_mean_L.float().cpu(), "layers": names}
+
+
+def _reset_autoep_counters(model: nn.Module) -> None:
+    # AutoEPMoELayer keeps its own fp32 `tokens_per_expert` and never resets it (it would lose
+    # integer precision past 2**24 tokens); nothing reads it, but keep it bounded.
+    inner = getattr(model, "module", model)
+    for m in inner.modules():
+        if getattr(m, "_is_autoep_layer", False) and isinstance(getattr(m, "tokens_per_expert", None), torch.Tensor):
+            m.tokens_per_expert.zero_()
+
+
+def routing_bias_state(model: nn.Module) -> torch.Tensor:
+    """[L_moe, E] copy of the selection biases (for tests and monitoring)."""
+    found = routers(model)
+    if not found:
+        return torch.zeros(0, 0)
+    return torch.stack([r.e_score_correction_bias.detach().float().cpu().clone() for _, r in found])
