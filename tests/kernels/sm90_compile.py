@@ -78,6 +78,8 @@ def variants():
         for dt in (bf16, f32):
             yield ("rms_norm_fwd", f"N={N} {dt}", rmsnorm._rms_norm_fwd_kernel,
                    (dt, dt, dt, f32, M, N, N, N, 1e-6), ce, cfg["num_warps"])
+        cfg = rmsnorm.rms_norm_config(N, interpret=False, backward=True)
+        ce = {k: cfg[k] for k in ("BLOCK_M", "BLOCK_N", "NUM_CHUNKS")}
         yield ("rms_norm_bwd", f"N={N} bf16", rmsnorm._rms_norm_bwd_kernel,
                (bf16, bf16, bf16, f32, bf16, f32, M, N, N, N, N, M // cfg["BLOCK_M"]), ce,
                cfg["num_warps"])
