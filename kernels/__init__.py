@@ -9,6 +9,14 @@ triton: Triton always; CPU tensors need TRITON_INTERPRET=1 set before `kernels` 
 reference: the PyTorch reference always.
 MEGAMOE_KERNELS=auto|triton|reference chooses for every op; `set_backend()` does the same from code. Attention has its own switch (flash | sdpa | eager),
 see kernels/attention.py.
+
+Kernel modules (each: Triton kernels, a launch-config function, a torch.autograd.Function):
+  kernels/rmsnorm.py  rms_norm     any width, fp32 statistics, dx and dweight
+  kernels/rope.py     apply_rope   interleaved and half layouts, strided inputs, [1 or B] tables
+  kernels/router.py   route        E <= 256, k <= 8, sigmoid/softmax, bias, groups, d(logits)
+They are imported lazily, on the first Triton call, so the reference path never needs Triton.
+Shapes outside a kernel's range (a router with E > 256 or k > 8) go to the reference under
+auto; under forced triton the kernel raises instead.
 """
 from __future__ import annotations
 
