@@ -1,0 +1,494 @@
+"""Read megamoe checkpoints back into one fp32 state dict, and convert to / from Hugging Face.
+
+A megamoe checkpoint is `SAVE_DIR/latest` + `SAVE_DIR/global_step{N}/` (DeepSpeed engine files +
+`megamoe_state.json`, see the checkpoint contract). Rebuilding the full model from it depends on
+how DeepSpeed sharded it, and we let DeepSpeed's own tools do the un-sharding:
+
+* no expert parallelism (dense models, MoE at ep 1), ZeRO 1/2/3: `deepspeed.utils.zero_to_fp32`
+  merges the fp32 master partitions of the optimizer files.
+* AutoEP (expert-parallel) checkpoints, ZeRO 1/2/3: zero_to_fp32 refuses them, so the checkpoint
+  is first converted to DeepSpeed's *universal* format (`deepspeed.checkpoint.ds_to_universal`,
+  into a temporary directory), whose `zero/<param>/fp32.pt` files hold every parameter's fp32
+  master, experts stacked over all ranks ([E, I, H] w1/w3, [E, H, I] w2). Those are repacked into
+  our fused layout (gate_up_proj [E, 2I, H] = cat(w1, w3), down_proj [E, H, I] = w2) and the
+  router names AutoEP uses (`router.gate.weight`) mapped back to ours (`router.weight`).
+* ZeRO-0 (no ZeRO): the module weights of `mp_rank_00_model_states.pt`.
+
+Buffers (the routers' `e_score_correction_bias`) are not optimizer state and come from the
+model-state file. The result is checked against the shapes of a model built from the saved
+ModelConfig: anything missing, extra or mis-shaped is an error naming the tensor.
+
+`convert_from_hf` writes the other kind of megamoe checkpoint, a *weights-only* one:
+`DIR/global_step0/model.safetensors` (native names, fp32) + `megamoe_state.json` with
+`"weights_only": true` + `DIR/latest`. It holds no optimizer or engine state, so it loads at any
+ZeRO stage / EP size / world size: the trainer loads it into the model before
+deepspeed.initialize (see `load_native_state_dict`) and starts a fresh optimizer at step 0.
+"""
+from __future__ import annotations
+
+import contextlib
+import glob
+import io
+import json
+import os
+import shutil
+import tempfile
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from megamoe.config import ModelConfig
+
+STATE_FILE = "megamoe_state.json"
+STATE_FORMAT = "megamoe-checkpoint-v1"
+WEIGHTS_FILE = "model.safetensors"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint is missing, incomplete or damaged; the message names the file and what to do."""
+
+
+@dataclass
+class Checkpoint:
+    """A located checkpoint: `path` is the tag directory, `state` its megamoe_state.json."""
+    path: Path
+    tag: str
+    state: dict[str, Any]
+    config: ModelConfig
+    weights_only: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def tokenizer(self) -> Optional[str]:
+        return self.state.get("tokenizer")
+
+
+# ----------------------------------------------------------------------------------------------
+# locating a checkpoint
+# ----------------------------------------------------------------------------------------------
+def locate_checkpoint(path, tag: Optional[str] = None) -> Checkpoint:
+    """SAVE_DIR (+ tag, default the one in SAVE_DIR/latest) or a tag directory itself."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"checkpoint directory {path} does not exist")
+    if not path.is_dir():
+        raise CheckpointError(f"{path} is not a directory; give the SAVE_DIR of a megamoe run")
+    if tag is None and (path / STATE_FILE).exists():
+        tag_dir = path
+    else:
+        if tag is None:
+            latest = path / "latest"
+            if not latest.exists():
+                tags = sorted(p.name for p in path.glob("global_step*") if p.is_dir())
+                raise CheckpointError(f"{path} has no 'latest' file" + (
+                    f"; pass --tag, one of {tags}" if tags else
+                    " and no global_step* directories: not a megamoe checkpoint directory"))
+            tag = latest.read_text().strip()
+            if not tag:
+                raise CheckpointError(f"{latest} is empty; pass --tag global_stepN explicitly")
+            tag_dir = path / tag
+            if not tag_dir.is_dir():
+                raise CheckpointError(f"{latest} points to tag {tag!r} but {tag_dir} does not exist "
+                                      "(the checkpoint was deleted or never completed); pass --tag with an "
+                                      "existing global_step* directory")
+        else:
+            tag_dir = path / tag
+            if not tag_dir.is_dir():
+                tags = sorted(p.name for p in path.glob("global_step*") if p.is_dir())
+                raise CheckpointError(f"tag directory {tag_dir} does not exist; available: {tags}")
+    state_file = tag_dir / STATE_FILE
+    if not state_file.exists():
+        raise CheckpointError(f"{state_file} is missing: {tag_dir} is not a complete megamoe checkpoint "
+                              "(megamoe_state.json is written last, after every engine file; an interrupted "
+                              "save leaves none). Use an earlier tag.")
+    try:
+        state = json.loads(state_file.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{state_file}: invalid JSON at line {e.lineno}: {e.msg}") from None
+    if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
+        raise CheckpointError(f"{state_file}: 'format' is {state.get('format') if isinstance(state, dict) else None!r}, "
+                              f"expected {STATE_FORMAT!r}")
+    if "model_config" not in state:
+        raise CheckpointError(f"{state_file} has no 'model_config'")
+    try:
+        cfg = ModelConfig.from_dict(state["model_config"], source=str(state_file))
+    except (ValueError, TypeError) as e:
+        raise CheckpointError(f"{state_file}: bad model_config: {e}") from None
+    return Checkpoint(path=tag_dir, tag=tag_dir.name, state=state, config=cfg,
+                      weights_only=bool(state.get("weights_only")))
+
+
+# ----------------------------------------------------------------------------------------------
+# expected tensors of a config
+# ----------------------------------------------------------------------------------------------
+def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Native state-dict names and shapes, from a model built on the meta device (no memory)."""
+    from megamoe.model.transformer import Transformer
+
+    class _Shapes(Transformer):
+        def init_weights(self, seed: int = 0) -> None:  # nothing to initialise on meta
+            pass
+
+    with torch.device("meta"):
+        model = _Shapes(cfg)
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+def check_state_dict(sd: dict[str, torch.Tensor], cfg: ModelConfig, source: str) -> None:
+    want = expected_shapes(cfg)
+    missing = sorted(set(want) - set(sd))
+    extra = sorted(set(sd) - set(want))
+    bad = sorted(k for k in set(want) & set(sd) if tuple(sd[k].shape) != want[k])
+    problems = []
+    if missing:
+        problems.append(f"missing {len(missing)} tensor(s): {missing[:6]}{' ...' if len(missing) > 6 else ''}")
+    if extra:
+        problems.append(f"unexpected tensor(s): {extra[:6]}{' ...' if len(extra) > 6 else ''}")
+    if bad:
+        problems.append("wrong shape: " + ", ".join(f"{k} {tuple(sd[k].shape)} (expected {want[k]})" for k in bad[:6]))
+    if problems:
+        raise CheckpointError(f"{source}: the weights do not match the model_config: " + "; ".join(problems))
+
+
+# ----------------------------------------------------------------------------------------------
+# rebuilding the fp32 state dict from DeepSpeed files
+# ----------------------------------------------------------------------------------------------
+def _torch_load(path) -> Any:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except FileNotFoundError:
+        raise CheckpointError(f"{path} is missing") from None
+    except Exception as e:  # truncated / corrupted zip or pickle
+        raise CheckpointError(f"cannot read {path} ({type(e).__name__}: {e}); the file is truncated or "
+                              "damaged: use another checkpoint tag") from None
+
+
+def _model_state_files(tag_dir: Path) -> list[Path]:
+    files = sorted(tag_dir.glob("mp_rank_*_model_states.pt")) or sorted(tag_dir.glob("*zero_pp_rank_*_model_states.pt"))
+    if not files:
+        raise CheckpointError(f"{tag_dir} holds no DeepSpeed model-state file (mp_rank_00_model_states.pt or "
+                              "zero_pp_rank_*_model_states.pt): not a DeepSpeed checkpoint or an incomplete copy")
+    return files
+
+
+def _preflight(ck: Checkpoint, model_state: dict) -> None:
+    """Check that every file DeepSpeed will need exists and is readable, before converting."""
+    tag_dir = ck.path
+    dp = int(model_state.get("dp_world_size", 1))
+    zero_stage = int(ck.state.get("zero_stage", -1))
+    optim = sorted(tag_dir.glob("*zero_pp_rank_*_optim_states.pt"))
+    if zero_stage > 0 or optim:
+        # ZeRO writes one optimizer partition per data-parallel rank
+        ranks = {int(p.name.split("zero_pp_rank_")[1].split("_")[0]) for p in optim}
+        missing = sorted(set(range(dp)) - ranks)
+        if missing:
+            raise CheckpointError(f"{tag_dir}: optimizer partition(s) of data-parallel rank(s) {missing} are missing "
+                                  f"(expected zero_pp_rank_{{0..{dp - 1}}}_mp_rank_00_optim_states.pt); the checkpoint "
+                                  "is incomplete")
+        if zero_stage == 3:
+            mranks = {int(p.name.split("zero_pp_rank_")[1].split("_")[0])
+                      for p in tag_dir.glob("zero_pp_rank_*_model_states.pt")}
+            missing = sorted(set(range(dp)) - mranks)
+            if missing:
+                raise CheckpointError(f"{tag_dir}: ZeRO-3 model-state file(s) of rank(s) {missing} are missing")
+    for layer in model_state.get("ds_autoep_layers") or []:
+        # ZeRO-1/2 AutoEP checkpoints hold one file per expert
+        per_expert = list(tag_dir.glob(f"layer_{layer['moe_layer_id']}_expert_*_model_states.pt"))
+        if zero_stage in (0, 1, 2) or per_expert:
+            for e in range(layer["num_experts"]):
+                f = tag_dir / f"layer_{layer['moe_layer_id']}_expert_{e}_mp_rank_00_model_states.pt"
+                if not f.exists():
+                    raise CheckpointError(f"{f} is missing: expert {e} of MoE layer {layer['module_path']} cannot be "
+                                          "rebuilt; the checkpoint is incomplete")
+    for f in sorted(tag_dir.glob("*.pt")):
+        if f.stat().st_size == 0:
+            raise CheckpointError(f"{f} is empty (truncated write); use another checkpoint tag")
+
+
+def _run_quiet(fn, *args, what: str, **kwargs):
+    """Run a DeepSpeed tool, keeping its progress prints for the error message only."""
+    buf = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(buf), contextlib.redirect_stderr(buf), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return fn(*args, **kwargs)
+    except CheckpointError:
+        raise
+    except Exception as e:
+        tail = "\n".join(buf.getvalue().strip().splitlines()[-8:])
+        raise CheckpointError(f"{what} failed: {type(e).__name__}: {e}"
+                              + (f"\n--- DeepSpeed output ---\n{tail}" if tail else "")) from e
+
+
+def _from_universal(ck: Checkpoint, model_state: dict, work_dir: Path) -> dict[str, torch.Tensor]:
+    """AutoEP checkpoints: DeepSpeed universal conversion, then our names and fused layout."""
+    from argparse import Namespace
+
+    from deepspeed.checkpoint import ds_to_universal
+
+    out = work_dir / ck.tag
+    args = Namespace(input_folder=str(ck.path), output_folder=str(out), num_extract_workers=1,
+                     num_merge_workers=1, keep_temp_folder=False, strict=True, inject_missing_state=False)
+    _run_quiet(ds_to_universal.main, args, what=f"DeepSpeed universal conversion of {ck.path}")
+    zero_dir = out / "zero"
+    raw: dict[str, torch.Tensor] = {}
+    for d in sorted(zero_dir.iterdir()):
+        f = d / "fp32.pt"
+        if d.is_dir() and f.exists():
+            obj = _torch_load(f)   # {"param": t, ...} (ZeRO-1/2, experts) or a bare tensor (ZeRO-3)
+            raw[d.name] = obj["param"] if isinstance(obj, dict) else obj
+    # ZeRO-3 universal files hold non-expert parameters flattened: restore the saved shapes
+    shapes = model_state.get("param_shapes") or []
+    ds_shapes = {k: tuple(v) for group in (shapes if isinstance(shapes, list) else [shapes]) for k, v in group.items()}
+    for name, t in raw.items():
+        shape = ds_shapes.get(name)
+        if shape is not None and t.dim() == 1 and tuple(t.shape) != shape:  # experts: local shapes, skip
+            if t.numel() != torch.Size(shape).numel():
+                raise CheckpointError(f"{ck.path}: universal tensor {name} has {t.numel()} elements, the "
+                                      f"checkpoint's param_shapes say {shape}")
+            raw[name] = t.view(shape)
+    sd: dict[str, torch.Tensor] = {}
+    experts: dict[str, dict[str, torch.Tensor]] = {}
+    for name, t in raw.items():
+        if name.endswith((".experts.w1", ".experts.w2", ".experts.w3")):
+            experts.setdefault(name[: -len(".w1")], {})[name[-2:]] = t
+        elif name.endswith(".router.gate.weight"):      # AutoEP's TokenChoiceTopKRouter
+            sd[name.replace(".router.gate.weight", ".router.weight")] = t
+        else:
+            sd[name] = t
+    for prefix, w in experts.items():
+        if set(w) != {"w1", "w2", "w3"}:
+            raise CheckpointError(f"{ck.path}: universal conversion produced {sorted(w)} for {prefix}, "
+                                  "expected w1, w2 and w3")
+        # w1 = gate [E, I, H], w3 = up [E, I, H], w2 = down [E, H, I]
+        sd[prefix + ".gate_up_proj"] = torch.cat([w["w1"], w["w3"]], dim=1)
+        sd[prefix + ".down_proj"] = w["w2"]
+    return sd
+
+
+def _from_zero_to_fp32(ck: Checkpoint) -> dict[str, torch.Tensor]:
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    return _run_quiet(get_fp32_state_dict_from_zero_checkpoint, str(ck.path.parent), tag=ck.tag,
+                      what=f"deepspeed zero_to_fp32 on {ck.path}")
+
+
+def load_native_state_dict(path, tag: Optional[str] = None) -> tuple[dict[str, torch.Tensor], Checkpoint]:
+    """The full fp32 native state dict of a megamoe checkpoint (any ZeRO stage, any EP size, or a
+    weights-only checkpoint from convert_from_hf), checked against its ModelConfig."""
+    ck = locate_checkpoint(path, tag)
+    if ck.weights_only:
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+        f = ck.path / WEIGHTS_FILE
+        if not f.exists():
+            raise CheckpointError(f"{f} is missing (weights-only checkpoint)")
+        try:
+            sd = load_file(str(f))
+        except (SafetensorError, OSError, ValueError) as e:
+            raise CheckpointError(f"cannot read {f}: {e}; the file is truncated or damaged") from None
+        check_state_dict(sd, ck.config, str(f))
+        return sd, ck
+
+    files = _model_state_files(ck.path)
+    model_state = _torch_load(files[0])
+    _preflight(ck, model_state)
+    for f in ck.path.glob("*.pt"):       # a damaged file anywhere gives a clear message, not a pickle trace
+        if f != files[0]:
+            _check_readable(f)
+    buffers = {k: model_state["module"][k].float() for k in model_state.get("buffer_names") or []
+               if k in (model_state.get("module") or {})}
+    zero_stage = int(ck.state.get("zero_stage", -1))
+    has_optim_partitions = bool(list(ck.path.glob("*zero_pp_rank_*_optim_states.pt")))
+    if model_state.get("ds_autoep_layers"):
+        with tempfile.TemporaryDirectory(prefix="megamoe-universal-") as tmp:
+            sd = _from_universal(ck, model_state, Path(tmp))
+        how = "universal"
+    elif has_optim_partitions:
+        sd = {k: v.float() for k, v in _from_zero_to_fp32(ck).items()}
+        how = "zero_to_fp32"
+    else:
+        if zero_stage not in (0, -1):
+            raise CheckpointError(f"{ck.path}: zero_stage is {zero_stage} but there are no optimizer partition files")
+        module = model_state["module"]
+        if any(v.dtype != torch.float32 for v in module.values()):
+            warnings.warn(f"{files[0]}: ZeRO-0 checkpoint without fp32 master partitions; exporting the "
+                          f"{next(iter(module.values())).dtype} module weights")
+        sd = {k: v.float() for k, v in module.items()}
+        how = "module"
+    sd.update(buffers)
+    sd = {k: v.contiguous() for k, v in sd.items()}
+    check_state_dict(sd, ck.config, str(ck.path))
+    ck.extra["reconstruction"] = how
+    return sd, ck
+
+
+def _check_readable(f: Path) -> None:
+    import zipfile
+    try:
+        with zipfile.ZipFile(f) as z:
+            bad = z.testzip()
+        if bad is not None:
+            raise CheckpointError(f"{f}: member {bad} is corrupted; use another checkpoint tag")
+    except zipfile.BadZipFile:
+        raise CheckpointError(f"{f} is truncated or not a torch.save file; use another checkpoint tag") from None
+
+
+# ----------------------------------------------------------------------------------------------
+# megamoe -> Hugging Face
+# ----------------------------------------------------------------------------------------------
+def _dtype(name) -> torch.dtype:
+    if isinstance(name, torch.dtype):
+        return name
+    table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+             "float16": torch.float16, "fp16": torch.float16}
+    if name not in table:
+        raise ValueError(f"dtype {name!r}: use float32 or bfloat16")
+    return table[name]
+
+
+def convert_to_hf(checkpoint, output, tag: Optional[str] = None, dtype="float32",
+                  max_shard_bytes: int = 5 * 1024**3, tokenizer: Optional[str] = "auto") -> Path:
+    """Write a transformers `deepseek_v3` (or `deepseek_v2`) directory from a megamoe checkpoint.
+
+    Weights come from the fp32 master copies, cast to `dtype` (the routing bias stays fp32).
+    `tokenizer`: "auto" = the checkpoint's megamoe_state.json "tokenizer", None = none, or a path.
+    Everything is written to a temporary sibling and renamed at the end: on any error nothing
+    exists at `output`. Raises CheckpointError / HFConversionError / FileExistsError.
+    """
+    from megamoe.hf import check_exportable, save_hf_dir
+    from megamoe.tokenizer_export import export_tokenizer
+
+    output = Path(output)
+    if output.exists() and (not output.is_dir() or any(output.iterdir())):
+        raise FileExistsError(f"{output} exists and is not empty; choose a new --output directory")
+    ck = locate_checkpoint(checkpoint, tag)
+    check_exportable(ck.config)            # refuse before the (slow) reconstruction
+    sd, ck = load_native_state_dict(checkpoint, tag)
+    check_exportable(ck.config, sd)
+    tok_path = ck.tokenizer if tokenizer == "auto" else tokenizer
+    output.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.tmp-", dir=output.parent))
+    try:
+        stage = tmp / "hf"
+        save_hf_dir(stage, ck.config, sd, dtype=_dtype(dtype), max_shard_bytes=max_shard_bytes)
+        if tok_path:
+            export_tokenizer(tok_path, stage, ck.config)
+        else:
+            warnings.warn(f"{ck.path}: the checkpoint names no tokenizer; the export has none "
+                          "(pass --tokenizer PATH to include one)")
+        (stage / "megamoe_export.json").write_text(json.dumps({
+            "source": str(ck.path.resolve()), "tag": ck.tag, "step": ck.state.get("step"),
+            "dtype": str(_dtype(dtype)).replace("torch.", ""), "reconstruction": ck.extra.get("reconstruction"),
+            "tokenizer": tok_path}, indent=2) + "\n")
+        if output.exists():
+            output.rmdir()
+        os.replace(stage, output)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return output
+
+
+# ----------------------------------------------------------------------------------------------
+# Hugging Face -> megamoe
+# ----------------------------------------------------------------------------------------------
+def read_hf_dir(hf_dir) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+    """ModelConfig + native state dict of a transformers deepseek_v3 / deepseek_v2 directory."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    from megamoe.hf import from_hf_config, from_hf_state_dict
+
+    hf_dir = Path(hf_dir)
+    cfg_file = hf_dir / "config.json"
+    if not cfg_file.exists():
+        raise CheckpointError(f"{cfg_file} is missing: {hf_dir} is not a Hugging Face model directory")
+    try:
+        hf_cfg = json.loads(cfg_file.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{cfg_file}: invalid JSON at line {e.lineno}: {e.msg}") from None
+    cfg = from_hf_config(hf_cfg)
+    index = hf_dir / "model.safetensors.index.json"
+    if (hf_dir / "model.safetensors").exists():
+        files = [hf_dir / "model.safetensors"]
+    elif index.exists():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        files = [hf_dir / f for f in sorted(set(weight_map.values()))]
+        missing = [str(f) for f in files if not f.exists()]
+        if missing:
+            raise CheckpointError(f"{index} lists shard(s) that do not exist: {missing[:4]}")
+    else:
+        bins = list(hf_dir.glob("*.bin"))
+        raise CheckpointError(f"{hf_dir} has no model.safetensors or model.safetensors.index.json"
+                              + ("; only PyTorch .bin weights, re-save with safe_serialization" if bins else ""))
+    hf_sd: dict[str, torch.Tensor] = {}
+    for f in files:
+        try:
+            hf_sd.update(load_file(str(f)))
+        except (SafetensorError, OSError, ValueError) as e:
+            raise CheckpointError(f"cannot read {f}: {e}; the file is truncated or damaged") from None
+    sd = from_hf_state_dict(hf_sd, cfg)
+    check_state_dict(sd, cfg, str(hf_dir))
+    return cfg, sd
+
+
+def _hf_tokenizer_files(hf_dir: Path) -> list[Path]:
+    names = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json")
+    return [hf_dir / n for n in names if (hf_dir / n).exists()]
+
+
+def convert_from_hf(hf_dir, output, dtype="float32") -> Path:
+    """A transformers deepseek_v3/v2 directory -> a weights-only megamoe checkpoint at `output`:
+    `output/latest` ("global_step0"), `output/global_step0/{model.safetensors, megamoe_state.json}`
+    and `output/tokenizer/` (the HF tokenizer files, if any). Atomic; refuses a non-empty output."""
+    from safetensors.torch import save_file
+
+    hf_dir, output = Path(hf_dir), Path(output)
+    if output.exists() and (not output.is_dir() or any(output.iterdir())):
+        raise FileExistsError(f"{output} exists and is not empty; choose a new --output directory")
+    cfg, sd = read_hf_dir(hf_dir)
+    dt = _dtype(dtype)
+    sd = {k: (v.float() if k.endswith("e_score_correction_bias") else v.to(dt)).contiguous() for k, v in sd.items()}
+    output.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.tmp-", dir=output.parent))
+    try:
+        stage = tmp / "ckpt"
+        tag_dir = stage / "global_step0"
+        tag_dir.mkdir(parents=True)
+        save_file(sd, str(tag_dir / WEIGHTS_FILE), metadata={"format": "pt", "source": str(hf_dir.resolve())})
+        tok_files = _hf_tokenizer_files(hf_dir)
+        tok_ref = None
+        if tok_files:
+            (stage / "tokenizer").mkdir()
+            for f in tok_files:
+                shutil.copy2(f, stage / "tokenizer" / f.name)
+            # megamoe.data.load_tokenizer reads tokenizer.json, else the sentencepiece model
+            main = "tokenizer.json" if (stage / "tokenizer" / "tokenizer.json").exists() else "tokenizer.model"
+            if (stage / "tokenizer" / main).exists():
+                tok_ref = str((output / "tokenizer" / main).resolve())
+        else:
+            warnings.warn(f"{hf_dir} has no tokenizer files; the checkpoint records tokenizer=null")
+        state = {"format": STATE_FORMAT, "weights_only": True, "step": 0, "consumed_samples": 0,
+                 "consumed_samples_per_dataset": [], "model_config": cfg.to_dict(), "tokenizer": tok_ref,
+                 "ep_size": None, "world_size": None, "zero_stage": None, "ds_config": None,
+                 "args": {"converted_from": str(hf_dir.resolve()), "dtype": str(dt).replace("torch.", "")}}
+        (tag_dir / STATE_FILE).write_text(json.dumps(state, indent=2) + "\n")
+        (stage / "latest").write_text("global_step0")
+        if output.exists():
+            output.rmdir()
+        os.replace(stage, output)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return output
+
+
+def is_hf_dir(path) -> bool:
+    p = Path(path) / "config.json"
+    if not p.exists():
+        return False
+    try:
+        return json.loads(p.read_text()).get("model_type") in ("deepseek_v3", "deepseek_v2")
+    except (json.JSONDecodeError, AttributeError):
+        return False
