@@ -65,17 +65,56 @@ def _export_sentencepiece(tok, out_dir: Path) -> None:
            "eos_token": sp.id_to_piece(tok.eos_id) if tok.eos_id is not None else None,
            "unk_token": sp.id_to_piece(sp.unk_id()) if sp.unk_id() >= 0 else None,
            "pad_token": sp.id_to_piece(tok.pad_id) if tok.pad_id is not None else None,
-           "legacy": False, "clean_up_tokenization_spaces": False}
+           "legacy": False, "clean_up_tokenization_spaces": False,
+           # sentencepiece prepends "▁" only if the model was trained with add_dummy_prefix
+           "add_prefix_space": _add_dummy_prefix(tok.path)}
     cfg = {k: v for k, v in cfg.items() if v is not None}
     with tempfile.TemporaryDirectory(prefix="megamoe-tok-") as scratch:
         scratch = Path(scratch)
         shutil.copyfile(tok.path, scratch / "tokenizer.model")
         (scratch / "tokenizer_config.json").write_text(json.dumps(cfg, indent=2))
         hf = AutoTokenizer.from_pretrained(str(scratch), local_files_only=True)
-        _check_ids(hf, tok, "the converted sentencepiece tokenizer")
+        try:
+            _check_ids(hf, tok, "the converted sentencepiece tokenizer")
+        except TokenizerExportError:
+            if not _proto(tok.path).trainer_spec.split_by_whitespace:
+                raise
+            # sentencepiece's whitespace pre-split differs from BPE over the joined text here
+            _split_like_sentencepiece(hf, cfg["add_prefix_space"])
+            _check_ids(hf, tok, "the converted sentencepiece tokenizer")
         hf.save_pretrained(str(out_dir))
+    # LlamaTokenizer.__init__ rebuilds its own pre-tokenizer on load, ignoring tokenizer.json's;
+    # the generic fast class loads tokenizer.json exactly as written
+    written = json.loads((out_dir / "tokenizer_config.json").read_text())
+    written["tokenizer_class"] = "PreTrainedTokenizerFast"
+    (out_dir / "tokenizer_config.json").write_text(json.dumps(written, indent=2))
     # keep the original model file too (slow tokenizer / sentencepiece users)
     shutil.copyfile(tok.path, out_dir / "tokenizer.model")
+
+
+def _proto(model_file: str):
+    from sentencepiece import sentencepiece_model_pb2 as pb
+    proto = pb.ModelProto()
+    proto.ParseFromString(Path(model_file).read_bytes())
+    return proto
+
+
+def _add_dummy_prefix(model_file: str) -> bool:
+    return bool(_proto(model_file).normalizer_spec.add_dummy_prefix)
+
+
+def _split_like_sentencepiece(hf, add_prefix_space: bool) -> None:
+    """transformers' Llama conversion runs BPE over the whole "▁"-joined text, so "a  b" becomes
+    "▁a" "▁▁" "b"; sentencepiece (split_by_whitespace) first cuts words at whitespace, a run of
+    spaces going to its own piece except the last, which starts the next word: "▁a" "▁" "▁b".
+    The Split regex reproduces that cut before BPE."""
+    from tokenizers import Regex, pre_tokenizers
+
+    prepend = "first" if add_prefix_space else "never"
+    hf.backend_tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Metaspace(replacement="▁", prepend_scheme=prepend, split=False),
+        pre_tokenizers.Split(Regex("▁+(?=▁[^▁])|▁?[^▁]+|▁+"), behavior="isolated"),
+    ])
 
 
 def _export_hf(tok, out_dir: Path) -> None:
