@@ -15,12 +15,15 @@ routing-bias update in megamoe.parallel.
 from __future__ import annotations
 
 import json
+import os
 import random
 import signal
 import sys
 import time
 from pathlib import Path
 from typing import Optional
+
+import warnings
 
 import numpy as np
 import torch
@@ -29,9 +32,12 @@ from megamoe import checkpoint as ckpt
 from megamoe import training
 from megamoe.config import ModelConfig
 from megamoe.distributed import init_distributed, rank, world_size
+from megamoe.parallel.balance import update_routing_bias
 from megamoe.monitor import Monitor, console_line, device_peak_flops, flops_per_token, memory_gb
 
 EXIT_BAD_LOSS = 1
+# DeepSpeed's ZeRO calls a deprecated collective on every step; the warning says nothing to users.
+warnings.filterwarnings("ignore", message=".*all_gather_into_tensor.*is deprecated", category=FutureWarning)
 
 
 def log0(*a) -> None:
@@ -61,22 +67,11 @@ class StopRequest:
         return bool(flag.item() > 0)
 
 
-def initialize_engine(model, cfg: ModelConfig, ds_config: dict, ep_size: int, lr_scheduler):
-    """megamoe.parallel.expert.initialize (AutoEP + our router) when available, else plain
-    deepspeed.initialize, which cannot shard experts."""
-    try:
-        from megamoe.parallel.expert import initialize
-    except ImportError:
-        initialize = None
-    if initialize is not None:
-        engine, _, _, _ = initialize(model, cfg, ds_config, ep_size, model_parameters=list(model.parameters()),
-                                     lr_scheduler=lr_scheduler)
-        return engine
-    if ep_size > 1:
-        raise SystemExit("--expert-model-parallel-size > 1 needs megamoe.parallel.expert (not installed)")
-    import deepspeed
-    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=list(model.parameters()), config=ds_config,
-                                           lr_scheduler=lr_scheduler)
+def initialize_engine(model, cfg: ModelConfig, ds_config: dict, ep_size: int, lr_scheduler, use_autoep: bool):
+    """deepspeed.initialize through megamoe.parallel.expert (AutoEP block + our router for ep > 1)."""
+    from megamoe.parallel.expert import initialize
+    engine, _, _, _ = initialize(model, cfg, ds_config, ep_size, use_autoep=use_autoep,
+                                 model_parameters=list(model.parameters()), lr_scheduler=lr_scheduler)
     return engine
 
 
@@ -145,7 +140,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     set_aux_loss_scale(1.0 / gas)  # engine.backward divides the LM loss by GAS; the aux losses must match
     schedule = training.LRSchedule(args.lr_decay_style, ds_config["optimizer"]["params"]["lr"], args.min_lr,
                                    args.lr_warmup_iters, train_iters, args.lr_wsd_decay_iters)
-    engine = initialize_engine(model, cfg, ds_config, ep, training.lr_scheduler_factory(schedule))
+    # AutoEP layers (even at ep 1) when resuming a checkpoint written with them: same parameter names
+    use_autoep = ep > 1 or bool(resume is not None and resume[1].get("autoep"))
+    engine = initialize_engine(model, cfg, ds_config, ep, training.lr_scheduler_factory(schedule), use_autoep)
 
     guard = training.LossGuard(args.loss_spike_factor)
     step, consumed, skipped_total = 0, 0, 0
@@ -181,6 +178,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             "consumed_samples": train_it.consumed_samples,
             "consumed_samples_per_dataset": per_ds if per_ds is not None else [train_it.consumed_samples],
             "model_config": cfg.to_dict(), "tokenizer": args.tokenizer, "ep_size": ep, "world_size": world,
+            "autoep": use_autoep,
             "zero_stage": stage, "ds_config": ds_config, "args": vars(args), "train_iters": train_iters,
             "skipped_iters": skipped_total, "loss_guard": guard.state_dict(), "reason": reason})
         log0(f"saved checkpoint {Path(args.save) / tag_} ({reason}, {time.perf_counter() - t0:.1f} s)")
@@ -189,10 +187,12 @@ def main(argv: Optional[list[str]] = None) -> int:
     win = {"loss": 0.0, "aux": 0.0, "z": 0.0, "n": 0, "t": time.perf_counter(), "iters": 0}
     load_acc_LE, last_grad_norm, exit_code, consecutive_skips = None, None, 0, 0
     stats, mom = {}, None
+    test_sleep = float(os.environ.get("MEGAMOE_TEST_ITER_SLEEP", "0"))  # test hook: slow iterations down
     while step < train_iters:
         it = step + 1
         status, sums = None, np.zeros(3)
         skipped_before = engine.skipped_steps
+        lr = engine.get_lr()[0]  # the lr this iteration trains at (the scheduler steps inside engine.step)
         for _ in range(gas):
             b = next(train_it)
             out = engine(b["input_ids"], labels=b["labels"])
@@ -219,7 +219,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             save("bad loss, step not skippable")
             break
         if status is not None:
-            training.reset_routing_counts(engine)
+            update_routing_bias(engine, 0.0)  # rate 0: drop this iteration's counts, bias unchanged
             skipped_total += 1
             consecutive_skips += 1
             policy = args.on_nan if status == "nan" else args.on_loss_spike
@@ -238,10 +238,9 @@ def main(argv: Optional[list[str]] = None) -> int:
             consecutive_skips = 0
             loss, aux_v, z_v = (sums / gas).tolist()
             guard.accept(loss)
-            stats = training.update_routing_bias(engine, cfg.bias_update_rate) if layer_ids else {}
+            stats = update_routing_bias(engine, cfg.bias_update_rate) if layer_ids else {}
             last_grad_norm = engine.get_global_grad_norm()
             last_grad_norm = float(last_grad_norm) if last_grad_norm is not None else None
-            lr = engine.get_lr()[0]
             win["loss"] += loss
             win["aux"] += aux_v
             win["z"] += z_v
@@ -273,7 +272,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             mem = memory_gb()
             nn_ = max(win["n"], 1)
             imb = float(mom.max()) if mom is not None else None
-            log0(console_line(it, train_iters, train_it.consumed_samples, engine.get_lr()[0], win["loss"] / nn_,
+            log0(console_line(it, train_iters, train_it.consumed_samples, lr, win["loss"] / nn_,
                               win["aux"] / nn_, win["z"] / nn_, last_grad_norm, tok_s, flops_rank / 1e12, mfu, imb,
                               mem, 1000 * dt / max(win["iters"], 1), skipped_total))
             mon.scalars({"perf/tokens_per_s": tok_s, "perf/tflops_per_rank": flops_rank / 1e12, "perf/mfu": mfu,
@@ -297,6 +296,8 @@ def main(argv: Optional[list[str]] = None) -> int:
             t0 = time.perf_counter()
             save("interval")
             win["t"] += time.perf_counter() - t0
+        if test_sleep:
+            time.sleep(test_sleep)
         if stop.agreed():
             log0(f"received signal {stop.signum or 'on another rank'}: saving and exiting")
             save("signal")

@@ -271,49 +271,13 @@ def lr_scheduler_factory(schedule: LRSchedule):
 
 
 # ----------------------------------------------------------------------------------------------
-# Routing bias (fallback until megamoe.parallel.balance lands)
+# Routers
 # ----------------------------------------------------------------------------------------------
 def routers_of(module) -> list:
-    """(layer_idx, router) of the model inside an engine (or the bare model)."""
+    """(layer_idx, router) of the model inside an engine (or the bare model); the bias update
+    itself is megamoe.parallel.balance.update_routing_bias."""
     m = getattr(module, "module", module)
     return list(m.routers()) if hasattr(m, "routers") else []
-
-
-def update_routing_bias(model, rate: float, group=None) -> dict:
-    """Aux-loss-free balancing (DeepSeek-V3 sec. 2.1.2): once per optimizer step, all-reduce the
-    routed-token counts, move each expert's bias by `rate` towards balance (down if above the
-    mean load, up if below), reset the counts. Uses megamoe.parallel.balance when present."""
-    try:
-        from megamoe.parallel.balance import update_routing_bias as impl
-    except ImportError:
-        impl = None
-    if impl is not None:
-        return impl(getattr(model, "module", model), rate, group=group)
-    import torch
-    import torch.distributed as dist
-
-    routers = routers_of(model)
-    if not routers:
-        return {}
-    counts_LE = torch.stack([r.tokens_per_expert_acc for _, r in routers]).float()
-    if dist.is_initialized():
-        dist.all_reduce(counts_LE, group=group)
-    mean_L1 = counts_LE.mean(-1, keepdim=True)
-    if rate > 0:
-        delta_LE = rate * torch.sign(mean_L1 - counts_LE)
-        for (_, r), d in zip(routers, delta_LE):
-            r.e_score_correction_bias.add_(d.to(r.e_score_correction_bias))
-    for _, r in routers:
-        r.tokens_per_expert_acc.zero_()
-    bias_LE = torch.stack([r.e_score_correction_bias.float() for _, r in routers])
-    return {"tokens_per_expert": counts_LE,
-            "max_over_mean": (counts_LE.max(-1).values / mean_L1.squeeze(-1).clamp_min(1e-9)),
-            "bias_abs_mean": bias_LE.abs().mean(-1), "bias_abs_max": bias_LE.abs().max(-1).values}
-
-
-def reset_routing_counts(model) -> None:
-    for _, r in routers_of(model):
-        r.tokens_per_expert_acc.zero_()
 
 
 # ----------------------------------------------------------------------------------------------

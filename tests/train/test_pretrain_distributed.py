@@ -1,0 +1,251 @@
+"""megamoe.pretrain end to end on 2 gloo CPU ranks (tiny model, EP 2 unless said otherwise).
+
+One uninterrupted reference run (`ref`, ZeRO-2, EP 2, 8 iterations, checkpoints every 3) is the
+oracle: resumed, converted and other-ZeRO-stage runs must reproduce its per-iteration losses,
+read back from the TensorBoard event files (which also checks that the scalars are written).
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import psutil
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+
+from megamoe import checkpoint as ckpt  # noqa: E402
+from megamoe.distributed import free_port  # noqa: E402
+
+pytestmark = pytest.mark.slow
+ITERS = 8
+
+
+def make_data(prefix: Path) -> None:
+    from megamoe.data import IndexedDatasetWriter
+    rng = np.random.default_rng(0)
+    with IndexedDatasetWriter(str(prefix), np.uint16) as w:
+        for _ in range(200):  # arithmetic progressions mod 500: learnable, so the loss falls
+            start, stride, n = rng.integers(3, 500), rng.integers(1, 7), rng.integers(50, 400)
+            w.add_document(((start + stride * np.arange(n)) % 500 + 3).tolist())
+
+
+def base_args(data, ds="zero2", ep=2, iters=ITERS, **kw):
+    a = ["--model-config", "tiny", "--data-path", str(data), "--seq-length", "64", "--train-iters", str(iters),
+         "--lr", "3e-3", "--min-lr", "3e-4", "--lr-warmup-iters", "2", "--log-interval", "1", "--eval-interval", "4",
+         "--eval-iters", "1", "--deepspeed-config", str(ROOT / "ds_configs" / f"{ds}.json"),
+         "--expert-model-parallel-size", str(ep), "--seed", "7"]
+    for k, v in kw.items():
+        a += [f"--{k.replace('_', '-')}", str(v)]
+    return a
+
+
+def env(**extra):
+    e = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    e.update({k: str(v) for k, v in extra.items()})
+    return e
+
+
+def popen(args, nproc=2, **env_extra):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
+           str(free_port()), "-m", "megamoe.pretrain", *args]
+    return subprocess.Popen(cmd, cwd=ROOT, env=env(**env_extra), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+
+
+def run(args, nproc=2, timeout=240, **env_extra):
+    p = popen(args, nproc, **env_extra)
+    out, _ = p.communicate(timeout=timeout)
+    return p.returncode, out
+
+
+def scalars(tb_dir: Path, tag: str) -> dict[int, float]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    out = {}
+    for f in sorted(Path(tb_dir).glob("events.out.tfevents.*")):
+        acc = EventAccumulator(str(f), size_guidance={"scalars": 0})
+        acc.Reload()
+        if tag in acc.Tags()["scalars"]:
+            out.update({e.step: e.value for e in acc.Scalars(tag)})
+    return out
+
+
+def worker(p: subprocess.Popen, rank: int) -> psutil.Process:
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        for c in psutil.Process(p.pid).children():
+            try:
+                if c.environ().get("RANK") == str(rank):
+                    return c
+            except psutil.Error:
+                pass
+        time.sleep(0.2)
+    raise AssertionError(f"no rank {rank} worker found")
+
+
+class Lines:
+    """Collects a process's stdout in a thread so the test can wait for a line."""
+
+    def __init__(self, p):
+        self.lines, self.p = [], p
+        self.t = threading.Thread(target=self._read, daemon=True)
+        self.t.start()
+
+    def _read(self):
+        for line in self.p.stdout:
+            self.lines.append(line)
+
+    def wait_for(self, text, timeout=180):
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if any(text in ln for ln in self.lines):
+                return
+            if self.p.poll() is not None and not self.t.is_alive():
+                break
+            time.sleep(0.1)
+        raise AssertionError(f"{text!r} not seen:\n{''.join(self.lines)[-4000:]}")
+
+    def text(self):
+        self.t.join(timeout=30)
+        return "".join(self.lines)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    d = tmp_path_factory.mktemp("data")
+    make_data(d / "syn")
+    return d / "syn"
+
+
+@pytest.fixture(scope="module")
+def ref(tmp_path_factory, data):
+    d = tmp_path_factory.mktemp("ref")
+    rc, out = run(base_args(data, save=d / "ckpt", save_interval=3, tensorboard_dir=d / "tb"))
+    assert rc == 0, out[-4000:]
+    losses = scalars(d / "tb", "train/loss")
+    assert sorted(losses) == list(range(1, ITERS + 1)), out[-3000:]
+    return {"dir": d, "losses": losses, "out": out}
+
+
+def test_reference_run_learns_and_logs_everything(ref):
+    losses = ref["losses"]
+    assert losses[ITERS] < losses[1] - 0.1, losses
+    tb = ref["dir"] / "tb"
+    for tag in ("train/loss", "train/lr", "train/grad_norm", "train/aux_loss", "train/z_loss", "val/loss",
+                "val/ppl", "perf/tokens_per_s", "perf/tflops_per_rank", "perf/mfu", "moe/max_over_mean_max",
+                "moe/max_over_mean/layer_1", "moe/dropped_tokens", "moe/bias_abs_mean", "mem/rss_gb"):
+        assert scalars(tb, tag), f"no {tag} in the event files"
+    assert set(scalars(tb, "moe/dropped_tokens").values()) == {0.0}
+    assert max(scalars(tb, "moe/bias_abs_mean").values()) > 0  # the routing bias moves
+    lr = scalars(tb, "train/lr")
+    assert lr[1] == pytest.approx(1.5e-3) and lr[2] == pytest.approx(3e-3) and lr[ITERS] == pytest.approx(3e-4)
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    acc = EventAccumulator(str(next(tb.glob("events.*"))), size_guidance={"images": 0})
+    acc.Reload()
+    assert "moe/expert_load" in acc.Tags()["images"]  # experts x layers heatmap
+    assert ckpt.read_latest(ref["dir"] / "ckpt") == f"global_step{ITERS}"
+    state = ckpt.read_state(ref["dir"] / "ckpt" / "global_step6")
+    assert state["step"] == 6 and state["consumed_samples"] == 6 * 8 and state["ep_size"] == 2
+    assert state["world_size"] == 2 and state["zero_stage"] == 2 and state["model_config"]["hidden_size"] == 64
+    assert "MFU" in ref["out"] and "consumed samples" in ref["out"]
+
+
+def test_sigkill_then_resume_reproduces_losses(ref, data, tmp_path):
+    save = tmp_path / "ckpt"
+    p = popen(base_args(data, save=save, save_interval=3, tensorboard_dir=tmp_path / "tb_killed"),
+              MEGAMOE_TEST_ITER_SLEEP=0.5)
+    lines = Lines(p)
+    lines.wait_for("saved checkpoint")
+    lines.wait_for("iteration      5/")  # a couple of steps after the checkpoint
+    worker(p, 1).send_signal(signal.SIGKILL)
+    p.wait(timeout=120)
+    out = lines.text()
+    assert p.returncode != 0, out[-3000:]
+    tag = ckpt.read_latest(save)
+    assert tag == "global_step3", out[-3000:]
+    rc, out = run(base_args(data, save=save, load=save, tensorboard_dir=tmp_path / "tb_resumed"))
+    assert rc == 0, out[-4000:]
+    assert "resumed from" in out and "iteration 3" in out
+    resumed = scalars(tmp_path / "tb_resumed", "train/loss")
+    assert sorted(resumed) == list(range(4, ITERS + 1))
+    for it, v in resumed.items():
+        assert v == pytest.approx(ref["losses"][it], abs=1e-6), (it, v, ref["losses"][it])
+
+
+def test_sigterm_on_one_rank_saves_everywhere_and_exits_zero(data, tmp_path):
+    save = tmp_path / "ckpt"
+    p = popen(base_args(data, iters=200, save=save), MEGAMOE_TEST_ITER_SLEEP=0.3)
+    lines = Lines(p)
+    lines.wait_for("iteration      2/")
+    worker(p, 0).send_signal(signal.SIGTERM)  # rank 1 learns of it through the all-reduced flag
+    p.wait(timeout=120)
+    out = lines.text()
+    assert p.returncode == 0, out[-3000:]
+    tag = ckpt.read_latest(save)
+    state = ckpt.read_state(save / tag)
+    assert state["reason"] == "signal" and 2 <= state["step"] < 200
+    assert (save / tag / "megamoe_rng_rank1.pt").is_file()
+
+
+def test_crash_inside_save_leaves_latest_on_the_previous_checkpoint(data, tmp_path):
+    save = tmp_path / "ckpt"
+    rc, out = run(base_args(data, iters=7, save=save, save_interval=3), MEGAMOE_TEST_CRASH_IN_SAVE=6)
+    assert rc != 0
+    assert ckpt.read_latest(save) == "global_step3"
+    assert (save / "global_step6").is_dir() and not (save / "global_step6" / ckpt.STATE_FILE).exists()
+    with pytest.raises(ckpt.CheckpointError, match="incomplete"):
+        ckpt.read_state(save / "global_step6")
+    assert ckpt.find_checkpoint(save)[0] == "global_step3"
+
+
+@pytest.mark.parametrize("stage", ["zero1", "zero3"])
+def test_zero_stages_agree_with_zero2(ref, data, tmp_path, stage):
+    rc, out = run(base_args(data, ds=stage, iters=4, tensorboard_dir=tmp_path / "tb"))
+    assert rc == 0, out[-4000:]
+    losses = scalars(tmp_path / "tb", "train/loss")
+    for it in range(1, 5):
+        assert losses[it] == pytest.approx(ref["losses"][it], abs=2e-3), (stage, it, losses, ref["losses"])
+
+
+def test_loading_at_another_ep_size_is_refused(ref, data):
+    rc, out = run(base_args(data, ep=1, load=ref["dir"] / "ckpt"))
+    assert rc != 0
+    assert "ep_size 2 -> 1" in out and "tools/convert_checkpoint.py" in out
+
+
+def test_universal_conversion_resumes_at_ep1(ref, data, tmp_path):
+    sys.path.insert(0, str(ROOT / "tools"))
+    from convert_checkpoint import convert
+    conv = tmp_path / "universal"
+    convert(str(ref["dir"] / "ckpt"), str(conv), tag="global_step6")
+    assert ckpt.read_state(conv / "global_step6")["universal"] is True
+    rc, out = run(base_args(data, ep=1, load=conv, tensorboard_dir=tmp_path / "tb"))
+    assert rc == 0, out[-4000:]
+    losses = scalars(tmp_path / "tb", "train/loss")
+    assert sorted(losses) == [7, 8]
+    for it in (7, 8):
+        assert losses[it] == pytest.approx(ref["losses"][it], abs=1e-5), (it, losses, ref["losses"])
+
+
+def test_nan_loss_skip_and_stop(data, tmp_path):
+    rc, out = run(base_args(data, iters=5, on_nan="skip", tensorboard_dir=tmp_path / "tb"),
+                  MEGAMOE_INJECT_NAN_ITERS=3)
+    assert rc == 0, out[-4000:]
+    assert "iteration 3: non-finite loss" in out and "skipped" in out
+    assert sorted(scalars(tmp_path / "tb", "train/loss")) == [1, 2, 4, 5]
+    assert scalars(tmp_path / "tb", "train/skipped_iters")[5] == 1
+
+    save = tmp_path / "ckpt"
+    rc, out = run(base_args(data, iters=5, on_nan="stop", save=save), MEGAMOE_INJECT_NAN_ITERS=3)
+    assert rc == 1, out[-4000:]
+    assert "stopping with a checkpoint" in out
+    state = ckpt.read_state(save / ckpt.read_latest(save))
+    assert state["step"] == 2 and state["reason"].startswith("stopped on nan")

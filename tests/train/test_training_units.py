@@ -1,0 +1,148 @@
+"""Fast, single-process checks of the trainer's pieces: argument/config reconciliation, the LR
+schedule, FLOPs per token, the checkpoint guard and `latest` handling, the shipped ds_configs."""
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+
+from megamoe import checkpoint as ckpt  # noqa: E402
+from megamoe import training  # noqa: E402
+from megamoe.config import ModelConfig  # noqa: E402
+from megamoe.monitor import flops_per_token  # noqa: E402
+
+
+def args(*extra):
+    return training.parse_args(["--model-config", "tiny", "--data-path", "x", "--seq-length", "64",
+                                "--train-iters", "10", "--deepspeed-config", "c.json", *extra])
+
+
+def ds(**kw):
+    d = {"train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 2, "gradient_clipping": 1.0,
+         "bf16": {"enabled": True}, "optimizer": {"type": "AdamW", "params": {"torch_adam": True}},
+         "zero_optimization": {"stage": 2}}
+    d.update(kw)
+    return d
+
+
+def test_reconcile_fills_batch_triple_and_lr():
+    out = training.reconcile_ds_config(ds(), args("--lr", "1e-3"), world_size=2)
+    assert out["train_batch_size"] == 16 and out["optimizer"]["params"]["lr"] == 1e-3
+    out = training.reconcile_ds_config(ds(train_batch_size=32, gradient_accumulation_steps=None,
+                                          train_micro_batch_size_per_gpu=None) | {"gradient_accumulation_steps": 4},
+                                       args("--lr", "1e-3"), world_size=2)
+    assert out["train_micro_batch_size_per_gpu"] == 4
+
+
+@pytest.mark.parametrize("extra, cfg, match", [
+    (["--micro-batch-size", "8"], {}, "micro-batch-size 8 contradicts"),
+    (["--global-batch-size", "64"], {}, "global-batch-size 64 contradicts"),
+    (["--clip-grad", "0.5"], {}, "clip-grad 0.5 contradicts"),
+    (["--lr", "1e-3"], {"optimizer": {"type": "AdamW", "params": {"lr": 2e-3}}}, "--lr 0.001 contradicts"),
+    ([], {}, "no learning rate"),
+    (["--lr", "1e-3"], {"scheduler": {"type": "WarmupLR"}}, "scheduler"),
+    (["--lr", "1e-3"], {"train_batch_size": 12}, "train_batch_size 12"),
+    (["--lr", "1e-3", "--bf16"], {"bf16": {"enabled": False}}, "--bf16"),
+    (["--lr", "1e-3", "--expert-model-parallel-size", "2"], {"expert_parallel": {"autoep_size": 4}}, "autoep_size"),
+    (["--lr", "1e-3", "--min-lr", "1e-2"], {}, "min-lr"),
+])
+def test_reconcile_refuses_contradictions(extra, cfg, match):
+    with pytest.raises(training.ConfigConflict, match=match):
+        training.reconcile_ds_config(ds(**cfg), args(*extra), world_size=2, source="c.json")
+
+
+def test_lr_schedules():
+    cos = training.LRSchedule("cosine", 1.0, 0.1, warmup_iters=4, train_iters=14)
+    assert [cos(n) for n in range(4)] == [0.25, 0.5, 0.75, 1.0]  # iteration 1 never trains at lr 0
+    assert cos(13) == pytest.approx(0.1) and cos(100) == pytest.approx(0.1)
+    assert cos(8) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.5)))
+    wsd = training.LRSchedule("wsd", 2.0, 0.0, warmup_iters=0, train_iters=10, wsd_decay_iters=4)
+    assert [wsd(n) for n in range(10)] == pytest.approx([1, 1, 1, 1, 1, 1, 0.75, 0.5, 0.25, 0.0])
+    const = training.LRSchedule("constant", 1.0, 0.0, warmup_iters=2, train_iters=10)
+    assert [const(n) for n in range(4)] == [0.5, 1.0, 1.0, 1.0]
+
+
+def test_lambda_lr_state_roundtrip():
+    import torch
+    p = torch.nn.Parameter(torch.zeros(1))
+    sched_fn = training.LRSchedule("cosine", 1e-3, 1e-4, 2, 10)
+    opt = torch.optim.AdamW([p], lr=1e-3)
+    s = training.lr_scheduler_factory(sched_fn)(opt)
+    for _ in range(5):
+        opt.step()
+        s.step()
+    opt2 = torch.optim.AdamW([p], lr=1e-3)
+    s2 = training.lr_scheduler_factory(sched_fn)(opt2)
+    s2.load_state_dict(s.state_dict())
+    assert s2.get_last_lr() == s.get_last_lr() and s2.last_epoch == 5
+
+
+def test_flops_per_token_counts_active_experts_and_mla_attention():
+    cfg = ModelConfig.load("small-moe")
+    f = flops_per_token(cfg, 256)
+    n = cfg.num_params()
+    assert f["matmul"] == 6 * (n["active"] - n["embedding"])
+    h, L = cfg.num_attention_heads, cfg.num_hidden_layers
+    assert f["attention"] == L * 6 * h * (cfg.qk_nope_head_dim + cfg.qk_rope_head_dim + cfg.v_head_dim) * 257 / 2
+    more_experts = ModelConfig.load("small-moe", n_routed_experts=64)  # inactive experts cost nothing ...
+    assert flops_per_token(more_experts, 256)["matmul"] == pytest.approx(f["matmul"] + 6 * (64 - 16) * 256 * 5)
+    # ... except their router rows (E x H per MoE layer); top-k experts are what count
+    top4 = ModelConfig.load("small-moe", num_experts_per_tok=4)
+    assert flops_per_token(top4, 256)["matmul"] - f["matmul"] == 6 * 2 * 3 * 256 * 256 * 5
+
+
+def _fake_ckpt(root: Path, step: int, **state):
+    d = root / ckpt.tag_for(step)
+    d.mkdir(parents=True)
+    st = {"format": ckpt.FORMAT, "step": step, "ep_size": 2, "world_size": 2, "zero_stage": 2, **state}
+    (d / ckpt.STATE_FILE).write_text(json.dumps(st))
+    return st
+
+
+def test_guard_and_latest(tmp_path):
+    assert ckpt.find_checkpoint(tmp_path) is None  # empty --load directory: fresh start
+    st = _fake_ckpt(tmp_path, 3)
+    with pytest.raises(ckpt.CheckpointError, match="no `latest`"):
+        ckpt.find_checkpoint(tmp_path)
+    ckpt.atomic_write_text(tmp_path / "latest", "global_step3\n")
+    tag, got = ckpt.find_checkpoint(tmp_path)
+    assert tag == "global_step3" and got == st
+    assert ckpt.check_compatible(st, ep_size=2, world_size=2, zero_stage=2) == {}
+    for kw, what in [({"ep_size": 1}, "ep_size 2 -> 1"), ({"world_size": 4}, "world_size 2 -> 4"),
+                     ({"zero_stage": 3}, "zero_stage 2 -> 3")]:
+        layout = {"ep_size": 2, "world_size": 2, "zero_stage": 2, **kw}
+        with pytest.raises(ckpt.CheckpointError, match=what) as e:
+            ckpt.check_compatible(st, **layout)
+        assert "tools/convert_checkpoint.py" in str(e.value)
+    assert ckpt.check_compatible(dict(st, universal=True), 1, 4, 3) == {"checkpoint": {"load_universal": True}}
+    (tmp_path / "global_step6").mkdir()  # an interrupted save: no state file
+    with pytest.raises(ckpt.CheckpointError, match="incomplete"):
+        ckpt.find_checkpoint(tmp_path, "global_step6")
+
+
+def test_loss_guard_spike_detection():
+    import torch
+    g = training.LossGuard(spike_factor=2.0, min_history=3)
+    for v in (5.0, 4.8, 4.6, 4.5):
+        status, means = g.check(torch.tensor(v), 1)
+        assert status is None and means[0] == pytest.approx(v)
+        g.accept(v)
+    assert g.check(torch.tensor(20.0), 5)[0] == "spike"
+    assert g.check(torch.tensor(float("inf")), 5)[0] == "nan"
+    assert g.check(torch.tensor(5.0), 5)[0] is None
+
+
+@pytest.mark.parametrize("name", ["zero1", "zero2", "zero3", "zero2_offload", "muon"])
+def test_shipped_ds_configs_reconcile(name):
+    cfg = training.load_ds_config(str(ROOT / "ds_configs" / f"{name}.json"))
+    out = training.reconcile_ds_config(cfg, args("--lr", "1e-3"), world_size=2)
+    assert out["bf16"]["enabled"] and out["optimizer"]["params"]["lr"] == 1e-3
+    if name == "muon":
+        assert out["gradient_clipping"] == 0 and out["zero_optimization"]["reduce_scatter"] is False
+        assert "clipping" in cfg["_comment"]
