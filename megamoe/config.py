@@ -78,11 +78,15 @@ class ModelConfig:
     aux_loss_alpha: float = 0.0           # DeepSeek-V3 sequence-wise balance loss coefficient
     router_z_loss_coef: float = 0.0       # ST-MoE router z-loss coefficient
     bias_update_rate: float = 0.001       # aux-loss-free balancing: gamma of DeepSeek-V3 (0 = off)
+    router_jitter_noise: float = 0.0      # training only: router input times U(1-eps, 1+eps) (Switch)
+    capacity_factor: Optional[float] = None  # None: dropless; else per-expert capacity
+                                          # ceil(factor * tokens * top_k / n_experts), lowest scores dropped
     # --- misc --------------------------------------------------------------------------------
     rms_norm_eps: float = 1e-6
     tie_word_embeddings: bool = False
     initializer_range: float = 0.02
-    num_nextn_predict_layers: int = 0     # multi-token prediction modules (not implemented yet)
+    num_nextn_predict_layers: int = 0     # DeepSeek-V3 multi-token prediction depth (0 = off)
+    mtp_loss_weight: float = 0.3          # lambda of the MTP loss (averaged over the depths)
     bos_token_id: Optional[int] = 1
     eos_token_id: Optional[int] = 2
     pad_token_id: Optional[int] = None
@@ -155,6 +159,10 @@ class ModelConfig:
             for name in ("aux_loss_alpha", "router_z_loss_coef", "bias_update_rate"):
                 if getattr(self, name) < 0:
                     bad(name, f"must be >= 0, got {getattr(self, name)}")
+            if not 0 <= self.router_jitter_noise < 1:
+                bad("router_jitter_noise", f"must be in [0, 1), got {self.router_jitter_noise}")
+            if self.capacity_factor is not None and self.capacity_factor <= 0:
+                bad("capacity_factor", f"must be > 0 or null (dropless), got {self.capacity_factor}")
         if self.rope_scaling is not None:
             rs = self.rope_scaling
             if rs.type != "yarn":
@@ -163,8 +171,10 @@ class ModelConfig:
                 bad("rope_scaling.factor", f"must be >= 1, got {rs.factor}")
             if rs.original_max_position_embeddings <= 0:
                 bad("rope_scaling.original_max_position_embeddings", "must be positive")
-        if self.num_nextn_predict_layers:
-            bad("num_nextn_predict_layers", "multi-token prediction is not implemented yet; set it to 0")
+        if self.num_nextn_predict_layers < 0:
+            bad("num_nextn_predict_layers", f"must be >= 0, got {self.num_nextn_predict_layers}")
+        if self.mtp_loss_weight < 0:
+            bad("mtp_loss_weight", f"must be >= 0, got {self.mtp_loss_weight}")
         for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
             v = getattr(self, name)
             if v is not None and not 0 <= v < self.vocab_size:
@@ -254,6 +264,15 @@ class ModelConfig:
             else:
                 total += layer + dense_mlp
                 active += layer + dense_mlp
+        for d in range(self.num_nextn_predict_layers):
+            # enorm, hnorm, eh_proj [H, 2H], final norm, and one block (MoE if the model is)
+            mtp = 3 * H + 2 * H * H + attn + 2 * H
+            if self.is_moe:
+                expert_total = self.n_routed_experts * expert
+                mtp += self.n_shared_experts * expert + self.n_routed_experts * H
+                total += mtp + expert_total
+            else:
+                total += mtp + dense_mlp
         embed = self.vocab_size * H
         head = 0 if self.tie_word_embeddings else self.vocab_size * H
         total += embed + head + H

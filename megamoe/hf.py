@@ -46,11 +46,16 @@ def hf_model_type(cfg: ModelConfig) -> str:
     return "deepseek_v2" if cfg.is_moe and cfg.scoring_func == "softmax" else "deepseek_v3"
 
 
-def check_exportable(cfg: ModelConfig, state_dict: Mapping[str, torch.Tensor] | None = None) -> str:
-    """The HF model_type this model converts to exactly; HFConversionError naming what cannot."""
-    if cfg.num_nextn_predict_layers:
-        raise HFConversionError("multi-token-prediction modules (num_nextn_predict_layers > 0) have no "
-                                "transformers equivalent; export without them")
+def check_exportable(cfg: ModelConfig, state_dict: Mapping[str, torch.Tensor] | None = None,
+                     drop_mtp: bool = False) -> str:
+    """The HF model_type this model converts to exactly; HFConversionError naming what cannot.
+
+    Multi-token-prediction modules are training-only and transformers has no place for them: they
+    are refused unless `drop_mtp` says to leave them out (the main model's logits are unaffected)."""
+    if cfg.num_nextn_predict_layers and not drop_mtp:
+        raise HFConversionError(f"this model has {cfg.num_nextn_predict_layers} multi-token-prediction "
+                                "module(s), which transformers cannot hold; they only add a training "
+                                "loss, so export without them: --drop-mtp (drop_mtp=True)")
     model_type = hf_model_type(cfg)
     if model_type == "deepseek_v2":
         why = []
@@ -70,10 +75,11 @@ def check_exportable(cfg: ModelConfig, state_dict: Mapping[str, torch.Tensor] | 
     return model_type
 
 
-def to_hf_config(cfg: ModelConfig, state_dict: Mapping[str, torch.Tensor] | None = None, dtype: str = "float32"):
+def to_hf_config(cfg: ModelConfig, state_dict: Mapping[str, torch.Tensor] | None = None, dtype: str = "float32",
+                 drop_mtp: bool = False):
     """The transformers config (DeepseekV3Config or DeepseekV2Config) of an exportable model."""
     from transformers import DeepseekV2Config, DeepseekV3Config
-    model_type = check_exportable(cfg, state_dict)
+    model_type = check_exportable(cfg, state_dict, drop_mtp)
     rope: dict[str, Any] = {"rope_type": "default", "rope_theta": cfg.rope_theta}
     if cfg.rope_scaling is not None:
         rs = cfg.rope_scaling
@@ -176,11 +182,13 @@ def _first(x):
 # ----------------------------------------------------------------------------------------------
 # state dict
 # ----------------------------------------------------------------------------------------------
-def to_hf_state_dict(state_dict: Mapping[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
-    """Native -> HF (per-expert checkpoint layout). Every native tensor is used exactly once."""
-    check_exportable(cfg, state_dict)
+def to_hf_state_dict(state_dict: Mapping[str, torch.Tensor], cfg: ModelConfig,
+                     drop_mtp: bool = False) -> dict[str, torch.Tensor]:
+    """Native -> HF (per-expert checkpoint layout). Every native tensor is used exactly once
+    (MTP tensors are left out only with drop_mtp)."""
+    check_exportable(cfg, state_dict, drop_mtp)
     out: dict[str, torch.Tensor] = {}
-    used = set()
+    used = {k for k in state_dict if k.startswith("mtp.")} if drop_mtp else set()
     for native, hf in _TOP_RENAMES:
         if native in state_dict:
             out[hf] = state_dict[native]
@@ -267,7 +275,8 @@ def from_hf_state_dict(hf_sd: Mapping[str, torch.Tensor], cfg: ModelConfig) -> d
 # writing a transformers directory
 # ----------------------------------------------------------------------------------------------
 def save_hf_dir(out_dir, cfg: ModelConfig, state_dict: Mapping[str, torch.Tensor],
-                dtype: torch.dtype = torch.float32, max_shard_bytes: int = 2 * 1024**3) -> None:
+                dtype: torch.dtype = torch.float32, max_shard_bytes: int = 2 * 1024**3,
+                drop_mtp: bool = False) -> None:
     """Write config.json, generation_config.json and sharded safetensors with an index.
 
     Everything is written into a temporary sibling directory that is renamed at the end, so an
@@ -285,8 +294,8 @@ def save_hf_dir(out_dir, cfg: ModelConfig, state_dict: Mapping[str, torch.Tensor
     out_dir = Path(out_dir)
     if out_dir.exists() and any(out_dir.iterdir()):
         raise FileExistsError(f"{out_dir} exists and is not empty; choose a new --output directory")
-    hf_sd = to_hf_state_dict(state_dict, cfg)
-    hf_cfg = to_hf_config(cfg, state_dict, dtype=str(dtype).replace("torch.", ""))
+    hf_sd = to_hf_state_dict(state_dict, cfg, drop_mtp)
+    hf_cfg = to_hf_config(cfg, state_dict, dtype=str(dtype).replace("torch.", ""), drop_mtp=drop_mtp)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     try:

@@ -16,6 +16,8 @@ Shapes: T tokens (B*S), H hidden, E routed experts, K top-k, I expert intermedia
 """
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -69,6 +71,28 @@ def sequence_balance_loss(scores_TE: torch.Tensor, indices_TK: torch.Tensor, n_e
     return (f_BE * probs_BSE.mean(1)).sum(-1).mean()
 
 
+def capacity_keep_mask(scores_TK: torch.Tensor, indices_TK: torch.Tensor, n_experts: int,
+                       capacity: int) -> torch.Tensor:
+    """[T, K] bool: per expert, its `capacity` assignments with the highest scores are kept."""
+    flat_e, flat_s = indices_TK.reshape(-1), scores_TK.detach().reshape(-1)
+    by_score = flat_s.argsort(descending=True, stable=True)
+    order = by_score[flat_e[by_score].argsort(stable=True)]  # grouped by expert, best first
+    counts_E = torch.bincount(flat_e, minlength=n_experts)
+    starts_E = counts_E.cumsum(0) - counts_E
+    rank_in_expert = torch.arange(flat_e.numel(), device=flat_e.device) - starts_E[flat_e[order]]
+    kept = torch.empty_like(flat_e, dtype=torch.bool)
+    kept[order] = rank_in_expert < capacity
+    return kept.view_as(indices_TK)
+
+
+@dataclass
+class Routing:
+    weights_TK: torch.Tensor          # fp32; zero where capacity dropped the assignment
+    indices_TK: torch.Tensor          # int64 expert ids
+    counts_E: torch.Tensor            # int32 assignments per expert (before capacity dropping)
+    kept_TK: Optional[torch.Tensor]   # bool, None when dropless
+
+
 class Router(nn.Module):
     """Scores experts for each token and picks the top-k.
 
@@ -84,6 +108,7 @@ class Router(nn.Module):
         self.score_func, self.n_group, self.topk_group = cfg.scoring_func, cfg.n_group, cfg.topk_group
         self.norm_topk_prob, self.routed_scaling_factor = cfg.norm_topk_prob, cfg.routed_scaling_factor
         self.aux_loss_alpha, self.z_loss_coef = cfg.aux_loss_alpha, cfg.router_z_loss_coef
+        self.jitter, self.capacity_factor = cfg.router_jitter_noise, cfg.capacity_factor
         self.weight = nn.Parameter(torch.empty(cfg.n_routed_experts, cfg.hidden_size))
         self.register_buffer("e_score_correction_bias", torch.zeros(cfg.n_routed_experts, dtype=torch.float32))
         # Routed-token counts since the trainer last read them (for the bias update and monitoring).
@@ -93,6 +118,7 @@ class Router(nn.Module):
         self.last_aux_loss = torch.zeros(())
         self.last_z_loss = torch.zeros(())
         self.last_tokens_per_expert = torch.zeros(cfg.n_routed_experts, dtype=torch.int32)
+        self.last_dropped_fraction = torch.zeros(())
 
     def _apply(self, fn, recurse=True):
         # The bias must stay fp32 under model.half()/bf16 engines: it is compared against scores.
@@ -104,7 +130,16 @@ class Router(nn.Module):
         return self
 
     def forward(self, x_TH: torch.Tensor, expert_bias: Optional[torch.Tensor] = None):
-        logits_TE = F.linear(x_TH.float(), self.weight.float())
+        """AutoEP's contract. Capacity-dropped assignments come back with weight 0: the expert-
+        parallel layer still dispatches them, which costs compute but gives the same output."""
+        r = self.route(x_TH, expert_bias)
+        return r.weights_TK, r.indices_TK, r.counts_E
+
+    def route(self, x_TH: torch.Tensor, expert_bias: Optional[torch.Tensor] = None) -> Routing:
+        x = x_TH.float()
+        if self.training and self.jitter > 0:
+            x = x * torch.empty_like(x).uniform_(1.0 - self.jitter, 1.0 + self.jitter)
+        logits_TE = F.linear(x, self.weight.float())
         bias_E = self.e_score_correction_bias if expert_bias is None else self.e_score_correction_bias + expert_bias
         weights_TK, indices_TK, scores_TE, counts_E = kernels.route(
             logits_TE, bias_E, self.top_k, self.score_func, self.n_group, self.topk_group,
@@ -123,7 +158,14 @@ class Router(nn.Module):
                 self.last_z_loss = z.detach()
             if aux.requires_grad:
                 weights_TK = AuxLossScaler.apply(weights_TK, aux)
-        return weights_TK, indices_TK, counts_E
+        kept_TK = None
+        if self.capacity_factor is not None:
+            T, K = indices_TK.shape
+            capacity = math.ceil(self.capacity_factor * T * K / self.n_experts)
+            kept_TK = capacity_keep_mask(scores_TE.gather(1, indices_TK), indices_TK, self.n_experts, capacity)
+            weights_TK = weights_TK * kept_TK
+            self.last_dropped_fraction = 1.0 - kept_TK.float().mean().detach()
+        return Routing(weights_TK, indices_TK, counts_E, kept_TK)
 
 
 def grouped_mm_supported(x: torch.Tensor, w: torch.Tensor) -> bool:
@@ -153,12 +195,17 @@ class GroupedExperts(nn.Module):
         self.gate_up_proj = nn.Parameter(torch.empty(n_experts, 2 * intermediate_size, hidden_size))
         self.down_proj = nn.Parameter(torch.empty(n_experts, hidden_size, intermediate_size))
 
-    def forward(self, x_TH: torch.Tensor, weights_TK: torch.Tensor, indices_TK: torch.Tensor) -> torch.Tensor:
+    def forward(self, x_TH: torch.Tensor, weights_TK: torch.Tensor, indices_TK: torch.Tensor,
+                kept_TK: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Each (token, slot) pair runs through its expert; pairs with kept_TK False are skipped."""
         T, K = indices_TK.shape
         flat_expert = indices_TK.reshape(-1)
         order = flat_expert.argsort(stable=True)       # (token, slot) pairs grouped by expert
+        if kept_TK is not None:
+            order = order[kept_TK.reshape(-1)[order]]
+            flat_expert = torch.where(kept_TK.reshape(-1), flat_expert, self.n_experts)  # out of range: not counted
         token_of = order // K
-        counts_E = torch.bincount(flat_expert, minlength=self.n_experts)
+        counts_E = torch.bincount(flat_expert, minlength=self.n_experts + 1)[:self.n_experts]
         offs_E = counts_E.cumsum(0).to(torch.int32)
         x_sorted = x_TH[token_of]
         gate, up = grouped_mm(x_sorted, self.gate_up_proj, counts_E, offs_E).chunk(2, dim=-1)
@@ -179,8 +226,8 @@ class MoE(nn.Module):
     def forward(self, x_BSH: torch.Tensor) -> torch.Tensor:
         B, S, H = x_BSH.shape
         x_TH = x_BSH.reshape(B * S, H)
-        weights_TK, indices_TK, _ = self.router(x_TH)
-        y_TH = self.experts(x_TH, weights_TK, indices_TK)
+        r = self.router.route(x_TH)
+        y_TH = self.experts(x_TH, r.weights_TK, r.indices_TK, r.kept_TK)
         if self.shared_experts is not None:
             y_TH = y_TH + self.shared_experts(x_TH)
         return y_TH.view(B, S, H)

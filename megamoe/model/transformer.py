@@ -13,7 +13,7 @@ from torch.utils.checkpoint import checkpoint
 from megamoe.config import ModelConfig
 from megamoe.model.attention import MLA, LatentCache
 from megamoe.model.layers import MLP, RMSNorm, RotaryEmbedding
-from megamoe.model.moe import MoE, Router
+from megamoe.model.moe import AuxLossScaler, MoE, Router
 
 IGNORE_INDEX = -100
 
@@ -25,6 +25,8 @@ class ModelOutput:
     aux_loss: Optional[torch.Tensor] = None    # sum over layers of alpha * balance loss (detached)
     z_loss: Optional[torch.Tensor] = None      # sum over layers of the router z-loss (detached)
     tokens_per_expert: Optional[torch.Tensor] = None  # [L_moe, E] routed tokens in this forward
+    mtp_loss: Optional[torch.Tensor] = None    # mtp_loss_weight * mean over depths of MTP CE (detached)
+    dropped_fraction: Optional[torch.Tensor] = None   # [L_moe] share of assignments over capacity
 
 
 class Block(nn.Module):
@@ -45,6 +47,24 @@ class Block(nn.Module):
         return x_BSH + self.ffn(self.ffn_norm(x_BSH))
 
 
+class MTPModule(nn.Module):
+    """DeepSeek-V3 multi-token prediction, depth k: combine the previous depth's hidden state at i
+    with the embedding of token i+k, run one more block, predict token i+k+1 with the shared head.
+    Names follow DeepSeek's release (enorm, hnorm, eh_proj, a block, a final norm)."""
+
+    def __init__(self, cfg: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.enorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.hnorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.eh_proj = nn.Linear(2 * cfg.hidden_size, cfg.hidden_size, bias=False)
+        self.block = Block(cfg, layer_idx)
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def forward(self, h_BSH, next_emb_BSH, cos, sin):
+        x = self.eh_proj(torch.cat([self.hnorm(h_BSH), self.enorm(next_emb_BSH)], dim=-1))
+        return self.block(x, cos, sin)
+
+
 class Transformer(nn.Module):
     def __init__(self, cfg: ModelConfig, seed: int = 0, device=None):
         super().__init__()
@@ -56,6 +76,9 @@ class Transformer(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.rotary = RotaryEmbedding(cfg)
+        # training-only: excluded from Hugging Face export (convert_to_hf --drop-mtp says so)
+        self.mtp = nn.ModuleList(MTPModule(cfg, cfg.num_hidden_layers + k)
+                                 for k in range(cfg.num_nextn_predict_layers))
         if device is not None:
             self.to(device)
         self.init_weights(seed)
@@ -80,7 +103,9 @@ class Transformer(nn.Module):
                 m.e_score_correction_bias.zero_()
 
     def routers(self) -> Iterator[tuple[int, Router]]:
-        for i, layer in enumerate(self.layers):
+        """(layer index, Router) of every MoE block; MTP blocks count as layers L, L+1, ..."""
+        blocks = [*self.layers, *(m.block for m in self.mtp)]
+        for i, layer in enumerate(blocks):
             if layer.is_moe:
                 yield i, layer.ffn.router
 
@@ -103,19 +128,39 @@ class Transformer(nn.Module):
                 h = checkpoint(layer, h, cos, sin, use_reentrant=False)
             else:
                 h = layer(h, cos, sin, cache, start_pos)
-        h = self.norm(h)
-        logits = F.linear(h, self.output_weight())
+        logits = F.linear(self.norm(h), self.output_weight())
         out = ModelOutput(logits=logits)
         if labels is not None:
+            if len(self.mtp) and self.training and caches is None:
+                mtp_loss = self._mtp_loss(h, labels, cos, sin)
+                out.mtp_loss = mtp_loss.detach()
+                # its gradient joins through the logits, like the router losses: loss stays the LM loss
+                out.logits = logits = AuxLossScaler.apply(logits, mtp_loss)
             out.loss = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), labels.reshape(-1),
                                        ignore_index=IGNORE_INDEX)
         routers = [r for _, r in self.routers()]
         if routers:
             out.tokens_per_expert = torch.stack([r.last_tokens_per_expert for r in routers])
+            out.dropped_fraction = torch.stack([r.last_dropped_fraction.to(logits.device) for r in routers])
             if self.training:
                 out.aux_loss = sum(r.last_aux_loss.to(logits.device) for r in routers)
                 out.z_loss = sum(r.last_z_loss.to(logits.device) for r in routers)
         return out
+
+    def _mtp_loss(self, h_BSH: torch.Tensor, labels_BS: torch.Tensor, cos, sin) -> torch.Tensor:
+        """Depth k predicts token i+k+1 from position i. Sequences keep their length: the last k
+        positions have no target (ignored) and, attention being causal, cannot affect the others."""
+        losses = []
+        for k, module in enumerate(self.mtp, start=1):
+            # labels[:, i] is token i+1; depth k embeds token i+k and predicts token i+k+1
+            next_ids = labels_BS.roll(-(k - 1), dims=1).clamp(min=0)
+            targets = labels_BS.roll(-k, dims=1).clone()
+            targets[:, -k:] = IGNORE_INDEX
+            h_BSH = module(h_BSH, self.embed_tokens(next_ids), cos, sin)
+            logits = F.linear(module.norm(h_BSH), self.output_weight())
+            losses.append(F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets.view(-1),
+                                          ignore_index=IGNORE_INDEX))
+        return self.cfg.mtp_loss_weight * torch.stack(losses).mean()
 
     # ------------------------------------------------------------------------------------------
     def new_caches(self, batch: int, max_len: int) -> list[LatentCache]:

@@ -32,7 +32,9 @@ def test_built_model_parameter_count_matches_formula():
     (dict(q_lora_rank=0), "q_lora_rank"),
     (dict(eos_token_id=512), "eos_token_id"),
     (dict(attention_backend="xformers"), "attention_backend"),
-    (dict(num_nextn_predict_layers=1), "num_nextn_predict_layers"),
+    (dict(num_nextn_predict_layers=-1), "num_nextn_predict_layers"),
+    (dict(capacity_factor=0.0), "capacity_factor"),
+    (dict(router_jitter_noise=1.5), "router_jitter_noise"),
 ])
 def test_bad_configs_name_the_field(overrides, field):
     with pytest.raises(ConfigError, match=rf"ModelConfig\.{field}"):
