@@ -8,7 +8,7 @@ OUT_DIR/rank{R}.json: {run name: result}.
 kinds:
   train    fixed data, N optimizer steps, records the global mean loss / aux / z per step, the
            bias after each step and the balance stats (update_routing_bias every step)
-  skewed   low-diversity tokens with a sharpened router, lr 0: only the bias moves; records
+  skewed   router skewed toward experts 0 and 1 (skew_router), lr 0: only the bias moves; records
            max/mean load per update; checks the bias is in the state dict and in checkpoints
   routers  checks the router objects inside AutoEP layers, then that an engine built without
            megamoe's initialize (DeepSpeed's own router) is refused by verify_megamoe_routers
@@ -55,10 +55,12 @@ def ds_config(run, micro):
     return cfg
 
 
-def global_batches(cfg, steps, global_batch, seq, seed, vocab_subset=None):
+def global_batches(cfg, steps, global_batch, seq, seed, vocab_subset=None, distinct=None):
+    """`steps` global batches cycling over `distinct` random ones (few: so the loss can fall)."""
     gen = torch.Generator().manual_seed(seed)
     hi = vocab_subset if vocab_subset else cfg.vocab_size
-    return [torch.randint(3, hi, (global_batch, seq + 1), generator=gen) for _ in range(steps)]
+    pool = [torch.randint(3, hi, (global_batch, seq + 1), generator=gen) for _ in range(distinct or steps)]
+    return [pool[i % len(pool)] for i in range(steps)]
 
 
 def all_mean(x: float) -> float:
@@ -68,11 +70,27 @@ def all_mean(x: float) -> float:
     return t.item() / world_size()
 
 
-def build(run, cfg, micro):
+def skew_router(model, ids, strength, experts=(0, 1)):
+    """Add `strength` x the mean direction of each MoE layer's input to the router rows of
+    `experts`, so nearly every token picks them (max/mean load ~4 of 8 experts): a skewed start
+    that balancing must undo, with diverse tokens so that a balanced state exists."""
+    xs = {}
+    hooks = [model.layers[i].ffn_norm.register_forward_hook(lambda m, a, o, k=i: xs.__setitem__(k, o.detach()))
+             for i, _ in model.routers()]
+    with torch.no_grad():
+        model(ids)
+    for h in hooks:
+        h.remove()
+    for i, r in model.routers():
+        u_H = xs[i].reshape(-1, xs[i].shape[-1]).mean(0)
+        for e in experts:
+            r.weight.data[e] += strength * u_H / u_H.norm() ** 2
+
+
+def build(run, cfg, micro, skew_ids=None):
     model = cfg.build(seed=run.get("seed", 1234))
-    if run.get("sharpen_router"):
-        for _, r in model.routers():
-            r.weight.data.mul_(run["sharpen_router"])
+    if skew_ids is not None:
+        skew_router(model, skew_ids, run["skew"])
     engine, _, _, _ = expert.initialize(model, cfg, ds_config(run, micro), run["ep"],
                                         use_autoep=run.get("use_autoep"))
     return engine
@@ -96,7 +114,7 @@ def run_train(run):
            "layout": expert.ep_layout(engine), "n_autoep_layers": len(expert.autoep_layers(engine)),
            "param_names": sorted(n for n, _ in engine.module.named_parameters())}
     engine.train()
-    for batch in global_batches(cfg, run["steps"], G, S, run.get("data_seed", 7)):
+    for batch in global_batches(cfg, run["steps"], G, S, run.get("data_seed", 7), distinct=2):
         losses, auxes, zs = [], [], []
         for mb in micro_batches(batch, micro, gas):
             out = engine(mb[:, :-1], labels=mb[:, 1:])
@@ -121,11 +139,12 @@ def run_skewed(run, out_dir):
     G, S = run["global_batch"], run["seq"]
     micro = G // world_size()
     run = dict(run, lr=0.0)
-    engine = build(run, cfg, micro)
+    batches = global_batches(cfg, run["steps"], G, S, run.get("data_seed", 7), distinct=1)
+    engine = build(run, cfg, micro, skew_ids=batches[0][:, :-1])
     set_aux_loss_scale(1.0)
     res = {"max_over_mean": [], "bias": []}
     engine.train()
-    for batch in global_batches(cfg, run["steps"], G, S, run.get("data_seed", 7), run["vocab_subset"]):
+    for batch in batches:
         (mb,) = micro_batches(batch, micro, 1)
         out = engine(mb[:, :-1], labels=mb[:, 1:])
         engine.backward(out.loss)
@@ -201,6 +220,7 @@ def main():
     results = {}
     for run in spec["runs"]:
         torch.manual_seed(0)
+        print(f"[ep_rank {rank()}] run {run['name']}", file=sys.stderr, flush=True)
         if run["kind"] == "train":
             results[run["name"]] = run_train(run)
         elif run["kind"] == "skewed":
