@@ -74,8 +74,17 @@ class StreamDecoder:
         text = self.tok.decode(self.ids)
         if text.endswith("\ufffd"):            # an incomplete UTF-8 character: wait for the rest
             return ""
+        return self._emit(text)
+
+    def _emit(self, text: str) -> str:
+        if not text.startswith(self.printed):   # a later byte changed how earlier bytes decode
+            return ""
         new, self.printed = text[len(self.printed):], text
         return new
+
+    def flush(self) -> str:
+        """Whatever is left (e.g. trailing bytes that never formed a character)."""
+        return self._emit(self.tok.decode(self.ids)) if self.ids else ""
 
 
 def generate_text(lm: LoadedModel, prompt: str, max_new_tokens: int = 64, temperature: float = 0.8,
@@ -109,6 +118,9 @@ def generate_text(lm: LoadedModel, prompt: str, max_new_tokens: int = 64, temper
     out = lm.model.generate(torch.tensor([ids], device=device), max_new_tokens=max_new_tokens,
                             temperature=temperature, top_k=top_k, top_p=top_p, eos_token_id=eos,
                             generator=gen, on_token=on_token)
+    rest = stream.flush()
+    if on_text is not None and rest:
+        on_text(rest)
     new = [int(t) for t in out[0, len(ids):]]
     if eos is not None and eos in new:
         new = new[:new.index(eos)]

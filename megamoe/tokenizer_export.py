@@ -108,13 +108,14 @@ def _split_like_sentencepiece(hf, add_prefix_space: bool) -> None:
     "▁a" "▁▁" "b"; sentencepiece (split_by_whitespace) first cuts words at whitespace, a run of
     spaces going to its own piece except the last, which starts the next word: "▁a" "▁" "▁b".
     The Split regex reproduces that cut before BPE."""
-    from tokenizers import Regex, pre_tokenizers
+    from tokenizers import Regex, normalizers, pre_tokenizers
 
-    prepend = "first" if add_prefix_space else "never"
-    hf.backend_tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Metaspace(replacement="▁", prepend_scheme=prepend, split=False),
-        pre_tokenizers.Split(Regex("▁+(?=▁[^▁])|▁?[^▁]+|▁+"), behavior="isolated"),
-    ])
+    # sentencepiece's dummy prefix is added even before a leading space (" x" -> "▁▁x"); the
+    # Metaspace pre-tokenizer skips it then, so prepend in the normalizer instead
+    steps = ([normalizers.Prepend("\u2581")] if add_prefix_space else []) + [normalizers.Replace(" ", "\u2581")]
+    hf.backend_tokenizer.normalizer = normalizers.Sequence(steps)
+    hf.backend_tokenizer.pre_tokenizer = pre_tokenizers.Split(
+        Regex("\u2581+(?=\u2581[^\u2581])|\u2581?[^\u2581]+|\u2581+"), behavior="isolated")
 
 
 def _export_hf(tok, out_dir: Path) -> None:
