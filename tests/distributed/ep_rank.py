@@ -110,7 +110,7 @@ def run_train(run):
     micro = G // (world_size() * gas)
     engine = build(run, cfg, micro)
     set_aux_loss_scale(1.0 / gas)
-    res = {"loss": [], "aux": [], "z": [], "bias": [], "tokens_per_expert": [], "max_over_mean": [],
+    res = {"loss": [], "aux": [], "z": [], "bias": [], "grad_norm": [], "tokens_per_expert": [], "max_over_mean": [],
            "layout": expert.ep_layout(engine), "n_autoep_layers": len(expert.autoep_layers(engine)),
            "param_names": sorted(n for n, _ in engine.module.named_parameters())}
     engine.train()
@@ -125,6 +125,8 @@ def run_train(run):
             zs.append(out.z_loss.item())
         # one optimizer step done (engine.step applies it at the accumulation boundary)
         stats = balance.update_routing_bias(engine, run.get("rate", cfg.bias_update_rate))
+        norm = engine.get_global_grad_norm()
+        res["grad_norm"].append(float(norm) if norm is not None else None)
         res["loss"].append(all_mean(sum(losses) / gas))
         res["aux"].append(all_mean(sum(auxes) / gas))
         res["z"].append(all_mean(sum(zs) / gas))
