@@ -20,10 +20,14 @@ import random
 import signal
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Optional
 
-import warnings
+if __name__ == "__main__" and not __package__:
+    # Run as a file (`deepspeed megamoe/pretrain.py ...`): import the package from the repository
+    # root rather than this directory's modules as top-level ones.
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 import numpy as np
 import torch

@@ -60,7 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="WSD: length of the final linear decay (default: 20%% of --train-iters)")
 
     g = p.add_argument_group("DeepSpeed (cross-checked against the config, never overriding it)")
-    g.add_argument("--deepspeed-config", "--deepspeed_config", dest="deepspeed_config", required=True)
+    g.add_argument("--deepspeed-config", "--deepspeed_config", "--deepspeed", dest="deepspeed_config", required=True,
+                   metavar="JSON", help="DeepSpeed config (ds_configs/*.json)")
     g.add_argument("--expert-model-parallel-size", type=int, default=1)
     g.add_argument("--micro-batch-size", type=int, default=None)
     g.add_argument("--global-batch-size", type=int, default=None)

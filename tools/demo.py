@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 OUT = ROOT / "runs" / "demo"
-ITERS = int(os.environ.get("DEMO_ITERS", "150"))
+ITERS = int(os.environ.get("DEMO_ITERS", "100"))
 SEQ = 256
 VOCAB = 8192
 
