@@ -217,3 +217,35 @@ def test_ep_on_dense_model_and_conflicting_block_are_errors():
         expert._merge_user_block(derived, {"router_pattern": "gate"})
     merged = expert._merge_user_block(derived, {"async_split_plan": True, "autoep_size": 2})
     assert merged["async_split_plan"] is True and merged["router_pattern"] == "router"
+
+
+def test_update_routing_bias_single_process_semantics():
+    """b_i += rate * sign(mean - load_i) from the accumulated counts, then the counts reset;
+    rate 0 only reports. No process group: a world of one."""
+    import torch
+
+    from megamoe.parallel import balance
+
+    cfg = ModelConfig.load("tiny", num_hidden_layers=2, first_k_dense_replace=0)
+    model = cfg.build(seed=0)
+    routers = [r for _, r in model.routers()]
+    loads = [torch.tensor([5., 3, 4, 4, 4, 4, 4, 4]), torch.tensor([0., 0, 0, 0, 0, 0, 16, 16])]
+    for r, load in zip(routers, loads):
+        r.tokens_per_expert_acc.copy_(load)
+    stats = balance.update_routing_bias(model, 0.0)
+    assert torch.equal(stats["tokens_per_expert"], torch.stack(loads))
+    assert torch.allclose(stats["max_over_mean"], torch.tensor([1.25, 4.0]))
+    assert all(r.e_score_correction_bias.abs().sum() == 0 for r in routers)   # rate 0: no update
+    assert all(r.tokens_per_expert_acc.sum() == 0 for r in routers)           # counts reset
+    for r, load in zip(routers, loads):
+        r.tokens_per_expert_acc.copy_(load)
+    balance.update_routing_bias(model, 0.5)
+    assert torch.equal(routers[0].e_score_correction_bias, torch.tensor([-0.5, 0.5, 0, 0, 0, 0, 0, 0]))
+    assert torch.equal(routers[1].e_score_correction_bias, torch.tensor([0.5] * 6 + [-0.5] * 2))
+    assert torch.equal(balance.routing_bias_state(model)[1], routers[1].e_score_correction_bias)
+    # a training forward accumulates the counts update_routing_bias consumes
+    model.train()
+    ids = torch.randint(3, cfg.vocab_size, (2, 9))
+    model(ids[:, :-1], labels=ids[:, 1:]).loss.backward()
+    stats = balance.update_routing_bias(model, 0.0)
+    assert stats["tokens_per_expert"].sum(-1).tolist() == [2 * 8 * cfg.num_experts_per_tok] * 2
