@@ -15,6 +15,7 @@ second pass over the data.
 from __future__ import annotations
 
 import collections
+import itertools
 import multiprocessing as mp
 import os
 import time
@@ -97,7 +98,7 @@ def _encode_chunk(texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
         for x in ids:
             x.append(eod)
     lengths = np.fromiter((len(x) for x in ids), dtype=np.int64, count=len(ids))
-    flat = np.fromiter((t for x in ids for t in x), dtype=np.int64, count=int(lengths.sum()))
+    flat = np.fromiter(itertools.chain.from_iterable(ids), dtype=np.int64, count=int(lengths.sum()))
     dtype = _WORKER["dtype"]
     if flat.size and (flat.min() < 0 or flat.max() > np.iinfo(dtype).max):
         raise ValueError(f"token ids outside the {dtype} range")
