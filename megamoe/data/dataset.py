@@ -74,6 +74,15 @@ class PackedDataset:
     def __len__(self) -> int:
         return self.samples_per_epoch
 
+    def __getstate__(self):  # picklable for DataLoader workers: drop the lock and the epoch cache
+        state = dict(self.__dict__)
+        state["_lock"], state["_cache"] = None, OrderedDict()
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
+
     def _epoch(self, epoch: int):
         """(docs_in_order int64[D], doc_ends int64[D] cumulative token ends, sample_perm int64[N])."""
         with self._lock:

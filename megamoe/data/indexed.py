@@ -287,6 +287,13 @@ class IndexedDataset:
         self._bin = (np.memmap(bin_path, mode="r", dtype=self.dtype) if bin_size
                      else np.zeros(0, dtype=self.dtype))
 
+    # Pickle by prefix (e.g. into DataLoader worker processes): the memmaps are reopened, never copied.
+    def __getstate__(self):
+        return {"prefix": self.prefix}
+
+    def __setstate__(self, state):
+        self.__init__(state["prefix"], validate=False)
+
     def _validate_arrays(self, seq_count: int) -> None:
         if seq_count and int(self.sizes.min()) < 0:
             raise _fail(self.prefix, "negative sequence size in .idx")
@@ -354,6 +361,13 @@ class HeaderlessTokenDataset:
         self.pointers = starts * self.dtype.itemsize
         self.doc_idx = np.arange(len(starts) + 1, dtype=np.int64)
         self._starts = starts
+        self._chunk_tokens = chunk_tokens
+
+    def __getstate__(self):  # reopen the memmap instead of pickling its contents
+        return {"path": self.path, "dtype": self.dtype.name, "chunk_tokens": self._chunk_tokens}
+
+    def __setstate__(self, state):
+        self.__init__(state["path"], state["dtype"], state["chunk_tokens"])
 
     def __len__(self) -> int:
         return len(self.sizes)

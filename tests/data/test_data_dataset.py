@@ -142,3 +142,15 @@ def test_headerless_and_too_small(tmp_path):
     assert len(train) == (5000 - 1) // 64
     with pytest.raises(ValueError, match="not enough for one sample"):
         build_pretraining_data([f"{tmp_path}/train.bin:uint16"], 8192, seed=0)
+
+
+def test_datasets_pickle_without_copying_tokens(tmp_path):
+    import pickle
+
+    pa, _ = make(tmp_path / "a", 200, base=0, seed=1)
+    pb, _ = make(tmp_path / "b", 100, base=1_000_000, seed=2)
+    train, _ = build_pretraining_data(["1", pa, "1", pb], S, seed=4)
+    blob = pickle.dumps(train)
+    assert len(blob) < 400_000  # index arrays only; the token memmaps are reopened by path
+    again = pickle.loads(blob)
+    assert all(np.array_equal(again[i], train[i]) for i in range(0, 500, 13))

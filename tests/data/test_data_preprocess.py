@@ -99,6 +99,24 @@ def test_each_bad_case_names_file_and_line(tmp_path, small_spm, content, msg):
         preprocess([str(tmp_path / "x.jsonl")], small_spm, str(tmp_path / "o"), progress=False)
 
 
+def test_interrupted_run_leaves_no_output(tmp_path, small_spm, monkeypatch):
+    import megamoe.data.preprocess as pp
+
+    real = pp.iter_documents
+
+    def interrupted(*a, **k):
+        for n, rec in enumerate(real(*a, **k)):
+            if n == 50:
+                raise KeyboardInterrupt  # Ctrl-C in the middle of the corpus
+            yield rec
+
+    (tmp_path / "in.jsonl").write_text("".join(json.dumps({"text": f"doc {i}"}) + "\n" for i in range(100)))
+    monkeypatch.setattr(pp, "iter_documents", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        preprocess([str(tmp_path / "in.jsonl")], small_spm, str(tmp_path / "o"), chunk_chars=10, progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl"]
+
+
 def test_unreadable_file_stops(tmp_path, small_spm):
     with pytest.raises(BadInputError, match=r"nope\.txt: no such file"):
         preprocess([str(tmp_path / "nope.txt")], small_spm, str(tmp_path / "o"), progress=False)
