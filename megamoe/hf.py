@@ -267,7 +267,7 @@ def from_hf_state_dict(hf_sd: Mapping[str, torch.Tensor], cfg: ModelConfig) -> d
         out.setdefault(f"layers.{i}.ffn.router.e_score_correction_bias",
                        torch.zeros(cfg.n_routed_experts, dtype=torch.float32))
     if cfg.tie_word_embeddings:
-        out.pop("lm_head.weight", None)
+        out["lm_head.weight"] = out["embed_tokens.weight"]  # the model ties them; both names load
     return out
 
 

@@ -74,7 +74,11 @@ class Transformer(nn.Module):
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            # one Parameter under two names, as transformers ties; logits still go through the
+            # lm_head module so ZeRO-3's module hooks gather the weight for forward and backward
+            self.lm_head.weight = self.embed_tokens.weight
         self.rotary = RotaryEmbedding(cfg)
         # training-only: excluded from Hugging Face export (convert_to_hf --drop-mtp says so)
         self.mtp = nn.ModuleList(MTPModule(cfg, cfg.num_hidden_layers + k)
@@ -112,9 +116,6 @@ class Transformer(nn.Module):
     def set_gradient_checkpointing(self, enabled: bool = True) -> None:
         self.gradient_checkpointing = enabled
 
-    def output_weight(self) -> torch.Tensor:
-        return self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-
     # ------------------------------------------------------------------------------------------
     def forward(self, input_ids: torch.Tensor, labels: Optional[torch.Tensor] = None,
                 caches: Optional[list[LatentCache]] = None, start_pos: int = 0) -> ModelOutput:
@@ -128,7 +129,7 @@ class Transformer(nn.Module):
                 h = checkpoint(layer, h, cos, sin, use_reentrant=False)
             else:
                 h = layer(h, cos, sin, cache, start_pos)
-        logits = F.linear(self.norm(h), self.output_weight())
+        logits = self.lm_head(self.norm(h))
         out = ModelOutput(logits=logits)
         if labels is not None:
             if len(self.mtp) and self.training and caches is None:
@@ -157,7 +158,7 @@ class Transformer(nn.Module):
             targets = labels_BS.roll(-k, dims=1).clone()
             targets[:, -k:] = IGNORE_INDEX
             h_BSH = module(h_BSH, self.embed_tokens(next_ids), cos, sin)
-            logits = F.linear(module.norm(h_BSH), self.output_weight())
+            logits = self.lm_head(module.norm(h_BSH))
             losses.append(F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets.view(-1),
                                           ignore_index=IGNORE_INDEX))
         return self.cfg.mtp_loss_weight * torch.stack(losses).mean()
