@@ -30,6 +30,16 @@ Parameter names after AutoEP (what checkpoints contain, per MoE layer i):
   layers.{i}.ffn.experts.w1 / w3 / w2   [E/ep, I, H], [E/ep, I, H], [E/ep, H, I]   (local experts;
       w1 = gate rows, w3 = up rows of our gate_up_proj; w2 = down_proj)
   layers.{i}.ffn.shared_experts.*                                                (unchanged)
+ZeRO-1/2 checkpoints store experts one file per global expert,
+`layer_{l}_expert_{e}_mp_rank_00_model_states.pt`, where l counts MoE layers (0, 1, ...), not
+model layers. `native_expert_state_dict` / `autoep_expert_state_dict` convert full (all-expert)
+tensors between the two naming schemes. With ep_size 1 (and use_autoep unset) the plain model
+runs, so its checkpoints have the native names and an AutoEP checkpoint does not load into it
+(missing gate_up_proj/down_proj keys): resume at another EP size through DeepSpeed universal
+checkpoints with use_autoep=True.
+
+Under ZeRO-3 `initialize` also makes the model's dataclass output visible to ZeRO-3's backward
+hooks (`_zero3_visible_outputs`), without which the first backward fails on the LM head weight.
 """
 from __future__ import annotations
 
@@ -372,3 +382,46 @@ def ep_layout(engine_or_model: nn.Module) -> dict:
     n_exp = routers[0][1].n_experts if routers else 0
     return {"autoep": False, "ep_size": 1, "ep_rank": 0, "experts_per_rank": n_exp, "n_experts": n_exp,
             "local_experts": list(range(n_exp)), "moe_layers": [n.rsplit(".", 1)[0] for n, _ in routers]}
+
+
+# ----------------------------------------------------------------------------------------------
+# Expert weight names: native (MoE/GroupedExperts) <-> AutoEP (GroupedExperts w1/w2/w3)
+# ----------------------------------------------------------------------------------------------
+def native_expert_state_dict(state_dict: dict) -> dict:
+    """AutoEP expert names -> megamoe's native ones, for full (all-expert) tensors, e.g. from a
+    universal checkpoint or gathered from every EP rank: `...experts.w1` [E, I, H] (gate) and
+    `...experts.w3` [E, I, H] (up) -> `...experts.gate_up_proj` [E, 2I, H]; `...experts.w2`
+    [E, H, I] -> `...experts.down_proj`. Other keys pass through unchanged."""
+    out = {}
+    for key, value in state_dict.items():
+        prefix, _, leaf = key.rpartition(".")
+        if not prefix.endswith("experts") or leaf not in ("w1", "w2", "w3"):
+            out[key] = value
+            continue
+        if leaf == "w1":
+            up = state_dict.get(f"{prefix}.w3")
+            if up is None:
+                raise KeyError(f"{key} has no matching {prefix}.w3 (the up projection): cannot build gate_up_proj")
+            if up.shape != value.shape:
+                raise ValueError(f"{key} {tuple(value.shape)} and {prefix}.w3 {tuple(up.shape)} differ in shape")
+            out[f"{prefix}.{EXPERT_W1}"] = torch.cat([value, up], dim=1)
+        elif leaf == "w2":
+            out[f"{prefix}.{EXPERT_W2}"] = value
+        elif f"{prefix}.w1" not in state_dict:
+            raise KeyError(f"{key} has no matching {prefix}.w1 (the gate projection)")
+    return out
+
+
+def autoep_expert_state_dict(state_dict: dict) -> dict:
+    """The inverse of native_expert_state_dict (full tensors, all experts)."""
+    out = {}
+    for key, value in state_dict.items():
+        prefix, _, leaf = key.rpartition(".")
+        if prefix.endswith("experts") and leaf == EXPERT_W1:
+            gate, up = value.chunk(2, dim=1)   # gate rows first
+            out[f"{prefix}.w1"], out[f"{prefix}.w3"] = gate.contiguous(), up.contiguous()
+        elif prefix.endswith("experts") and leaf == EXPERT_W2:
+            out[f"{prefix}.w2"] = value
+        else:
+            out[key] = value
+    return out

@@ -91,8 +91,11 @@ def build(run, cfg, micro, skew_ids=None):
     model = cfg.build(seed=run.get("seed", 1234))
     if skew_ids is not None:
         skew_router(model, skew_ids, run["skew"])
+    kwargs = {}
+    if run.get("eager_params"):   # as the trainer does: a list taken before AutoEP replaces layers
+        kwargs["model_parameters"] = list(model.parameters())
     engine, _, _, _ = expert.initialize(model, cfg, ds_config(run, micro), run["ep"],
-                                        use_autoep=run.get("use_autoep"))
+                                        use_autoep=run.get("use_autoep"), **kwargs)
     return engine
 
 

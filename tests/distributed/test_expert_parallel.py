@@ -30,6 +30,7 @@ TWO_RANK_RUNS = [
     dict(TRAIN, name="ep1_z2", ep=1, zero=2),
     dict(TRAIN, name="ep1_autoep_z2", ep=1, zero=2, use_autoep=True),
     dict(TRAIN, name="ep2_z1", ep=2, zero=1),
+    dict(TRAIN, name="ep2_z2_eager", ep=2, zero=2, eager_params=True),
     dict(TRAIN, name="ep2_z3", ep=2, zero=3),
     dict(TRAIN, name="ep2_z2_gas2", ep=2, zero=2, gas=2),
     # control: the same run without the balance loss and z-loss must differ measurably, so the
@@ -107,7 +108,7 @@ def test_ep2_ep1_single_process_same_losses(two_rank, single):
 @pytest.mark.slow
 def test_zero_stages_agree_with_aux_losses(two_rank):
     r0 = two_rank[0]
-    for stage in ("ep2_z1", "ep2_z3"):
+    for stage in ("ep2_z1", "ep2_z3", "ep2_z2_eager"):
         _assert_same_run(r0[stage], r0["ep2_z2"], f"{stage} vs ep2_z2")
     assert all(a > 0 for a in r0["ep2_z2"]["aux"]) and all(z > 0 for z in r0["ep2_z2"]["z"])
     # Without the aux losses the run is measurably different: the agreement above is sensitive
@@ -249,3 +250,20 @@ def test_update_routing_bias_single_process_semantics():
     model(ids[:, :-1], labels=ids[:, 1:]).loss.backward()
     stats = balance.update_routing_bias(model, 0.0)
     assert stats["tokens_per_expert"].sum(-1).tolist() == [2 * 8 * cfg.num_experts_per_tok] * 2
+
+
+def test_native_autoep_expert_names_round_trip():
+    import torch
+
+    cfg = ModelConfig.load("tiny")
+    sd = cfg.build(seed=0).state_dict()
+    ep_sd = expert.autoep_expert_state_dict(sd)
+    assert "layers.1.ffn.experts.w1" in ep_sd and "layers.1.ffn.experts.gate_up_proj" not in ep_sd
+    I = cfg.moe_intermediate_size
+    assert torch.equal(ep_sd["layers.1.ffn.experts.w1"], sd["layers.1.ffn.experts.gate_up_proj"][:, :I])
+    assert torch.equal(ep_sd["layers.1.ffn.experts.w3"], sd["layers.1.ffn.experts.gate_up_proj"][:, I:])
+    back = expert.native_expert_state_dict(ep_sd)
+    assert back.keys() == sd.keys() and all(torch.equal(back[k], sd[k]) for k in sd)
+    del ep_sd["layers.1.ffn.experts.w3"]
+    with pytest.raises(KeyError, match="w3"):
+        expert.native_expert_state_dict(ep_sd)
