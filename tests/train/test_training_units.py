@@ -144,5 +144,5 @@ def test_shipped_ds_configs_reconcile(name):
     out = training.reconcile_ds_config(cfg, args("--lr", "1e-3"), world_size=2)
     assert out["bf16"]["enabled"] and out["optimizer"]["params"]["lr"] == 1e-3
     if name == "muon":
-        assert out["gradient_clipping"] == 0 and out["zero_optimization"]["reduce_scatter"] is False
-        assert "clipping" in cfg["_comment"]
+        assert out["gradient_clipping"] == 0 and "reduce_scatter" not in out["zero_optimization"]
+        assert "clipping" in cfg["_comment"] and "reduce_scatter" in cfg["_comment"]
