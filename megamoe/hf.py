@@ -42,6 +42,12 @@ _TOP_RENAMES = [("embed_tokens.weight", "model.embed_tokens.weight"), ("norm.wei
 # ----------------------------------------------------------------------------------------------
 # config
 # ----------------------------------------------------------------------------------------------
+# Training-side fields transformers has no name for. They ride along in config.json under
+# "megamoe" (transformers keeps unknown keys and ignores them), so HF -> megamoe -> HF and
+# megamoe -> HF -> megamoe lose nothing; a config from elsewhere gets ModelConfig's defaults.
+TRAINING_FIELDS = ("aux_loss_alpha", "router_z_loss_coef", "bias_update_rate", "router_jitter_noise",
+                   "capacity_factor", "mtp_loss_weight", "attention_backend")
+
 def hf_model_type(cfg: ModelConfig) -> str:
     return "deepseek_v2" if cfg.is_moe and cfg.scoring_func == "softmax" else "deepseek_v3"
 
@@ -115,6 +121,7 @@ def to_hf_config(cfg: ModelConfig, state_dict: Mapping[str, torch.Tensor] | None
         if not cfg.rope_interleave:
             raise HFConversionError("deepseek_v2 only implements interleaved rope; set rope_interleave=true")
         hf = DeepseekV2Config(**common, topk_method="greedy")
+    hf.megamoe = {name: getattr(cfg, name) for name in TRAINING_FIELDS}
     hf.architectures = ["DeepseekV3ForCausalLM" if model_type == "deepseek_v3" else "DeepseekV2ForCausalLM"]
     return hf
 
@@ -172,6 +179,8 @@ def from_hf_config(hf: Any) -> ModelConfig:
         bos_token_id=d.get("bos_token_id"), eos_token_id=_first(d.get("eos_token_id")),
         pad_token_id=d.get("pad_token_id"),
     )
+    training = d.get("megamoe") or {}
+    cfg.update({k: v for k, v in training.items() if k in TRAINING_FIELDS})
     return ModelConfig(**cfg).validate()
 
 

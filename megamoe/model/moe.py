@@ -93,6 +93,12 @@ class Routing:
     kept_TK: Optional[torch.Tensor]   # bool, None when dropless
 
 
+def _recomputing() -> bool:
+    """True inside backward, i.e. when activation checkpointing re-runs this forward: routing is
+    recomputed identically but must not be counted twice."""
+    return torch._C._current_graph_task_id() != -1
+
+
 class Router(nn.Module):
     """Scores experts for each token and picks the top-k.
 
@@ -146,7 +152,8 @@ class Router(nn.Module):
             self.norm_topk_prob, self.routed_scaling_factor)
         self.last_tokens_per_expert = counts_E.detach()
         if self.training and torch.is_grad_enabled():
-            self.tokens_per_expert_acc += counts_E.detach().float()
+            if not _recomputing():
+                self.tokens_per_expert_acc += counts_E.detach().float()
             aux = torch.zeros((), device=logits_TE.device)
             if self.aux_loss_alpha > 0:
                 bal = sequence_balance_loss(scores_TE, indices_TK, self.n_experts, self.seq_len)

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import Callable, Iterator, Optional
 
 import torch
@@ -18,15 +17,42 @@ from megamoe.model.moe import AuxLossScaler, MoE, Router
 IGNORE_INDEX = -100
 
 
-@dataclass
-class ModelOutput:
-    logits: torch.Tensor                       # [B, S, V]
-    loss: Optional[torch.Tensor] = None        # next-token cross-entropy (labels given)
-    aux_loss: Optional[torch.Tensor] = None    # sum over layers of alpha * balance loss (detached)
-    z_loss: Optional[torch.Tensor] = None      # sum over layers of the router z-loss (detached)
-    tokens_per_expert: Optional[torch.Tensor] = None  # [L_moe, E] routed tokens in this forward
-    mtp_loss: Optional[torch.Tensor] = None    # mtp_loss_weight * mean over depths of MTP CE (detached)
-    dropped_fraction: Optional[torch.Tensor] = None   # [L_moe] share of assignments over capacity
+class ModelOutput(dict):
+    """The model's outputs: a dict with attribute access, as transformers' ModelOutput.
+
+    A dict, not a dataclass, because DeepSpeed ZeRO-3 finds (and wraps in place) the tensors a
+    module returns only inside tensors, tuples, lists and dicts; its backward hooks re-gather the
+    partitioned weights through them. Fields left None are absent from the dict.
+      logits             [B, S, V]
+      loss               next-token cross-entropy (labels given); the router and MTP losses
+                         join its gradient through AuxLossScaler, not its value
+      aux_loss, z_loss   sums over MoE layers of the weighted balance and z losses (detached)
+      mtp_loss           mtp_loss_weight * mean MTP cross-entropy over the depths (detached)
+      tokens_per_expert  [L_moe, E] routed (token, slot) pairs in this forward
+      dropped_fraction   [L_moe] share of assignments over capacity (0 when dropless)
+    """
+    FIELDS = ("logits", "loss", "aux_loss", "z_loss", "mtp_loss", "tokens_per_expert", "dropped_fraction")
+
+    def __init__(self, logits: torch.Tensor, **fields):
+        super().__init__()
+        self.logits = logits
+        for name, value in fields.items():
+            setattr(self, name, value)
+
+    def __getattr__(self, name):
+        if name in self:
+            return self[name]
+        if name in ModelOutput.FIELDS:
+            return None
+        raise AttributeError(name)
+
+    def __setattr__(self, name, value):
+        if name not in ModelOutput.FIELDS:
+            raise AttributeError(f"ModelOutput has no field {name!r}")
+        if value is None:
+            self.pop(name, None)
+        else:
+            self[name] = value
 
 
 class Block(nn.Module):

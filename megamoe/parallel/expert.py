@@ -37,9 +37,6 @@ tensors between the two naming schemes. With ep_size 1 (and use_autoep unset) th
 runs, so its checkpoints have the native names and an AutoEP checkpoint does not load into it
 (missing gate_up_proj/down_proj keys): resume at another EP size through DeepSpeed universal
 checkpoints with use_autoep=True.
-
-Under ZeRO-3 `initialize` also makes the model's dataclass output visible to ZeRO-3's backward
-hooks (`_zero3_visible_outputs`), without which the first backward fails on the LM head weight.
 """
 from __future__ import annotations
 
@@ -284,45 +281,6 @@ def _broadcast_router_biases(model: nn.Module) -> None:
             dist.broadcast(m.e_score_correction_bias, src=0)
 
 
-class _ZeroVisible:
-    """Mixin for a dataclass output that is also a dict of its tensors (see _zero3_visible_outputs)."""
-
-    def __setitem__(self, key, value):
-        dict.__setitem__(self, key, value)
-        object.__setattr__(self, key, value)
-
-
-_zero_visible_types: dict[type, type] = {}
-
-
-def _zero3_visible_outputs(model: nn.Module):
-    """Make the model's dataclass output (ModelOutput) visible to ZeRO-3's backward hooks.
-
-    ZeRO-3 re-gathers partitioned parameters before a module's backward through hooks it attaches
-    to the module's output tensors, and it only finds tensors in tensors, tuples, lists and dicts
-    ("A module has unknown inputs or outputs type ..."). The top-level Transformer returns a
-    dataclass and uses lm_head.weight itself (F.linear), so without this the first backward fails
-    with "The size of tensor a (0) must match the size of tensor b (H)" (the released lm_head
-    weight). The hook returns the same dataclass, subclassed with dict so that ZeRO-3 sees (and
-    wraps in place) its tensors; `out.loss` etc. keep working and isinstance(out, ModelOutput)
-    holds. Registered before deepspeed.initialize so it runs before ZeRO-3's own forward hook.
-    """
-    import dataclasses
-
-    def hook(module, inputs, output):
-        if not dataclasses.is_dataclass(output) or isinstance(output, (dict, tuple, list)):
-            return output
-        cls = type(output)
-        if cls not in _zero_visible_types:
-            _zero_visible_types[cls] = type(cls.__name__, (_ZeroVisible, cls, dict), {"__module__": cls.__module__})
-        values = {f.name: getattr(output, f.name) for f in dataclasses.fields(output)}
-        visible = _zero_visible_types[cls](**values)
-        dict.update(visible, {k: v for k, v in values.items() if v is not None})
-        return visible
-
-    return model.register_forward_hook(hook)
-
-
 def initialize(model: nn.Module, model_cfg: ModelConfig, ds_config: dict, ep_size: int,
                use_autoep: Optional[bool] = None, **deepspeed_initialize_kwargs):
     """deepspeed.initialize with expert parallelism derived from the model config.
@@ -343,8 +301,6 @@ def initialize(model: nn.Module, model_cfg: ModelConfig, ds_config: dict, ep_siz
     if use_autoep and not model_cfg.is_moe:
         raise ExpertParallelError("use_autoep=True but the model has no routed experts")
     ds_config = copy.deepcopy(ds_config)
-    if int(ds_config.get("zero_optimization", {}).get("stage", 0)) == 3:
-        _zero3_visible_outputs(model)
     user_block = ds_config.pop("expert_parallel", None)
     if user_block and user_block.get("enabled", True) and not use_autoep:
         raise ExpertParallelError(

@@ -8,9 +8,8 @@ megamoe_state.json per the checkpoint contract and `latest`, then dumps the logi
 computes on a fixed input (`SAVE_DIR/reference.pt`), so the export is compared against the
 trained, sharded model itself rather than a copy of it.
 
-Uses megamoe.parallel.expert.initialize when it exists; until then a local AutoEP config with the
-project's module names (the router is DeepSpeed's TokenChoiceTopKRouter, given the few attributes
-our Transformer.forward reads).
+Goes through megamoe.parallel.expert.initialize, as the trainer does: AutoEP with megamoe's own
+router (group-limited routing and the aux losses included) inside the expert-parallel layers.
 """
 from __future__ import annotations
 
@@ -23,15 +22,14 @@ import torch
 
 from megamoe.config import ModelConfig
 from megamoe.distributed import init_distributed, rank, world_size
+from megamoe.parallel.expert import initialize
 
 STEPS = 3
 SEED = 1234
 
 
 def test_config() -> ModelConfig:
-    # n_group=1: DeepSpeed's own router (used until parallel/expert.py installs ours) scores groups
-    # differently from DeepSeek-V3's top-2 sum unless told, so keep group-limited routing off here.
-    return ModelConfig.load("tiny", n_group=1, topk_group=1, aux_loss_alpha=0.0, router_z_loss_coef=0.0)
+    return ModelConfig.load("tiny")  # group-limited sigmoid routing, balance and z losses on
 
 
 def ds_config(zero_stage: int, ep_size: int, cfg: ModelConfig) -> dict:
@@ -42,45 +40,13 @@ def ds_config(zero_stage: int, ep_size: int, cfg: ModelConfig) -> dict:
         "optimizer": {"type": "AdamW", "params": {"lr": 3e-3, "weight_decay": 0.0, "torch_adam": True}},
         "zero_optimization": {"stage": zero_stage},
         "gradient_clipping": 1.0,
-        "expert_parallel": {
-            "enabled": True, "autoep_size": ep_size, "use_grouped_mm": True,
-            "moe_layer_pattern": r"layers\.\d+\.ffn", "router_pattern": "router", "expert_pattern": "experts",
-            "expert_w1": "gate_up_proj", "expert_w2": "down_proj", "expert_w3": None,
-            "top_k": cfg.num_experts_per_tok, "score_func": cfg.scoring_func, "route_norm": cfg.norm_topk_prob,
-            "route_scale": cfg.routed_scaling_factor,
-            "has_shared_experts": cfg.n_shared_experts > 0, "shared_experts_pattern": "shared_experts",
-        },
     }
-
-
-class _LMHeadThroughModule:
-    """Stand-in for `torch.nn.functional` inside megamoe.model.transformer (ZeRO-3 workaround).
-
-    Transformer.forward computes logits as F.linear(h, lm_head.weight), outside lm_head's own
-    forward, so ZeRO-3 never re-gathers that weight for backward ("size of tensor a (0) must
-    match ... 64"). Routing that one call through the lm_head module fixes it; the model should
-    call self.lm_head(h) itself (reported to the model owner)."""
-
-    def __init__(self, model):
-        import torch.nn.functional as F
-        self._F, self._model = F, model
-
-    def __getattr__(self, name):
-        return getattr(self._F, name)
-
-    def linear(self, x, w, b=None):
-        head = self._model.lm_head
-        if head is not None and w is head.weight and b is None:
-            return head(x)
-        return self._F.linear(x, w, b)
 
 
 def main() -> None:
     save_dir, zero_stage, ep_size = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
     tokenizer = sys.argv[4] if len(sys.argv) > 4 else None
     init_distributed()
-    import deepspeed
-
     cfg = test_config()
     model = cfg.build(seed=SEED)
     # a non-zero selection bias, so the export has to carry it (DeepSpeed never updates it)
@@ -88,20 +54,7 @@ def main() -> None:
     for _, router in model.routers():
         router.e_score_correction_bias.copy_(torch.randn(cfg.n_routed_experts, generator=gen) * 0.05)
     conf = ds_config(zero_stage, ep_size, cfg)
-    if zero_stage == 3:
-        import megamoe.model.transformer as tmod
-        tmod.F = _LMHeadThroughModule(model)
-    try:
-        from megamoe.parallel import expert as ep_mod  # noqa: F401
-        engine, *_ = ep_mod.initialize(model, cfg, conf, ep_size)
-    except (ImportError, AttributeError):
-        engine, *_ = deepspeed.initialize(model=model, config=conf, model_parameters=model.parameters())
-        for layer in engine.module.layers:
-            r = getattr(layer.ffn, "router", None)
-            if r is not None and not hasattr(r, "last_tokens_per_expert"):
-                r.last_tokens_per_expert = torch.zeros(cfg.n_routed_experts, dtype=torch.int32)
-                r.last_aux_loss = torch.zeros(())
-                r.last_z_loss = torch.zeros(())
+    engine, *_ = initialize(model, cfg, conf, ep_size, model_parameters=model.parameters())
 
     data_gen = torch.Generator().manual_seed(100 + rank())
     for _ in range(STEPS):

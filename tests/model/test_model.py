@@ -184,16 +184,25 @@ def test_init_is_deterministic_and_experts_independent():
     assert abs(a.layers[1].attn.wo.weight.std().item() - out_std) < 0.2 * out_std
 
 
-def test_gradient_checkpointing_gives_identical_gradients():
+def test_gradient_checkpointing_gives_identical_gradients_and_counts():
     ids = torch.randint(0, TINY.vocab_size, (2, 12))
-    grads = []
+    grads, counts = [], []
     for ckpt in (False, True):
         model = TINY.build(seed=3).train()
         model.set_gradient_checkpointing(ckpt)
         model(ids, labels=ids).loss.backward()
         grads.append({n: p.grad for n, p in model.named_parameters()})
+        counts.append(torch.stack([r.tokens_per_expert_acc for _, r in model.routers()]))
     for n in grads[0]:
         torch.testing.assert_close(grads[0][n], grads[1][n], rtol=1e-5, atol=1e-8, msg=n)
+    # the recompute in backward routes again but is not counted again
+    assert torch.equal(counts[0], counts[1]) and counts[0].sum() == 2 * 24 * TINY.num_experts_per_tok
+
+
+def test_model_output_is_a_dict_of_its_tensors():
+    out = TINY.build().eval()(torch.randint(0, TINY.vocab_size, (1, 5)))
+    assert isinstance(out, dict) and set(out) == {"logits", "tokens_per_expert", "dropped_fraction"}
+    assert out.loss is None and out["logits"] is out.logits
 
 
 def test_bf16_forward_backward_runs_and_bias_stays_fp32():
