@@ -62,6 +62,10 @@ class MLA(nn.Module):
         if cfg.rope_scaling is not None:
             mscale = yarn_get_mscale(cfg.rope_scaling.factor, cfg.rope_scaling.mscale_all_dim)
             self.softmax_scale *= mscale * mscale
+        # QK-clip (MuonClip) needs each head's largest pre-softmax logit; fused attention kernels
+        # never materialise the logits, so when asked we compute them once more, without grad.
+        self.track_max_logit = False
+        self.register_buffer("max_logit", torch.full((N,), float("-inf")), persistent=False)
 
     def _queries(self, x_BSH: torch.Tensor, cos, sin):
         B, S, _ = x_BSH.shape
@@ -88,9 +92,20 @@ class MLA(nn.Module):
         k_nope, v_BSNV = kv.split([self.nope_dim, self.v_dim], dim=-1)
         q_BSND = torch.cat([q_nope, q_pe], dim=-1)
         k_BSND = torch.cat([k_nope, pe_BSR.unsqueeze(2).expand(B, S, self.n_heads, self.rope_dim)], dim=-1)
+        if self.track_max_logit:
+            self._track_max_logit(q_BSND, k_BSND)
         out = kernels.attention(q_BSND, k_BSND, v_BSNV.contiguous(), self.softmax_scale,
                                 causal=True, backend=self.cfg.attention_backend)
         return self.wo(out.reshape(B, S, self.n_heads * self.v_dim))
+
+    @torch.no_grad()
+    def _track_max_logit(self, q_BSND: torch.Tensor, k_BSND: torch.Tensor) -> None:
+        """Running max over batches of scale * q.k per head (causal pairs only), since last reset."""
+        S = q_BSND.shape[1]
+        logits_BNST = torch.einsum("bsnd,btnd->bnst", q_BSND.float(), k_BSND.float()) * self.softmax_scale
+        causal = torch.ones(S, S, dtype=torch.bool, device=logits_BNST.device).tril()
+        head_max_N = logits_BNST.masked_fill(~causal, float("-inf")).amax(dim=(0, 2, 3))
+        self.max_logit.copy_(torch.maximum(self.max_logit, head_max_N.to(self.max_logit.dtype)))
 
     def _absorbed(self, q_nope, q_pe, kv_BSC, pe_BSR, cache: LatentCache, start_pos: int):
         """Attention straight against the latent cache: wkv_b folded into q (keys) and out (values)."""

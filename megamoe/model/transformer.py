@@ -142,6 +142,23 @@ class Transformer(nn.Module):
     def set_gradient_checkpointing(self, enabled: bool = True) -> None:
         self.gradient_checkpointing = enabled
 
+    def attention_modules(self) -> list:
+        """Every MLA module (main layers, then MTP blocks), in a fixed order."""
+        return [layer.attn for layer in self.layers] + [m.block.attn for m in self.mtp]
+
+    def set_track_max_logit(self, enabled: bool = True) -> None:
+        """Record each head's max pre-softmax logit during training forwards (for QK-clip)."""
+        for attn in self.attention_modules():
+            attn.track_max_logit = enabled
+
+    @torch.no_grad()
+    def pop_max_logits(self) -> torch.Tensor:
+        """[L_attn, N] max logits since the last call, then reset (-inf where nothing ran)."""
+        out = torch.stack([attn.max_logit.clone() for attn in self.attention_modules()])
+        for attn in self.attention_modules():
+            attn.max_logit.fill_(float("-inf"))
+        return out
+
     # ------------------------------------------------------------------------------------------
     def forward(self, input_ids: torch.Tensor, labels: Optional[torch.Tensor] = None,
                 caches: Optional[list[LatentCache]] = None, start_pos: int = 0) -> ModelOutput:

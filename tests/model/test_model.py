@@ -220,3 +220,29 @@ def test_eager_attention_backend_matches_sdpa():
     b = dataclasses.replace(TINY, attention_backend="eager").build(seed=1).eval()
     with torch.no_grad():
         torch.testing.assert_close(a(ids).logits, b(ids).logits, rtol=1e-5, atol=1e-6)
+
+
+def test_max_logit_tracking_equals_explicit_attention_logits():
+    model = TINY.build(seed=2).train()
+    model.set_track_max_logit(True)
+    ids = torch.randint(0, TINY.vocab_size, (2, 10))
+    captured = {}
+    layer0 = model.layers[0]
+    h = layer0.attn.register_forward_hook(lambda m, a, o: captured.setdefault("x", a[0]))
+    model(ids)
+    h.remove()
+    attn, x = layer0.attn, captured["x"]
+    cos, sin = model.rotary(torch.arange(10)[None])
+    q_nope, q_pe = attn._queries(x, cos, sin)
+    kv, pe = attn._latent(x, cos, sin)
+    k_nope = attn.wkv_b(kv).view(2, 10, attn.n_heads, -1)[..., :attn.nope_dim]
+    q = torch.cat([q_nope, q_pe], -1)
+    k = torch.cat([k_nope, pe[:, :, None].expand(-1, -1, attn.n_heads, -1)], -1)
+    expected = torch.full((attn.n_heads,), float("-inf"))
+    for s in range(10):
+        for t in range(s + 1):
+            expected = torch.maximum(expected, (q[:, s] * k[:, t]).sum(-1).amax(0) * attn.softmax_scale)
+    maxes = model.pop_max_logits()
+    assert maxes.shape == (TINY.num_hidden_layers, TINY.num_attention_heads)
+    torch.testing.assert_close(maxes[0], expected.detach(), rtol=1e-5, atol=1e-6)
+    assert torch.isinf(model.pop_max_logits()).all()   # reset by the pop
