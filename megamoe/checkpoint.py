@@ -116,9 +116,26 @@ def find_checkpoint(load_dir: str | Path, tag: Optional[str] = None) -> Optional
     return tag, read_state(load_dir / tag)
 
 
+def check_model_config(state: dict, cfg, where: str = "") -> None:
+    """The run's model must be the checkpoint's: every field but the training-side knobs
+    (loss coefficients, bias rate, jitter, capacity, attention backend) must agree."""
+    from megamoe.hf import TRAINING_FIELDS
+    saved = state.get("model_config") or {}
+    now = cfg.to_dict()
+    diff = [f"{k}: {saved[k]!r} -> {now.get(k)!r}" for k in saved
+            if k not in TRAINING_FIELDS and saved[k] != now.get(k)]
+    if diff:
+        raise CheckpointError(f"checkpoint {where} holds a different model than --model-config ({'; '.join(diff)}); "
+                              "resume with the checkpoint's model config (only training-side fields such as "
+                              f"{', '.join(TRAINING_FIELDS[:3])} may change)")
+
+
 def check_compatible(state: dict, ep_size: int, world_size: int, zero_stage: int, where: str = "") -> dict:
     """Raise CheckpointError unless the checkpoint can be loaded into this layout. Returns the
-    DeepSpeed config additions needed (the universal-load switch for converted checkpoints)."""
+    DeepSpeed config additions needed (the universal-load switch for converted checkpoints).
+    Weights-only checkpoints (tools/convert_from_hf.py) hold no partitions and load anywhere."""
+    if state.get("weights_only"):
+        return {}
     if state.get("universal"):
         return {"checkpoint": {"load_universal": True}}
     saved = {"ep_size": state.get("ep_size"), "world_size": state.get("world_size"),

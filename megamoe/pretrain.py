@@ -123,9 +123,15 @@ def main(argv: Optional[list[str]] = None) -> int:
     global_batch = ds_config["train_batch_size"]
     ep = args.expert_model_parallel_size
     resume = ckpt.find_checkpoint(args.load) if args.load else None
+    initial_weights = None
     if resume is not None:
         tag, state = resume
+        ckpt.check_model_config(state, cfg, where=str(Path(args.load) / tag))
         ds_config.update(ckpt.check_compatible(state, ep, world, stage, where=str(Path(args.load))))
+        if state.get("weights_only"):
+            # converted weights (e.g. tools/convert_from_hf.py): continue pretraining from them
+            # with a fresh optimizer at iteration 0, as Megatron's --finetune / torchtitan's seed load
+            initial_weights, resume = (args.load, tag), None
 
     # -- data
     from megamoe.data import DistributedBatchIterator, build_pretraining_data
@@ -140,6 +146,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     # -- engine
     from megamoe.model.moe import set_aux_loss_scale
     model = cfg.build(seed=args.seed)
+    if initial_weights is not None:
+        from megamoe.export import load_native_state_dict
+        model.load_state_dict(load_native_state_dict(*initial_weights)[0], strict=True)
+        log0(f"initial weights from {Path(initial_weights[0]) / initial_weights[1]} "
+             "(weights only: fresh optimizer, iteration 0)")
     model.set_gradient_checkpointing(args.recompute_activations)
     set_aux_loss_scale(1.0 / gas)  # engine.backward divides the LM loss by GAS; the aux losses must match
     schedule = training.LRSchedule(args.lr_decay_style, ds_config["optimizer"]["params"]["lr"], args.min_lr,

@@ -252,3 +252,39 @@ def test_nan_loss_skip_and_stop(data, tmp_path):
     assert "stopping with a checkpoint" in out
     state = ckpt.read_state(save / ckpt.read_latest(save))
     assert state["step"] == 2 and state["reason"].startswith("stopped on nan")
+
+
+def test_continue_pretraining_from_a_converted_hf_model(data, tmp_path):
+    """HF dir -> tools/convert_from_hf (weights only) -> pretrain --load: starts at iteration 1 from
+    those weights with a fresh optimizer, at any EP size."""
+    import torch
+    from megamoe import hf
+    from megamoe.config import ModelConfig
+    from megamoe.data import DistributedBatchIterator, build_pretraining_data
+    from megamoe.export import convert_from_hf
+    from megamoe.training import parse_args
+
+    cfg = ModelConfig.load("tiny")
+    source = cfg.build(seed=11)
+    with torch.no_grad():
+        source.lm_head.weight.mul_(20.0)   # a loss far from a fresh init's ~ln(V)
+    hf.save_hf_dir(tmp_path / "hf", cfg, source.state_dict())
+    convert_from_hf(tmp_path / "hf", tmp_path / "start")
+
+    argv = base_args(data, iters=2, load=tmp_path / "start", tensorboard_dir=tmp_path / "tb")
+    rc, out = run(argv)
+    assert rc == 0, out[-4000:]
+    assert "initial weights from" in out and "resumed from" not in out
+    losses = scalars(tmp_path / "tb", "train/loss")
+    assert sorted(losses) == [1, 2]
+
+    a = parse_args(argv)
+    splits = [float(x) for x in a.split.split(",")]
+    train_ds = build_pretraining_data(a.data_path, a.seq_length, a.seed, splits=splits)[0]
+    micro = json.loads((ROOT / "ds_configs" / "zero2.json").read_text())["train_micro_batch_size_per_gpu"]
+    source.eval()
+    with torch.no_grad():
+        expected = np.mean([source(b["input_ids"], labels=b["labels"]).loss.item() for b in
+                            (next(DistributedBatchIterator(train_ds, micro, r, 2)) for r in range(2))])
+    assert expected > 9   # far from a fresh model's ~ln(512) = 6.2
+    assert losses[1] == pytest.approx(expected, rel=2e-2), (losses, expected)   # bf16 run vs fp32

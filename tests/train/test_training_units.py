@@ -146,3 +146,13 @@ def test_shipped_ds_configs_reconcile(name):
     if name == "muon":
         assert out["gradient_clipping"] == 0 and "reduce_scatter" not in out["zero_optimization"]
         assert "clipping" in cfg["_comment"] and "reduce_scatter" in cfg["_comment"]
+
+
+def test_resume_refuses_a_different_model_but_allows_training_knobs():
+    from megamoe.config import ModelConfig
+    cfg = ModelConfig.load("tiny")
+    state = {"model_config": cfg.to_dict()}
+    ckpt.check_model_config(state, ModelConfig.load("tiny", aux_loss_alpha=0.5, bias_update_rate=0.0))
+    with pytest.raises(ckpt.CheckpointError, match="num_experts_per_tok: 2 -> 3"):
+        ckpt.check_model_config(state, ModelConfig.load("tiny", num_experts_per_tok=3))
+    assert ckpt.check_compatible({"weights_only": True}, ep_size=4, world_size=8, zero_stage=3) == {}
