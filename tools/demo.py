@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 OUT = ROOT / "runs" / "demo"
-ITERS = int(os.environ.get("DEMO_ITERS", "100"))
+ITERS = int(os.environ.get("DEMO_ITERS", "300"))
 SEQ = 256
 VOCAB = 8192
 
@@ -74,7 +74,7 @@ def main() -> int:
            "--model-config", "small-moe", "--expert-model-parallel-size", "2",
            "--data-path", str(prefix), "--split", "98,2", "--tokenizer", str(tok), "--seq-length", str(SEQ),
            "--train-iters", str(ITERS), "--lr", "2e-3", "--min-lr", "2e-4", "--lr-warmup-iters", "10",
-           "--lr-decay-style", "cosine", "--log-interval", "10", "--eval-interval", "50", "--eval-iters", "2",
+           "--lr-decay-style", "cosine", "--log-interval", "20", "--eval-interval", "100", "--eval-iters", "4",
            "--save", str(ckpt), "--save-interval", "100", "--load", str(ckpt), "--tensorboard-dir", str(tb),
            "--seed", "1234"]
     print(" ".join(cmd[1:]), flush=True)
