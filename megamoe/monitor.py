@@ -144,12 +144,16 @@ class Monitor:
 
 def console_line(it: int, total: int, consumed: int, lr: float, loss: float, aux: float, z: float,
                  grad_norm: Optional[float], tokens_per_s: float, tflops: float, mfu: Optional[float],
-                 imbalance: Optional[float], mem: dict, ms_per_iter: float, skipped: int) -> str:
+                 imbalance: Optional[float], mem: dict, ms_per_iter: float, skipped: int,
+                 extra: Optional[dict] = None) -> str:
+    """One Megatron-style line; `extra` adds "key value" fields (MTP loss, dropped share, QK-clip)."""
     parts = [f"iteration {it:>6}/{total}", f"consumed samples {consumed:>9}", f"ms/it {ms_per_iter:8.1f}",
              f"lr {lr:.3e}", f"loss {loss:.4f}", f"aux {aux:.2e}", f"z {z:.2e}",
              f"grad norm {grad_norm:.3f}" if grad_norm is not None else "grad norm n/a",
              f"tokens/s {tokens_per_s:,.0f}", f"TFLOP/s {tflops:.3f}",
              f"MFU {100 * mfu:.1f}%" if mfu is not None else "MFU n/a"]
+    for k, v in (extra or {}).items():
+        parts.append(f"{k} {v}")
     if imbalance is not None:
         parts.append(f"max/mean load {imbalance:.2f}")
     parts.append(" ".join(f"{k} {v:.2f}GB" for k, v in mem.items()))

@@ -38,6 +38,8 @@ from megamoe.config import ModelConfig
 from megamoe.distributed import init_distributed, rank, world_size
 from megamoe.parallel.balance import update_routing_bias
 from megamoe.monitor import Monitor, console_line, device_peak_flops, flops_per_token, memory_gb
+from megamoe.optim import GroupSpec, QKClip, describe_optimizer_groups, format_groups, muon_assignment, \
+    param_groups, qk_clip_scalars
 
 EXIT_BAD_LOSS = 1
 # DeepSpeed's ZeRO calls a deprecated collective on every step; the warning says nothing to users.
@@ -71,11 +73,19 @@ class StopRequest:
         return bool(flag.item() > 0)
 
 
-def initialize_engine(model, cfg: ModelConfig, ds_config: dict, ep_size: int, lr_scheduler, use_autoep: bool):
-    """deepspeed.initialize through megamoe.parallel.expert (AutoEP block + our router for ep > 1)."""
+def initialize_engine(model, cfg: ModelConfig, ds_config: dict, ep_size: int, lr_scheduler, use_autoep: bool,
+                      group_spec: Optional[GroupSpec] = None):
+    """deepspeed.initialize through megamoe.parallel.expert (AutoEP block + our router for ep > 1),
+    with megamoe.optim's parameter groups (decay / lr multiplier per kind) and, under Muon, Muon
+    exactly on the hidden matrices (router, embeddings, head, norms on the auxiliary AdamW)."""
     from megamoe.parallel.expert import initialize
-    engine, _, _, _ = initialize(model, cfg, ds_config, ep_size, use_autoep=use_autoep,
-                                 model_parameters=list(model.parameters()), lr_scheduler=lr_scheduler)
+    opt = ds_config["optimizer"]
+    params = opt.get("params", {})
+    spec = group_spec or GroupSpec(weight_decay=float(params.get("weight_decay", 0.0)))
+    groups = param_groups(model, spec, float(params["lr"]), params, muon=str(opt["type"]).lower() == "muon")
+    with muon_assignment():
+        engine, _, _, _ = initialize(model, cfg, ds_config, ep_size, use_autoep=use_autoep,
+                                     model_parameters=groups, lr_scheduler=lr_scheduler)
     return engine
 
 
@@ -157,7 +167,13 @@ def main(argv: Optional[list[str]] = None) -> int:
                                    args.lr_warmup_iters, train_iters, args.lr_wsd_decay_iters)
     # AutoEP layers (even at ep 1) when resuming a checkpoint written with them: same parameter names
     use_autoep = ep > 1 or bool(resume is not None and resume[1].get("autoep"))
-    engine = initialize_engine(model, cfg, ds_config, ep, training.lr_scheduler_factory(schedule), use_autoep)
+    wd = float(ds_config["optimizer"]["params"].get("weight_decay", 0.0))
+    spec = GroupSpec(weight_decay=wd, no_decay=tuple(args.no_weight_decay_on), lr_mult=args.lr_mult)
+    engine = initialize_engine(model, cfg, ds_config, ep, training.lr_scheduler_factory(schedule), use_autoep, spec)
+    log0("optimizer groups:\n" + format_groups(describe_optimizer_groups(engine)))
+    qk_clip = QKClip(engine, args.qk_clip_tau) if args.qk_clip_tau else None
+    if qk_clip is not None:
+        log0(f"QK-clip: tau {args.qk_clip_tau} (per-head q/k rescale after every step)")
 
     guard = training.LossGuard(args.loss_spike_factor)
     step, consumed, skipped_total = 0, 0, 0
@@ -199,13 +215,17 @@ def main(argv: Optional[list[str]] = None) -> int:
         log0(f"saved checkpoint {Path(args.save) / tag_} ({reason}, {time.perf_counter() - t0:.1f} s)")
 
     # -- loop
-    win = {"loss": 0.0, "aux": 0.0, "z": 0.0, "n": 0, "t": time.perf_counter(), "iters": 0}
+    win = {"loss": 0.0, "aux": 0.0, "z": 0.0, "mtp": 0.0, "n": 0, "t": time.perf_counter(), "iters": 0}
+    has_mtp = cfg.num_nextn_predict_layers > 0
+    track_drops = cfg.capacity_factor is not None
+    qk_stats = None
     load_acc_LE, last_grad_norm, exit_code, consecutive_skips = None, None, 0, 0
     stats, mom = {}, None
     test_sleep = float(os.environ.get("MEGAMOE_TEST_ITER_SLEEP", "0"))  # test hook: slow iterations down
     while step < train_iters:
         it = step + 1
-        status, sums = None, np.zeros(3)
+        status, sums = None, np.zeros(4)
+        dropped_L = torch.zeros(len(layer_ids))
         skipped_before = engine.skipped_steps
         lr = engine.get_lr()[0]  # the lr this iteration trains at (the scheduler steps inside engine.step)
         for _ in range(gas):
@@ -213,7 +233,10 @@ def main(argv: Optional[list[str]] = None) -> int:
             out = engine(b["input_ids"], labels=b["labels"])
             aux = out.aux_loss if out.aux_loss is not None else torch.zeros(())
             z = out.z_loss if out.z_loss is not None else torch.zeros(())
-            bad, means = guard.check(out.loss, it, extras=(aux, z))
+            mtp = out.mtp_loss if out.mtp_loss is not None else torch.zeros(())
+            if track_drops and out.dropped_fraction is not None:
+                dropped_L += out.dropped_fraction.detach().float().cpu()
+            bad, means = guard.check(out.loss, it, extras=(aux, z, mtp))
             status = status or bad
             if status is None:
                 sums += means
@@ -234,6 +257,8 @@ def main(argv: Optional[list[str]] = None) -> int:
             save("bad loss, step not skippable")
             break
         if status is not None:
+            if qk_clip is not None:
+                qk_clip.discard()  # no step: these forwards' logits belong to no update
             update_routing_bias(engine, 0.0)  # rate 0: drop this iteration's counts, bias unchanged
             skipped_total += 1
             consecutive_skips += 1
@@ -251,25 +276,40 @@ def main(argv: Optional[list[str]] = None) -> int:
             mon.scalars({"train/skipped_iters": skipped_total}, it)
         else:
             consecutive_skips = 0
-            loss, aux_v, z_v = (sums / gas).tolist()
+            loss, aux_v, z_v, mtp_v = (sums / gas).tolist()
             guard.accept(loss)
+            if qk_clip is not None:
+                qk_stats = qk_clip.step()  # after the optimizer step, on the fp32 masters and the module weights
             stats = update_routing_bias(engine, cfg.bias_update_rate) if layer_ids else {}
             last_grad_norm = engine.get_global_grad_norm()
             last_grad_norm = float(last_grad_norm) if last_grad_norm is not None else None
             win["loss"] += loss
             win["aux"] += aux_v
             win["z"] += z_v
+            win["mtp"] += mtp_v
             win["n"] += 1
             scal = {"train/loss": loss, "train/aux_loss": aux_v, "train/z_loss": z_v, "train/lr": lr,
                     "train/grad_norm": last_grad_norm, "train/consumed_samples": train_it.consumed_samples,
                     "train/skipped_iters": skipped_total}
+            if has_mtp:
+                scal["train/mtp_loss"] = mtp_v
+            if qk_stats is not None:
+                scal.update(qk_clip_scalars(qk_stats))
             if stats:
                 counts_LE = stats["tokens_per_expert"].float().cpu()
                 mom = stats["max_over_mean"].float().cpu()
                 load_acc_LE = counts_LE if load_acc_LE is None else load_acc_LE + counts_LE
                 routed = global_batch * args.seq_length * cfg.num_experts_per_tok * len(layer_ids)
                 scal["moe/max_over_mean_max"] = float(mom.max())
-                scal["moe/dropped_tokens"] = routed - float(counts_LE.sum())
+                # capacity dropping (capacity_factor): share of this iteration's assignments dropped,
+                # per MoE layer, averaged over micro-batches and ranks (0 when dropless)
+                if track_drops and torch.distributed.is_initialized():
+                    torch.distributed.all_reduce(dropped_L)
+                drop_frac_L = dropped_L / (gas * (world if track_drops else 1))
+                scal["moe/dropped_tokens"] = float((drop_frac_L * routed / len(layer_ids)).sum())
+                scal["moe/dropped_fraction_max"] = float(drop_frac_L.max())
+                for li, v in zip(layer_ids, drop_frac_L.tolist()):
+                    scal[f"moe/dropped_fraction/layer_{li}"] = v
                 for li, v in zip(layer_ids, mom.tolist()):
                     scal[f"moe/max_over_mean/layer_{li}"] = v
                 bias = torch.stack([r.e_score_correction_bias.float().abs() for _, r in training.routers_of(engine)])
@@ -287,12 +327,20 @@ def main(argv: Optional[list[str]] = None) -> int:
             mem = memory_gb()
             nn_ = max(win["n"], 1)
             imb = float(mom.max()) if mom is not None else None
+            extra = {}
+            if has_mtp:
+                extra["mtp"] = f"{win['mtp'] / nn_:.4f}"
+            if track_drops and stats:
+                extra["dropped"] = f"{100 * float(drop_frac_L.mean()):.2f}%"
+            if qk_stats is not None:
+                extra["max logit"] = f"{float(qk_stats['max_logits'].max()):.1f}"
+                extra["clipped heads"] = str(int(qk_stats["clipped"].sum()))
             log0(console_line(it, train_iters, train_it.consumed_samples, lr, win["loss"] / nn_,
                               win["aux"] / nn_, win["z"] / nn_, last_grad_norm, tok_s, flops_rank / 1e12, mfu, imb,
-                              mem, 1000 * dt / max(win["iters"], 1), skipped_total))
+                              mem, 1000 * dt / max(win["iters"], 1), skipped_total, extra=extra))
             mon.scalars({"perf/tokens_per_s": tok_s, "perf/tflops_per_rank": flops_rank / 1e12, "perf/mfu": mfu,
                          **{f"mem/{k}_gb": v for k, v in mem.items()}}, it)
-            win = {"loss": 0.0, "aux": 0.0, "z": 0.0, "n": 0, "t": time.perf_counter(), "iters": 0}
+            win = {"loss": 0.0, "aux": 0.0, "z": 0.0, "mtp": 0.0, "n": 0, "t": time.perf_counter(), "iters": 0}
         if load_acc_LE is not None and it % (args.heatmap_interval or args.eval_interval) == 0:
             mon.heatmap("moe/expert_load", load_acc_LE, layer_ids, it)
             load_acc_LE = None
@@ -300,6 +348,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         if it % args.eval_interval == 0 or it == train_iters:
             t0 = time.perf_counter()
             val = evaluate(engine, valid_ds, micro, args.eval_iters)
+            if qk_clip is not None:
+                qk_clip.discard()  # evaluation forwards are not part of the next step
             if val is not None:
                 log0(f"validation at iteration {it}: loss {val:.4f} | ppl {np.exp(min(val, 50)):.2f} "
                      f"({time.perf_counter() - t0:.1f} s)")

@@ -4,7 +4,10 @@ the learning-rate schedule, the bad-loss guard and the routing-bias fallback.
 Who owns what (so nothing is set in two places):
 * the DeepSpeed config owns batch sizes, precision, ZeRO stage, optimizer and clipping;
 * the command line owns the model, data, schedule (--lr, --min-lr, --lr-warmup-iters,
-  --lr-decay-style), length of training, checkpointing, logging and expert parallelism.
+  --lr-decay-style), length of training, checkpointing, logging and expert parallelism, and the
+  parameter groups (--no-weight-decay-on, --lr-mult; rules in megamoe.optim);
+* QK-clip's tau comes from --qk-clip-tau or the config's trainer-owned `"qk_clip": {"tau": ...}`
+  block (ds_configs/muonclip.json), which is removed before DeepSpeed sees the config.
 A flag that duplicates a config value (--micro-batch-size, --global-batch-size, --bf16,
 --clip-grad, --weight-decay, --lr when the config's optimizer has an lr) must agree with it:
 a contradiction is a `ConfigConflict`, never a silent override.
@@ -18,6 +21,8 @@ import math
 import os
 from pathlib import Path
 from typing import Any, Optional
+
+from megamoe.optim import DEFAULT_NO_DECAY, KINDS
 
 DECAY_STYLES = ("cosine", "wsd", "constant")
 
@@ -68,6 +73,15 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--bf16", action="store_true", default=None)
     g.add_argument("--clip-grad", type=float, default=None)
     g.add_argument("--weight-decay", type=float, default=None)
+    g.add_argument("--qk-clip-tau", type=float, default=None,
+                   help="MuonClip QK-clip: after every step rescale the q/k weights of attention heads whose max "
+                        "pre-softmax logit exceeded TAU (Kimi K2 uses 100); or the config's qk_clip.tau")
+    g.add_argument("--no-weight-decay-on", nargs="*", default=list(DEFAULT_NO_DECAY), metavar="KIND",
+                   choices=list(KINDS),
+                   help=f"parameter kinds without weight decay (kinds: {', '.join(KINDS)}; default: "
+                        f"{' '.join(DEFAULT_NO_DECAY)}; give none to decay everything)")
+    g.add_argument("--lr-mult", nargs="*", default=[], metavar="KIND=FACTOR",
+                   help="per-kind learning-rate multiplier, e.g. embedding=0.5 router=0.1 (kinds as above)")
     g.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
 
     g = p.add_argument_group("checkpointing")
@@ -107,7 +121,29 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     for name in ("seq_length", "log_interval", "eval_interval"):
         if getattr(args, name) <= 0:
             p.error(f"--{name.replace('_', '-')} must be positive")
+    try:
+        args.lr_mult = parse_lr_mult(args.lr_mult)
+    except ValueError as e:
+        p.error(str(e))
+    if args.qk_clip_tau is not None and not (0 < args.qk_clip_tau < float("inf")):
+        p.error(f"--qk-clip-tau must be a positive number, got {args.qk_clip_tau}")
     return args
+
+
+def parse_lr_mult(items: list[str]) -> dict[str, float]:
+    out = {}
+    for item in items:
+        k, sep, v = item.partition("=")
+        if not sep or k not in KINDS:
+            raise ValueError(f"--lr-mult expects KIND=FACTOR with KIND one of {', '.join(KINDS)}; got {item!r}")
+        try:
+            f = float(v)
+        except ValueError:
+            raise ValueError(f"--lr-mult {item!r}: {v!r} is not a number") from None
+        if not (f >= 0 and math.isfinite(f)):
+            raise ValueError(f"--lr-mult {item!r}: the factor must be a finite number >= 0")
+        out[k] = f
+    return out
 
 
 def parse_overrides(items: list[str]) -> dict[str, Any]:
@@ -194,6 +230,32 @@ def reconcile_ds_config(ds: dict, args: argparse.Namespace, world_size: int, sou
     params["lr"] = float(args.lr if args.lr is not None else params["lr"])
     if args.min_lr > params["lr"]:
         conflict(f"--min-lr {args.min_lr} is above the peak lr {params['lr']}")
+
+    # -- Muon: clipping and ZeRO-3 traps
+    if str(opt["type"]).lower() == "muon":
+        if clip > 0:
+            conflict(f"optimizer Muon with gradient_clipping {clip} is refused: DeepSpeed's ZeRO and bf16 "
+                     "optimizers orthogonalise Muon's gradients (Newton-Schulz) BEFORE the clipping norm is "
+                     "taken, so the norm is that of the orthogonalised updates (~sqrt(min(rows, cols)) per "
+                     "matrix) and clipping at 1.0 silently shrinks every update tens of times. Set "
+                     "gradient_clipping to 0 (Muon's updates are norm-bounded already; QK-clip via "
+                     "--qk-clip-tau bounds the attention logits), or use AdamW if you need clipping.")
+        zero = ds.get("zero_optimization", {})
+        if int(zero.get("stage", 0)) == 3 and zero.get("reduce_scatter", True):
+            conflict('optimizer Muon under ZeRO-3 needs "reduce_scatter": false in zero_optimization '
+                     "(DeepSpeed gathers whole Muon gradients for Newton-Schulz)")
+
+    # -- QK-clip (trainer-owned block, never seen by DeepSpeed)
+    qk = ds.pop("qk_clip", None)
+    if qk is not None:
+        if not isinstance(qk, dict) or "tau" not in qk:
+            conflict('"qk_clip" must be {"tau": <max attention logit>}')
+        tau = float(qk["tau"])
+        if getattr(args, "qk_clip_tau", None) is not None and not math.isclose(args.qk_clip_tau, tau):
+            conflict(f"--qk-clip-tau {args.qk_clip_tau} contradicts qk_clip.tau {tau}")
+        if not (tau > 0 and math.isfinite(tau)):
+            conflict(f"qk_clip.tau must be a positive number, got {qk['tau']!r}")
+        args.qk_clip_tau = tau
 
     # -- schedule: the trainer's (one formula for cosine/wsd/constant, resumable with the engine)
     if "scheduler" in ds:
