@@ -350,13 +350,16 @@ def _dtype(name) -> torch.dtype:
 
 
 def convert_to_hf(checkpoint, output, tag: Optional[str] = None, dtype="float32",
-                  max_shard_bytes: int = 5 * 1024**3, tokenizer: Optional[str] = "auto") -> Path:
+                  max_shard_bytes: int = 5 * 1024**3, tokenizer: Optional[str] = "auto",
+                  drop_mtp: bool = False) -> Path:
     """Write a transformers `deepseek_v3` (or `deepseek_v2`) directory from a megamoe checkpoint.
 
     Weights come from the fp32 master copies, cast to `dtype` (the routing bias stays fp32).
     `tokenizer`: "auto" = the checkpoint's megamoe_state.json "tokenizer", None = none, or a path.
     Everything is written to a temporary sibling and renamed at the end: on any error nothing
     exists at `output`. Raises CheckpointError / HFConversionError / FileExistsError.
+    A model trained with multi-token-prediction modules exports only with `drop_mtp=True`
+    (transformers has no place for them; they leave the main model's logits unchanged).
     """
     from megamoe.hf import check_exportable, save_hf_dir
     from megamoe.tokenizer_export import export_tokenizer
@@ -365,15 +368,15 @@ def convert_to_hf(checkpoint, output, tag: Optional[str] = None, dtype="float32"
     if output.exists() and (not output.is_dir() or any(output.iterdir())):
         raise FileExistsError(f"{output} exists and is not empty; choose a new --output directory")
     ck = locate_checkpoint(checkpoint, tag)
-    check_exportable(ck.config)            # refuse before the (slow) reconstruction
+    check_exportable(ck.config, drop_mtp=drop_mtp)  # refuse before the (slow) reconstruction
     sd, ck = load_native_state_dict(checkpoint, tag)
-    check_exportable(ck.config, sd)
+    check_exportable(ck.config, sd, drop_mtp=drop_mtp)
     tok_path = ck.tokenizer if tokenizer == "auto" else tokenizer
     output.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.tmp-", dir=output.parent))
     try:
         stage = tmp / "hf"
-        save_hf_dir(stage, ck.config, sd, dtype=_dtype(dtype), max_shard_bytes=max_shard_bytes)
+        save_hf_dir(stage, ck.config, sd, dtype=_dtype(dtype), max_shard_bytes=max_shard_bytes, drop_mtp=drop_mtp)
         if tok_path:
             export_tokenizer(tok_path, stage, ck.config)
         else:
@@ -382,7 +385,8 @@ def convert_to_hf(checkpoint, output, tag: Optional[str] = None, dtype="float32"
         (stage / "megamoe_export.json").write_text(json.dumps({
             "source": str(ck.path.resolve()), "tag": ck.tag, "step": ck.state.get("step"),
             "dtype": str(_dtype(dtype)).replace("torch.", ""), "reconstruction": ck.extra.get("reconstruction"),
-            "tokenizer": tok_path}, indent=2) + "\n")
+            "tokenizer": tok_path, "dropped_mtp_modules": ck.config.num_nextn_predict_layers if drop_mtp else 0},
+            indent=2) + "\n")
         if output.exists():
             output.rmdir()
         os.replace(stage, output)

@@ -1,7 +1,7 @@
 """megamoe checkpoint -> Hugging Face transformers `deepseek_v3` (or `deepseek_v2`) directory.
 
     python tools/convert_to_hf.py --checkpoint runs/x/checkpoints [--tag global_step1000] \\
-        --output hf/x [--dtype bfloat16] [--max-shard-size 5GB] [--tokenizer PATH | --no-tokenizer]
+        --output hf/x [--dtype bfloat16] [--max-shard-size 5GB] [--tokenizer PATH | --no-tokenizer] [--drop-mtp]
 
 Works for checkpoints saved under any ZeRO stage and EP size (see megamoe/export.py); weights
 come from the fp32 master copies. The output loads with
@@ -32,6 +32,10 @@ def main(argv=None) -> int:
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
                     help="weight dtype of the export (the routing bias stays float32)")
     ap.add_argument("--max-shard-size", default="5GB", help="safetensors shard size, e.g. 5GB, 500MB")
+    ap.add_argument("--drop-mtp", action="store_true",
+                    help="leave out the multi-token-prediction modules (required for models trained with "
+                         "num_nextn_predict_layers > 0: transformers cannot hold them; the main model's logits "
+                         "do not depend on them)")
     tok = ap.add_mutually_exclusive_group()
     tok.add_argument("--tokenizer", default="auto", help="tokenizer file (default: the checkpoint's)")
     tok.add_argument("--no-tokenizer", action="store_true", help="export without a tokenizer")
@@ -44,7 +48,7 @@ def main(argv=None) -> int:
     try:
         out = convert_to_hf(args.checkpoint, args.output, tag=args.tag, dtype=args.dtype,
                             max_shard_bytes=parse_size(args.max_shard_size),
-                            tokenizer=None if args.no_tokenizer else args.tokenizer)
+                            tokenizer=None if args.no_tokenizer else args.tokenizer, drop_mtp=args.drop_mtp)
     except (CheckpointError, HFConversionError, TokenizerExportError, FileExistsError) as e:
         print(f"convert_to_hf: error: {e}", file=sys.stderr)
         return 1
