@@ -222,6 +222,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     load_acc_LE, last_grad_norm, exit_code, consecutive_skips = None, None, 0, 0
     stats, mom = {}, None
     test_sleep = float(os.environ.get("MEGAMOE_TEST_ITER_SLEEP", "0"))  # test hook: slow iterations down
+    loop_start = time.perf_counter()
     while step < train_iters:
         it = step + 1
         status, sums = None, np.zeros(4)
@@ -345,7 +346,13 @@ def main(argv: Optional[list[str]] = None) -> int:
             mon.heatmap("moe/expert_load", load_acc_LE, layer_ids, it)
             load_acc_LE = None
 
-        if it % args.eval_interval == 0 or it == train_iters:
+        out_of_time = False
+        if args.exit_duration_in_mins is not None:
+            elapsed = torch.tensor([time.perf_counter() - loop_start], dtype=torch.float64)
+            if torch.distributed.is_initialized():
+                torch.distributed.all_reduce(elapsed, op=torch.distributed.ReduceOp.MAX)
+            out_of_time = float(elapsed) >= 60.0 * args.exit_duration_in_mins
+        if it % args.eval_interval == 0 or it == train_iters or out_of_time:
             t0 = time.perf_counter()
             val = evaluate(engine, valid_ds, micro, args.eval_iters)
             if qk_clip is not None:
@@ -369,6 +376,10 @@ def main(argv: Optional[list[str]] = None) -> int:
             break
         if args.exit_interval and it % args.exit_interval == 0:
             save("exit interval")
+            break
+        if out_of_time:
+            log0(f"--exit-duration-in-mins {args.exit_duration_in_mins} reached at iteration {it}: saving and exiting")
+            save("exit duration")
             break
     else:
         save("end of training")

@@ -89,6 +89,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--save-interval", type=int, default=None)
     g.add_argument("--load", default=None, help="resume from this directory's `latest` (no-op when empty)")
     g.add_argument("--exit-interval", type=int, default=None, help="save and exit 0 after this iteration")
+    g.add_argument("--exit-duration-in-mins", type=float, default=None,
+                   help="evaluate, save and exit 0 once the training loop has run this long (wall clock, "
+                        "start-up excluded; agreed across ranks)")
 
     g = p.add_argument_group("logging and evaluation")
     g.add_argument("--log-interval", type=int, default=10)

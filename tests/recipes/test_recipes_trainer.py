@@ -66,7 +66,16 @@ def run(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def adamw_run(tmp_path_factory):
-    return train(tmp_path_factory.mktemp("adamw_mtp"), "zero2", ["--lr", "3e-3"], iters=4)
+    # --exit-duration-in-mins 0: the time limit is reached after the first iteration (deterministic)
+    return train(tmp_path_factory.mktemp("adamw_mtp"), "zero2", ["--lr", "3e-3", "--exit-duration-in-mins", "0"],
+                 iters=100)
+
+
+def test_exit_duration_evaluates_saves_and_stops(adamw_run):
+    out = adamw_run["out"]
+    assert "validation at iteration 1:" in out and "--exit-duration-in-mins 0.0 reached at iteration 1" in out
+    from megamoe.checkpoint import read_latest
+    assert read_latest(adamw_run["dir"] / "ckpt") == "global_step1"
 
 
 def test_trainer_logs_mtp_drops_and_qk_clip(run):
