@@ -52,7 +52,9 @@ optimizer updates, not only the module's:
       range [rank * n, (rank + 1) * n) of the parameter) and copies it into its low-precision
       partition `param.ds_tensor`, which the next forward all-gathers. Persistent parameters
       (small ones ZeRO-3 keeps whole on every rank) are also rebuilt whole from the masters.
-  No DeepSpeed optimizer wrapper (plain model, or ZeRO-0 fp32): the parameter itself.
+  ZeRO-0 with bf16 (DeepSpeed's FP16_Optimizer holding flat fp32 masters per group): the
+      master slice of the parameter, then the module weight from it.
+  No master copy (plain model, ZeRO-0 fp32): the parameter itself, scaled in fp32, rounded once.
 """
 from __future__ import annotations
 
@@ -203,10 +205,11 @@ def _flat_scale(row_scale_R: torch.Tensor, cols: int, start: int, numel: int, de
 
 
 @torch.no_grad()
-def scale_rows_everywhere(param: nn.Parameter, row_scale_R: torch.Tensor) -> None:
+def scale_rows_everywhere(param: nn.Parameter, row_scale_R: torch.Tensor, optimizer=None) -> None:
     """param[r, :] *= row_scale_R[r], applied to the optimizer's fp32 master copy (the part this
     rank owns) and to the low-precision weights the next forward reads. Collective for ZeRO
-    params (every rank of the param's group must call it for the same params in the same order)."""
+    params (every rank of the param's group must call it for the same params in the same order).
+    `optimizer`: the engine's optimizer, needed to find ZeRO-0 bf16 masters (FP16_Optimizer)."""
     if hasattr(param, "ds_id"):                                   # ZeRO-3
         opt = param._z3_optimizer
         shape = tuple(param.ds_shape)
@@ -231,8 +234,32 @@ def scale_rows_everywhere(param: nn.Parameter, row_scale_R: torch.Tensor) -> Non
         full = param.get_full_hp_param()                          # all-reduce of the owners' masters
         param.data.copy_(full.to(param.dtype))
         return
-    param.data.mul_(row_scale_R.to(param.device, torch.float32).unsqueeze(1).to(param.dtype)
-                    if param.dtype != torch.float32 else row_scale_R.to(param.device).unsqueeze(1))
+    master = _fp16_optimizer_master(optimizer, param) if optimizer is not None else None
+    if master is not None:                                        # ZeRO-0 bf16: FP16_Optimizer masters
+        master.mul_(row_scale_R.to(master.device).unsqueeze(1))
+        param.data.copy_(master.to(param.dtype))
+        return
+    # no master copy (plain model, ZeRO-0 fp32): the weight itself, scaled in fp32 and rounded once
+    param.data.copy_((param.data.float() * row_scale_R.to(param.device).unsqueeze(1)).to(param.dtype))
+
+
+def _fp16_optimizer_master(optimizer, param) -> Optional[torch.Tensor]:
+    """The fp32 master of `param` in DeepSpeed's FP16_Optimizer (ZeRO-0 with bf16: one flat fp32
+    copy per group, params packed in order) or FP16_UnfusedOptimizer (one fp32 copy per param)."""
+    groups = getattr(optimizer, "fp16_groups", None)
+    if groups is None:
+        return None
+    for gi, params in enumerate(groups):
+        off = 0
+        for j, p in enumerate(params):
+            if p is param:
+                if hasattr(optimizer, "fp32_groups_flat"):
+                    return optimizer.fp32_groups_flat[gi].data.narrow(0, off, p.numel()).view(p.shape)
+                if hasattr(optimizer, "fp32_groups"):
+                    return optimizer.fp32_groups[gi][j].data
+                return None
+            off += p.numel()
+    return None
 
 
 class QKClip:
@@ -249,6 +276,7 @@ class QKClip:
             raise ValueError(f"QK-clip tau must be a positive finite number, got {tau!r}")
         self.tau = float(tau)
         self.model = _unwrap(engine_or_model)
+        self.optimizer = getattr(engine_or_model, "optimizer", None)  # None for a bare model
         if not hasattr(self.model, "attention_modules"):
             raise TypeError("QKClip needs a megamoe Transformer (attention_modules / pop_max_logits)")
         self.model.set_track_max_logit(True)
@@ -276,8 +304,8 @@ class QKClip:
                 continue
             q_R, kv_R = qk_row_scales(attn, gamma_LN[li])
             wq = attn.wq if getattr(attn, "wq", None) is not None else attn.wq_b
-            scale_rows_everywhere(wq.weight, q_R)
-            scale_rows_everywhere(attn.wkv_b.weight, kv_R)
+            scale_rows_everywhere(wq.weight, q_R, self.optimizer)
+            scale_rows_everywhere(attn.wkv_b.weight, kv_R, self.optimizer)
         return {"max_logits": max_LN, "gamma": gamma_LN, "clipped": clipped_LN}
 
 

@@ -43,8 +43,17 @@ def model_cfg(overrides):
 
 
 def full_fp32(p):
+    """The weights the optimizer updates: the fp32 master under ZeRO-1/2/3 (and ZeRO-1 bf16's
+    BF16_Optimizer); the module weight itself at ZeRO-0, which keeps no master."""
     from deepspeed.utils import safe_get_full_fp32_param
-    return safe_get_full_fp32_param(p).detach().float().clone()
+    full = safe_get_full_fp32_param(p)
+    if full is None:
+        from megamoe.optim import _fp16_optimizer_master
+        full = _fp16_optimizer_master(ENGINE[0].optimizer, p)
+    return (full if full is not None else p.data).detach().clone()
+
+
+ENGINE = [None]
 
 
 def module_weight(p):
@@ -88,6 +97,7 @@ def run_qkclip(run):
             ds["optimizer"]["params"].pop(k)
     model = cfg.build(seed=11)
     engine = initialize_engine(model, cfg, ds, run["ep"], None, use_autoep=run["ep"] > 1)
+    ENGINE[0] = engine
     set_aux_loss_scale(1.0)
     res = {"groups": describe_optimizer_groups(engine)}
     clip = QKClip(engine, tau=1e9)
@@ -130,7 +140,7 @@ def run_qkclip(run):
         for n, R in ((qname, q_R), ("wkv_b", kv_R), ("wkv_a", None)):
             k = f"{i}.{n}"
             b, f = before[k], after[k]
-            exp = b if R is None else b * R.unsqueeze(1)
+            exp = b if R is None else (b.float() * R.unsqueeze(1)).to(b.dtype)
             checks[k] = {"exact": bool(torch.equal(f, exp)),
                          "unscaled_rows_identical": bool(torch.equal(f[(R if R is not None else torch.ones(len(b))) == 1],
                                                                      b[(R if R is not None else torch.ones(len(b))) == 1])),

@@ -13,6 +13,7 @@ ROOT = HERE.parents[1]
 RANK_SCRIPT = HERE / "recipes_rank.py"
 
 RUNS = [
+    {"name": "zero0_bf16", "kind": "qkclip", "zero": 0, "ep": 1},
     {"name": "zero1_wq", "kind": "qkclip", "zero": 1, "ep": 2},
     {"name": "zero2_wq_b", "kind": "qkclip", "zero": 2, "ep": 2, "model": {"q_lora_rank": 32}},
     {"name": "zero3_partitioned", "kind": "qkclip", "zero": 3, "ep": 2, "model": {"q_lora_rank": 32}, "persist": 0},
