@@ -14,6 +14,20 @@ how DeepSpeed sharded it, and we let DeepSpeed's own tools do the un-sharding:
   router names AutoEP uses (`router.gate.weight`) mapped back to ours (`router.weight`).
 * ZeRO-0 (no ZeRO): the module weights of `mp_rank_00_model_states.pt`.
 
+Optimizers other than Adam(W) (DeepSpeed's Muon: `ds_configs/muon.json`, `muonclip.json`):
+DeepSpeed 0.19.8's ds_to_universal hard-codes Adam's moments (`state["exp_avg"]`,
+`state["exp_avg_sq"]`) in its ZeRO-1/2 and ZeRO-3 extraction, its merges and its AutoEP expert
+consolidation, and fails with `KeyError: 'exp_avg'` on a Muon checkpoint, whose Muon groups hold
+a `momentum_buffer` instead. The fp32 master partitions it needs are there regardless of the
+optimizer (`single_partition_of_fp32_groups` / `fp32_flat_groups`). For the export only the fp32
+masters matter, so the conversion runs on an *Adam-shaped view* of the checkpoint
+(`_adam_shaped_input`): a temporary directory that links every file except the optimizer
+partitions, which are rewritten with each missing moment slot filled by a placeholder shaped as
+DeepSpeed expects (the group's fp32 partition, plus its alignment padding at ZeRO-1/2). DeepSpeed's
+own code then does all the un-sharding; the placeholder "moments" it writes are discarded with the
+temporary directory and only `fp32.pt` is read. The result is the exact fp32 masters. (Such a
+universal checkpoint is NOT a valid resume point: tools/convert_checkpoint.py refuses Muon.)
+
 Buffers (the routers' `e_score_correction_bias`) are not optimizer state and come from the
 model-state file. The result is checked against the shapes of a model built from the saved
 ModelConfig: anything missing, extra or mis-shaped is an error naming the tensor.
@@ -223,16 +237,91 @@ def _run_quiet(fn, *args, what: str, **kwargs):
                               + (f"\n--- DeepSpeed output ---\n{tail}" if tail else "")) from e
 
 
+ADAM_MOMENTS = ("exp_avg", "exp_avg_sq")   # what ds_to_universal reads from every optimizer group
+# (+ "step", which its AutoEP expert consolidation requires)
+
+
+def optimizer_type(model_state: dict) -> Optional[str]:
+    """The DeepSpeed optimizer type recorded in the checkpoint (lower case), None if a client optimizer."""
+    opt = (model_state.get("ds_config") or {}).get("optimizer") or {}
+    t = opt.get("type")
+    return str(t).lower() if t else None
+
+
+def _group_states(osd: dict) -> tuple[list, list[torch.Tensor], list[int]]:
+    """(per-group optimizer-state dicts, fp32 master partitions, alignment paddings) of one rank's
+    `optimizer_state_dict`, ZeRO-1/2 or ZeRO-3 layout; the state dicts are the checkpoint's own
+    (mutable) objects, created empty where a group has no state yet."""
+    if "single_partition_of_fp32_groups" in osd:            # ZeRO-1/2
+        fp32 = osd["single_partition_of_fp32_groups"]
+        base = osd["base_optimizer_state"]
+        # saved without padding; DeepSpeed's reader strips `group_paddings` from the moments
+        paddings = [int(x) for x in osd.get("group_paddings") or [0] * len(fp32)]
+        if isinstance(base, list):                           # elastic layout: one state per group
+            states = base
+        else:
+            states = [base["state"].setdefault(g, {}) for g in range(len(fp32))]
+        return states, fp32, paddings
+    if "fp32_flat_groups" in osd:                             # ZeRO-3
+        fp32 = osd["fp32_flat_groups"]
+        state = osd["optimizer_state_dict"]["state"]
+        return [state.setdefault(g, {}) for g in range(len(fp32))], fp32, [0] * len(fp32)
+    raise CheckpointError("unknown ZeRO optimizer-state layout (neither single_partition_of_fp32_groups nor "
+                          f"fp32_flat_groups; keys {sorted(osd)[:8]})")
+
+
+def _adam_shaped_input(tag_dir: Path, work_dir: Path, step: int) -> tuple[Path, int]:
+    """A view of `tag_dir` that ds_to_universal can read whatever the optimizer (see the module
+    docstring): every file linked, the `*_optim_states.pt` rewritten with each group's missing
+    exp_avg / exp_avg_sq set to one placeholder tensor shaped like the moment DeepSpeed expects
+    (and a missing "step" to the checkpoint's global step, as Adam records it).
+    The fp32 partitions are untouched. Returns (directory, number of groups given placeholders)."""
+    view = work_dir / "input" / tag_dir.name
+    view.mkdir(parents=True)
+    filled = 0
+    for f in sorted(tag_dir.iterdir()):
+        if not f.name.endswith("_optim_states.pt"):
+            os.symlink(f.resolve(), view / f.name)
+            continue
+        sd = _torch_load(f)
+        osd = sd.get("optimizer_state_dict")
+        if not isinstance(osd, dict):
+            raise CheckpointError(f"{f} has no optimizer_state_dict: not a DeepSpeed ZeRO optimizer partition")
+        try:
+            states, fp32, paddings = _group_states(osd)
+        except CheckpointError as e:
+            raise CheckpointError(f"{f}: {e}") from None
+        for st, master, pad in zip(states, fp32, paddings):
+            if all(k in st for k in ADAM_MOMENTS):
+                continue
+            # one tensor for both slots (torch.save stores it once); never read back
+            placeholder = torch.cat([master.detach(), master.new_zeros(pad)]) if pad else master.detach()
+            st.pop("momentum_buffer", None)   # Muon's momentum: not needed for the export, saves disk
+            for k in ADAM_MOMENTS:
+                st.setdefault(k, placeholder)
+            st.setdefault("step", torch.tensor(float(step)))
+            filled += 1
+        torch.save(sd, view / f.name)
+        del sd, osd, states, fp32
+    return view, filled
+
+
 def _from_universal(ck: Checkpoint, model_state: dict, work_dir: Path) -> dict[str, torch.Tensor]:
     """AutoEP checkpoints: DeepSpeed universal conversion, then our names and fused layout."""
     from argparse import Namespace
 
     from deepspeed.checkpoint import ds_to_universal
 
+    src = ck.path
+    if optimizer_type(model_state) not in ("adam", "adamw"):
+        # Muon (or any optimizer without Adam's moments): DeepSpeed's converter on an Adam-shaped view
+        src, filled = _adam_shaped_input(ck.path, work_dir, int(model_state.get("global_steps") or 0))
+        ck.extra["placeholder_moment_groups"] = filled
     out = work_dir / ck.tag
-    args = Namespace(input_folder=str(ck.path), output_folder=str(out), num_extract_workers=1,
+    args = Namespace(input_folder=str(src), output_folder=str(out), num_extract_workers=1,
                      num_merge_workers=1, keep_temp_folder=False, strict=True, inject_missing_state=False)
-    _run_quiet(ds_to_universal.main, args, what=f"DeepSpeed universal conversion of {ck.path}")
+    _run_quiet(ds_to_universal.main, args, what=f"DeepSpeed universal conversion of {ck.path}"
+               + (f" (optimizer {optimizer_type(model_state)!r}, Adam-shaped view {src})" if src != ck.path else ""))
     zero_dir = out / "zero"
     raw: dict[str, torch.Tensor] = {}
     for d in sorted(zero_dir.iterdir()):

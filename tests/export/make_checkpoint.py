@@ -1,12 +1,18 @@
 """Write a real DeepSpeed checkpoint of the tiny MoE model for the export tests (2 CPU ranks).
 
-    torchrun --nproc_per_node 2 tests/export/make_checkpoint.py SAVE_DIR ZERO_STAGE EP_SIZE [TOKENIZER]
+    torchrun --nproc_per_node 2 tests/export/make_checkpoint.py SAVE_DIR ZERO_STAGE EP_SIZE [TOKENIZER] [--muon]
 
 Trains 3 optimizer steps in fp32 with DeepSpeed AutoEP (expert parallel, `expert_parallel` block)
 under the given ZeRO stage, saves `SAVE_DIR/global_step3` with engine.save_checkpoint, writes
 megamoe_state.json per the checkpoint contract and `latest`, then dumps the logits the ENGINE
 computes on a fixed input (`SAVE_DIR/reference.pt`), so the export is compared against the
-trained, sharded model itself rather than a copy of it.
+trained, sharded model itself rather than a copy of it. Each rank also dumps the fp32 master of
+every parameter it holds, gathered by DeepSpeed (`deepspeed.utils.safe_get_full_fp32_param`;
+expert weights are this rank's experts only) into `SAVE_DIR/masters_rank{R}.pt`.
+
+--muon: DeepSpeed's Muon optimizer (fp32, torch-based auxiliary AdamW: no FusedAdam JIT) with
+the trainer's parameter groups and Muon assignment (megamoe.pretrain.initialize_engine), as
+ds_configs/muon.json / muonclip.json train, instead of AdamW.
 
 Goes through megamoe.parallel.expert.initialize, as the trainer does: AutoEP with megamoe's own
 router (group-limited routing and the aux losses included) inside the expert-parallel layers.
@@ -32,7 +38,16 @@ def test_config() -> ModelConfig:
     return ModelConfig.load("tiny")  # group-limited sigmoid routing, balance and z losses on
 
 
-def ds_config(zero_stage: int, ep_size: int, cfg: ModelConfig) -> dict:
+def ds_config(zero_stage: int, ep_size: int, cfg: ModelConfig, muon: bool = False) -> dict:
+    if muon:   # ds_configs/muonclip.json's optimizer in fp32; gradient clipping stays 0 under Muon
+        conf = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1, "steps_per_print": 1000,
+                "optimizer": {"type": "Muon", "params": {"lr": 0.02, "momentum": 0.95, "weight_decay": 0.1,
+                                                         "betas": [0.9, 0.95], "eps": 1e-8, "torch_adam": True,
+                                                         "muon_lr": 0.02, "adam_lr": 3e-3}},
+                "zero_optimization": {"stage": zero_stage}, "gradient_clipping": 0.0}
+        if zero_stage == 3:
+            conf["zero_optimization"]["reduce_scatter"] = False   # DeepSpeed's Muon needs it at ZeRO-3
+        return conf
     return {
         "train_micro_batch_size_per_gpu": 2,
         "gradient_accumulation_steps": 1,
@@ -44,8 +59,10 @@ def ds_config(zero_stage: int, ep_size: int, cfg: ModelConfig) -> dict:
 
 
 def main() -> None:
-    save_dir, zero_stage, ep_size = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
-    tokenizer = sys.argv[4] if len(sys.argv) > 4 else None
+    argv = [a for a in sys.argv[1:] if a != "--muon"]
+    muon = "--muon" in sys.argv[1:]
+    save_dir, zero_stage, ep_size = Path(argv[0]), int(argv[1]), int(argv[2])
+    tokenizer = argv[3] if len(argv) > 3 else None
     init_distributed()
     cfg = test_config()
     model = cfg.build(seed=SEED)
@@ -53,8 +70,12 @@ def main() -> None:
     gen = torch.Generator().manual_seed(7)
     for _, router in model.routers():
         router.e_score_correction_bias.copy_(torch.randn(cfg.n_routed_experts, generator=gen) * 0.05)
-    conf = ds_config(zero_stage, ep_size, cfg)
-    engine, *_ = initialize(model, cfg, conf, ep_size, model_parameters=model.parameters())
+    conf = ds_config(zero_stage, ep_size, cfg, muon)
+    if muon:
+        from megamoe.pretrain import initialize_engine
+        engine = initialize_engine(model, cfg, conf, ep_size, None, use_autoep=ep_size > 1)
+    else:
+        engine, *_ = initialize(model, cfg, conf, ep_size, model_parameters=model.parameters())
 
     data_gen = torch.Generator().manual_seed(100 + rank())
     for _ in range(STEPS):
@@ -65,6 +86,11 @@ def main() -> None:
 
     tag = f"global_step{STEPS}"
     engine.save_checkpoint(str(save_dir), tag=tag)
+    # the fp32 masters as DeepSpeed itself gathers them (a collective: every rank, same order)
+    from deepspeed.utils import safe_get_full_fp32_param
+    masters = {n: safe_get_full_fp32_param(p).detach().clone() for n, p in engine.module.named_parameters()}
+    torch.save({"masters": masters, "ep_rank": rank() % ep_size if ep_size > 1 else 0, "ep_size": ep_size},
+               save_dir / f"masters_rank{rank()}.pt")
     # the engine's own logits on a fixed input (same input on every rank: EP needs all ranks)
     engine.eval()
     probe = torch.randint(0, cfg.vocab_size, (2, 24), generator=torch.Generator().manual_seed(999))
