@@ -12,6 +12,14 @@ accepts such a checkpoint at any layout and loads it with `"checkpoint": {"load_
 Per-rank RNG states are copied but only restored when the world size is unchanged.
 Measured on CPU (PLATFORM.md): AutoEP + ZeRO-2 universal resume matches the uninterrupted run;
 AutoEP + ZeRO-3 universal resume was NOT exact (experts off by ~7e-5 after a step).
+
+Adam(W) checkpoints only. DeepSpeed 0.19.8's universal format carries Adam's moments
+(exp_avg / exp_avg_sq) and nothing else, so a checkpoint trained with DeepSpeed's Muon
+(ds_configs/muon.json, muonclip.json) is refused with a clear message: its momentum buffers
+would be lost. Resume Muon runs at the same layout, or restart at another layout from the
+weights with a fresh optimizer: tools/convert_to_hf.py (exports the exact fp32 masters of Muon
+checkpoints too) then tools/convert_from_hf.py gives a weights-only checkpoint that
+`--load` accepts at any EP / world size / ZeRO stage.
 """
 from __future__ import annotations
 
@@ -28,6 +36,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from megamoe import checkpoint as ckpt  # noqa: E402
 
 
+UNIVERSAL_OPTIMIZERS = ("adam", "adamw")   # the optimizer states ds_to_universal knows how to convert
+
+
+def _muon_refusal(where) -> str:
+    return (f"{where} was trained with DeepSpeed's Muon optimizer: DeepSpeed's universal checkpoint format "
+            "(ds_to_universal) only carries Adam's optimizer state (exp_avg/exp_avg_sq), so Muon's momentum "
+            "cannot be converted and this checkpoint cannot be resumed at another EP size / world size / ZeRO "
+            "stage. Resume it with the same layout, or export the weights (tools/convert_to_hf.py, exact fp32 "
+            "masters) and turn them into a weights-only checkpoint (tools/convert_from_hf.py) that --load starts "
+            "at any layout with a fresh optimizer.")
+
+
 def convert(input_dir: str, output_dir: str, tag: str | None = None, workers: int = 1) -> Path:
     """Library entry point (tests call it). Returns OUTPUT/tag."""
     found = ckpt.find_checkpoint(input_dir, tag)
@@ -36,6 +56,15 @@ def convert(input_dir: str, output_dir: str, tag: str | None = None, workers: in
     tag, state = found
     if state.get("universal"):
         raise ckpt.CheckpointError(f"{Path(input_dir) / tag} is already universal")
+    if state.get("weights_only"):
+        raise ckpt.CheckpointError(f"{Path(input_dir) / tag} is a weights-only checkpoint (convert_from_hf): it "
+                                   "already loads at any layout, no conversion needed")
+    opt_type = str(((state.get("ds_config") or {}).get("optimizer") or {}).get("type") or "").lower()
+    if opt_type and opt_type not in UNIVERSAL_OPTIMIZERS:
+        if opt_type == "muon":
+            raise ckpt.CheckpointError(_muon_refusal(Path(input_dir) / tag))
+        raise ckpt.CheckpointError(f"{Path(input_dir) / tag} was trained with optimizer {opt_type!r}; DeepSpeed's "
+                                   "universal checkpoint conversion supports only Adam/AdamW optimizer state")
     out = Path(output_dir)
     dst = out / tag
     if dst.exists():
@@ -51,6 +80,10 @@ def convert(input_dir: str, output_dir: str, tag: str | None = None, workers: in
     res = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if res.returncode != 0:
         shutil.rmtree(tmp, ignore_errors=True)
+        if "KeyError: 'exp_avg'" in res.stderr + res.stdout:   # optimizer state not Adam's (ds_config unrecorded)
+            raise ckpt.CheckpointError(_muon_refusal(Path(input_dir) / tag).replace(
+                "was trained with DeepSpeed's Muon optimizer", "holds optimizer state without Adam's exp_avg "
+                "(e.g. DeepSpeed's Muon)"))
         raise ckpt.CheckpointError(f"ds_to_universal failed ({' '.join(cmd)}):\n{res.stdout[-3000:]}\n{res.stderr[-3000:]}")
     for f in (Path(input_dir) / tag).glob("megamoe_rng_rank*.pt"):
         shutil.copy2(f, tmp / f.name)

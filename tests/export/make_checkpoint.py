@@ -58,6 +58,33 @@ def ds_config(zero_stage: int, ep_size: int, cfg: ModelConfig, muon: bool = Fals
     }
 
 
+def master_mismatches(sd: dict, save_dir) -> tuple[list[str], int]:
+    """Compare a rebuilt native state dict with the masters the engine dumped (masters_rank*.pt):
+    returns (names that differ or are missing, number of (layer, expert) blocks checked). Expert
+    weights ([E_local, ...] on each EP rank) are checked against the rank's block of experts in
+    gate_up_proj = cat(w1, w3) / down_proj = w2; everything else by name (AutoEP keeps ours)."""
+    bad, experts_checked = [], 0
+    for f in sorted(Path(save_dir).glob("masters_rank*.pt")):
+        dump = torch.load(f)
+        for name, t in dump["masters"].items():
+            if name.endswith((".experts.w1", ".experts.w2", ".experts.w3")):
+                prefix, w = name[: -len(".w1")], name[-2:]
+                e_local = t.shape[0]
+                lo = dump["ep_rank"] * e_local
+                if w == "w2":
+                    got = sd[prefix + ".down_proj"][lo:lo + e_local]
+                else:
+                    inter = t.shape[1]
+                    rows = slice(0, inter) if w == "w1" else slice(inter, 2 * inter)
+                    got = sd[prefix + ".gate_up_proj"][lo:lo + e_local, rows]
+                    experts_checked += e_local if w == "w1" else 0
+            else:
+                got = sd.get(name)
+            if got is None or got.dtype != torch.float32 or not torch.equal(got, t):
+                bad.append(f"{f.name}:{name}")
+    return bad, experts_checked
+
+
 def main() -> None:
     argv = [a for a in sys.argv[1:] if a != "--muon"]
     muon = "--muon" in sys.argv[1:]
