@@ -86,9 +86,13 @@ def test_hf_logits_match_engine(stage, checkpoints, exported):
 
 @pytest.mark.parametrize("stage", [2, 3])
 def test_native_rebuild_matches_engine_and_keeps_bias(stage, checkpoints):
+    from make_checkpoint import master_mismatches
     sd, ck = load_native_state_dict(checkpoints[stage])
     assert ck.extra["reconstruction"] == "universal"
     assert all(v.dtype == torch.float32 for v in sd.values())
+    # bit-identical to the fp32 masters DeepSpeed gathered in the training engine (every expert)
+    bad, experts = master_mismatches(sd, checkpoints[stage])
+    assert not bad and experts == 2 * ck.config.n_routed_experts, bad[:8]
     # the non-zero selection bias set before training survives (it is a buffer, not optimizer state)
     assert sd["layers.1.ffn.router.e_score_correction_bias"].abs().max() > 0
     model = ck.config.build()
