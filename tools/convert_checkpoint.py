@@ -36,11 +36,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from megamoe import checkpoint as ckpt  # noqa: E402
 
 
-UNIVERSAL_OPTIMIZERS = ("adam", "adamw")   # the optimizer states ds_to_universal knows how to convert
-
-
-def _muon_refusal(where) -> str:
-    return (f"{where} was trained with DeepSpeed's Muon optimizer: DeepSpeed's universal checkpoint format "
+def _muon_refusal(where, what: str = "was trained with DeepSpeed's Muon optimizer") -> str:
+    return (f"{where} {what}: DeepSpeed's universal checkpoint format "
             "(ds_to_universal) only carries Adam's optimizer state (exp_avg/exp_avg_sq), so Muon's momentum "
             "cannot be converted and this checkpoint cannot be resumed at another EP size / world size / ZeRO "
             "stage. Resume it with the same layout, or export the weights (tools/convert_to_hf.py, exact fp32 "
@@ -60,11 +57,8 @@ def convert(input_dir: str, output_dir: str, tag: str | None = None, workers: in
         raise ckpt.CheckpointError(f"{Path(input_dir) / tag} is a weights-only checkpoint (convert_from_hf): it "
                                    "already loads at any layout, no conversion needed")
     opt_type = str(((state.get("ds_config") or {}).get("optimizer") or {}).get("type") or "").lower()
-    if opt_type and opt_type not in UNIVERSAL_OPTIMIZERS:
-        if opt_type == "muon":
-            raise ckpt.CheckpointError(_muon_refusal(Path(input_dir) / tag))
-        raise ckpt.CheckpointError(f"{Path(input_dir) / tag} was trained with optimizer {opt_type!r}; DeepSpeed's "
-                                   "universal checkpoint conversion supports only Adam/AdamW optimizer state")
+    if opt_type == "muon":   # refused before the (slow) conversion, which would fail with KeyError 'exp_avg'
+        raise ckpt.CheckpointError(_muon_refusal(Path(input_dir) / tag))
     out = Path(output_dir)
     dst = out / tag
     if dst.exists():
@@ -80,10 +74,9 @@ def convert(input_dir: str, output_dir: str, tag: str | None = None, workers: in
     res = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if res.returncode != 0:
         shutil.rmtree(tmp, ignore_errors=True)
-        if "KeyError: 'exp_avg'" in res.stderr + res.stdout:   # optimizer state not Adam's (ds_config unrecorded)
-            raise ckpt.CheckpointError(_muon_refusal(Path(input_dir) / tag).replace(
-                "was trained with DeepSpeed's Muon optimizer", "holds optimizer state without Adam's exp_avg "
-                "(e.g. DeepSpeed's Muon)"))
+        if "KeyError: 'exp_avg" in res.stderr + res.stdout:   # any other optimizer without Adam's moments
+            raise ckpt.CheckpointError(_muon_refusal(Path(input_dir) / tag, "holds optimizer state without "
+                                                     "Adam's exp_avg/exp_avg_sq (e.g. DeepSpeed's Muon)"))
         raise ckpt.CheckpointError(f"ds_to_universal failed ({' '.join(cmd)}):\n{res.stdout[-3000:]}\n{res.stderr[-3000:]}")
     for f in (Path(input_dir) / tag).glob("megamoe_rng_rank*.pt"):
         shutil.copy2(f, tmp / f.name)

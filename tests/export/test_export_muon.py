@@ -45,8 +45,10 @@ def _rel(a, b):
     return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
 
-def test_checkpoint_really_is_muon_without_adam_moments(muon_checkpoints):
-    # what made DeepSpeed's converter fail: Muon groups hold a momentum buffer, not exp_avg
+def test_checkpoint_really_is_muon_without_adam_moments(muon_checkpoints, tmp_path):
+    # what made DeepSpeed's converter fail: Muon groups hold a momentum buffer, not exp_avg.
+    # If a DeepSpeed upgrade makes ds_to_universal accept Muon, this fails: the Adam-shaped view in
+    # megamoe.export (and convert_checkpoint's refusal) can then be revisited.
     osd = torch.load(muon_checkpoints[2] / "global_step3" / "zero_pp_rank_0_mp_rank_00_optim_states.pt",
                      weights_only=False)["optimizer_state_dict"]
     states = osd["base_optimizer_state"]["state"].values()
@@ -55,7 +57,7 @@ def test_checkpoint_really_is_muon_without_adam_moments(muon_checkpoints):
         from argparse import Namespace
         from deepspeed.checkpoint import ds_to_universal
         src = muon_checkpoints[2] / "global_step3"
-        args = Namespace(input_folder=str(src), output_folder=str(muon_checkpoints[2] / "ds_universal_attempt"),
+        args = Namespace(input_folder=str(src), output_folder=str(tmp_path / "attempt" / "global_step3"),
                          num_extract_workers=1, num_merge_workers=1, keep_temp_folder=False, strict=True,
                          inject_missing_state=False)
         ds_to_universal.main(args)
@@ -99,3 +101,12 @@ def test_convert_checkpoint_refuses_muon(muon_checkpoints, tmp_path):
     assert not (tmp_path / "uni").exists()
     assert main(["--input", str(muon_checkpoints[2]), "--output", str(tmp_path / "uni2")]) == 2
     assert not (tmp_path / "uni2").exists()
+    # no optimizer recorded in megamoe_state.json: DeepSpeed's KeyError becomes the same clear refusal
+    import json
+    import shutil
+    anon = shutil.copytree(muon_checkpoints[2], tmp_path / "anon")
+    state_file = anon / "global_step3" / "megamoe_state.json"
+    state_file.write_text(json.dumps(dict(json.loads(state_file.read_text()), ds_config={})))
+    with pytest.raises(ResumeCheckpointError, match="without Adam's exp_avg.*convert_to_hf"):
+        convert(str(anon), str(tmp_path / "uni3"))
+    assert not (tmp_path / "uni3" / "global_step3").exists()
