@@ -37,7 +37,8 @@ from megamoe import training
 from megamoe.config import ModelConfig
 from megamoe.distributed import init_distributed, rank, world_size
 from megamoe.parallel.balance import update_routing_bias
-from megamoe.monitor import Monitor, console_line, device_peak_flops, flops_per_token, memory_gb
+from megamoe.monitor import (Monitor, console_line, device_peak_flops, flops_per_token, memory_gb,
+                             moe_scalars)
 from megamoe.optim import GroupSpec, QKClip, describe_optimizer_groups, format_groups, muon_assignment, \
     param_groups, qk_clip_scalars
 
@@ -300,22 +301,14 @@ def main(argv: Optional[list[str]] = None) -> int:
                 counts_LE = stats["tokens_per_expert"].float().cpu()
                 mom = stats["max_over_mean"].float().cpu()
                 load_acc_LE = counts_LE if load_acc_LE is None else load_acc_LE + counts_LE
-                routed = global_batch * args.seq_length * cfg.num_experts_per_tok * len(layer_ids)
-                scal["moe/max_over_mean_max"] = float(mom.max())
                 # capacity dropping (capacity_factor): share of this iteration's assignments dropped,
                 # per MoE layer, averaged over micro-batches and ranks (0 when dropless)
                 if track_drops and torch.distributed.is_initialized():
                     torch.distributed.all_reduce(dropped_L)
                 drop_frac_L = dropped_L / (gas * (world if track_drops else 1))
-                scal["moe/dropped_tokens"] = float((drop_frac_L * routed / len(layer_ids)).sum())
-                scal["moe/dropped_fraction_max"] = float(drop_frac_L.max())
-                for li, v in zip(layer_ids, drop_frac_L.tolist()):
-                    scal[f"moe/dropped_fraction/layer_{li}"] = v
-                for li, v in zip(layer_ids, mom.tolist()):
-                    scal[f"moe/max_over_mean/layer_{li}"] = v
-                bias = torch.stack([r.e_score_correction_bias.float().abs() for _, r in training.routers_of(engine)])
-                scal["moe/bias_abs_mean"] = float(bias.mean())
-                scal["moe/bias_abs_max"] = float(bias.max())
+                bias_LE = torch.stack([r.e_score_correction_bias.float() for _, r in training.routers_of(engine)])
+                routed = global_batch * args.seq_length * cfg.num_experts_per_tok
+                scal.update(moe_scalars(layer_ids, mom, drop_frac_L, bias_LE, routed))
             mon.scalars(scal, it)
         win["iters"] += 1
 
