@@ -148,9 +148,20 @@ def check_compatible(state: dict, ep_size: int, world_size: int, zero_stage: int
             f"zero_stage={saved['zero_stage']} but this run has ep_size={ep_size}, world_size={world_size}, "
             f"zero_stage={zero_stage} ({', '.join(diff)}). DeepSpeed would load the expert and optimizer "
             f"partitions into the wrong places (a ZeRO-2 expert-parallel checkpoint loads silently scrambled), "
-            f"so this is refused. Convert it first:  python {CONVERT_TOOL} --input {where or 'SAVE_DIR'} "
-            f"--output NEW_DIR  and resume with --load NEW_DIR.")
+            f"so this is refused. {_conversion_hint(state, where or 'SAVE_DIR')}")
     return {}
+
+
+def _conversion_hint(state: dict, where: str) -> str:
+    optimizer = str(((state.get("ds_config") or {}).get("optimizer") or {}).get("type", "")).lower()
+    if optimizer in ("", "adam", "adamw"):
+        return (f"Convert it first:  python {CONVERT_TOOL} --input {where} --output NEW_DIR  "
+                "and resume with --load NEW_DIR.")
+    # DeepSpeed's universal format only carries Adam's moments
+    return (f"Its optimizer ({optimizer}) has no universal-checkpoint form, so only the weights can move: "
+            f"python tools/convert_to_hf.py --checkpoint {where} --output HF_DIR, then "
+            f"python tools/convert_from_hf.py --input HF_DIR --output NEW_DIR, and --load NEW_DIR "
+            "(fresh optimizer state).")
 
 
 # ----------------------------------------------------------------------------------------------

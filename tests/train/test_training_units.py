@@ -156,3 +156,10 @@ def test_resume_refuses_a_different_model_but_allows_training_knobs():
     with pytest.raises(ckpt.CheckpointError, match="num_experts_per_tok: 2 -> 3"):
         ckpt.check_model_config(state, ModelConfig.load("tiny", num_experts_per_tok=3))
     assert ckpt.check_compatible({"weights_only": True}, ep_size=4, world_size=8, zero_stage=3) == {}
+
+
+def test_layout_change_of_a_muon_checkpoint_points_to_the_weights_only_route():
+    st = {"ep_size": 2, "world_size": 2, "zero_stage": 2, "ds_config": {"optimizer": {"type": "Muon"}}}
+    with pytest.raises(ckpt.CheckpointError, match="convert_from_hf") as e:
+        ckpt.check_compatible(st, ep_size=1, world_size=2, zero_stage=2, where="ckpt")
+    assert "muon" in str(e.value) and "convert_checkpoint" not in str(e.value)
