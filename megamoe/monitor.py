@@ -121,6 +121,20 @@ def moe_scalars(layer_ids: list[int], max_over_mean_L: torch.Tensor, dropped_fra
     return out
 
 
+def read_scalars(tb_dir, tag: str) -> dict[int, float]:
+    """{step: value} of one scalar across a run's TensorBoard event files (later files win)."""
+    from pathlib import Path
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    out: dict[int, float] = {}
+    for f in sorted(Path(tb_dir).glob("events.out.tfevents.*")):
+        acc = EventAccumulator(str(f), size_guidance={"scalars": 0})
+        acc.Reload()
+        if tag in acc.Tags()["scalars"]:
+            out.update({e.step: e.value for e in acc.Scalars(tag)})
+    return out
+
+
 class Monitor:
     """Rank 0 writes TensorBoard; every rank may call (others are no-ops)."""
 

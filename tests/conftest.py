@@ -19,3 +19,19 @@ import pytest  # noqa: E402
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: multi-process or long end-to-end tests")
+
+
+@pytest.fixture(scope="session")
+def progression_corpus(tmp_path_factory):
+    """A Megatron .bin/.idx prefix of 200 learnable documents (arithmetic progressions mod 500,
+    ids 3..502) for end-to-end trainer tests: the loss falls within a few iterations."""
+    import numpy as np
+
+    from megamoe.data import IndexedDatasetWriter
+    prefix = tmp_path_factory.mktemp("progressions") / "syn"
+    rng = np.random.default_rng(0)
+    with IndexedDatasetWriter(str(prefix), np.uint16) as w:
+        for _ in range(200):
+            start, stride, n = rng.integers(3, 500), rng.integers(1, 7), rng.integers(50, 400)
+            w.add_document(((start + stride * np.arange(n)) % 500 + 3).tolist())
+    return prefix

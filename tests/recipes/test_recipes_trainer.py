@@ -1,50 +1,26 @@
 """The recipes through the real trainer (2 CPU ranks, EP 2, ZeRO-2, bf16): MuonClip
 (ds_configs/muonclip.json), MTP, capacity dropping, kind groups; their TensorBoard scalars; an
 MTP-trained checkpoint exports to HF only with --drop-mtp, and the export matches the native logits.
-
-The export run uses AdamW (zero2.json): DeepSpeed's universal-checkpoint converter, which the export
-uses to rebuild AutoEP checkpoints, hard-codes Adam's exp_avg/exp_avg_sq and fails on Muon
-checkpoints (KeyError 'exp_avg'), a DeepSpeed limitation noted in ds_configs/muonclip.json."""
+(Muon checkpoint export has its own tests in tests/export/test_export_muon.py.)"""
 import os
 import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
 from megamoe.distributed import free_port
+from megamoe.monitor import read_scalars as scalars
 
 ROOT = Path(__file__).resolve().parents[2]
 ITERS = 6
 pytestmark = pytest.mark.slow
 
 
-def make_data(prefix: Path) -> None:
-    from megamoe.data import IndexedDatasetWriter
-    rng = np.random.default_rng(0)
-    with IndexedDatasetWriter(str(prefix), np.uint16) as w:
-        for _ in range(200):  # arithmetic progressions mod 500: learnable
-            start, stride, n = rng.integers(3, 500), rng.integers(1, 7), rng.integers(50, 400)
-            w.add_document(((start + stride * np.arange(n)) % 500 + 3).tolist())
-
-
-def scalars(tb_dir: Path, tag: str) -> dict[int, float]:
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-    out = {}
-    for f in sorted(Path(tb_dir).glob("events.out.tfevents.*")):
-        acc = EventAccumulator(str(f), size_guidance={"scalars": 0})
-        acc.Reload()
-        if tag in acc.Tags()["scalars"]:
-            out.update({e.step: e.value for e in acc.Scalars(tag)})
-    return out
-
-
-def train(d: Path, ds: str, extra: list[str], iters: int = ITERS) -> dict:
-    make_data(d / "syn")
+def train(d: Path, data: Path, ds: str, extra: list[str], iters: int = ITERS) -> dict:
     args = ["--model-config", "tiny", "--model-override", "num_nextn_predict_layers=1", "capacity_factor=1.0",
-            "--data-path", str(d / "syn"), "--seq-length", "64", "--train-iters", str(iters),
+            "--data-path", str(data), "--seq-length", "64", "--train-iters", str(iters),
             "--lr-warmup-iters", "1", "--log-interval", "1", "--eval-interval", "3",
             "--eval-iters", "1", "--deepspeed-config", str(ROOT / "ds_configs" / f"{ds}.json"),
             "--expert-model-parallel-size", "2", "--seed", "7",
@@ -59,15 +35,15 @@ def train(d: Path, ds: str, extra: list[str], iters: int = ITERS) -> dict:
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    return train(tmp_path_factory.mktemp("muonclip"), "muonclip",
+def run(tmp_path_factory, progression_corpus):
+    return train(tmp_path_factory.mktemp("muonclip"), progression_corpus, "muonclip",
                  ["--lr", "0.02", "--qk-clip-tau", "100", "--lr-mult", "router=0.5"])
 
 
 @pytest.fixture(scope="module")
-def adamw_run(tmp_path_factory):
+def adamw_run(tmp_path_factory, progression_corpus):
     # --exit-duration-in-mins 0: the time limit is reached after the first iteration (deterministic)
-    return train(tmp_path_factory.mktemp("adamw_mtp"), "zero2", ["--lr", "3e-3", "--exit-duration-in-mins", "0"],
+    return train(tmp_path_factory.mktemp("adamw_mtp"), progression_corpus, "zero2", ["--lr", "3e-3", "--exit-duration-in-mins", "0"],
                  iters=100)
 
 

@@ -24,18 +24,10 @@ sys.path.insert(0, str(ROOT))
 
 from megamoe import checkpoint as ckpt  # noqa: E402
 from megamoe.distributed import free_port  # noqa: E402
+from megamoe.monitor import read_scalars as scalars  # noqa: E402
 
 pytestmark = pytest.mark.slow
 ITERS = 8
-
-
-def make_data(prefix: Path) -> None:
-    from megamoe.data import IndexedDatasetWriter
-    rng = np.random.default_rng(0)
-    with IndexedDatasetWriter(str(prefix), np.uint16) as w:
-        for _ in range(200):  # arithmetic progressions mod 500: learnable, so the loss falls
-            start, stride, n = rng.integers(3, 500), rng.integers(1, 7), rng.integers(50, 400)
-            w.add_document(((start + stride * np.arange(n)) % 500 + 3).tolist())
 
 
 def base_args(data, ds="zero2", ep=2, iters=ITERS, **kw):
@@ -65,17 +57,6 @@ def run(args, nproc=2, timeout=240, **env_extra):
     p = popen(args, nproc, **env_extra)
     out, _ = p.communicate(timeout=timeout)
     return p.returncode, out
-
-
-def scalars(tb_dir: Path, tag: str) -> dict[int, float]:
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-    out = {}
-    for f in sorted(Path(tb_dir).glob("events.out.tfevents.*")):
-        acc = EventAccumulator(str(f), size_guidance={"scalars": 0})
-        acc.Reload()
-        if tag in acc.Tags()["scalars"]:
-            out.update({e.step: e.value for e in acc.Scalars(tag)})
-    return out
 
 
 def worker(p: subprocess.Popen, rank: int) -> psutil.Process:
@@ -119,10 +100,8 @@ class Lines:
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    d = tmp_path_factory.mktemp("data")
-    make_data(d / "syn")
-    return d / "syn"
+def data(progression_corpus):
+    return progression_corpus
 
 
 @pytest.fixture(scope="module")
