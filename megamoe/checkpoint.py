@@ -37,8 +37,9 @@ LATEST = "latest"
 CONVERT_TOOL = "tools/convert_checkpoint.py"
 
 
-class CheckpointError(RuntimeError):
-    """A checkpoint cannot be loaded as requested; the message says what to do."""
+class CheckpointError(ValueError):
+    """A checkpoint is missing, incomplete, damaged or cannot be loaded as requested; the message
+    names the file and says what to do."""
 
 
 def tag_for(step: int) -> str:
@@ -92,14 +93,48 @@ def read_latest(load_dir: str | Path) -> Optional[str]:
     return p.read_text().strip() if p.is_file() else None
 
 
+def _tags(save_dir: Path) -> list[str]:
+    return sorted(p.name for p in save_dir.glob("global_step*") if p.is_dir())
+
+
+def resolve_tag_dir(save_dir: str | Path, tag: Optional[str] = None) -> Path:
+    """SAVE_DIR/<tag>, the tag defaulting to the one `latest` names; errors say what exists."""
+    save_dir = Path(save_dir)
+    if tag is not None:
+        tag_dir = save_dir / tag
+        if not tag_dir.is_dir():
+            raise CheckpointError(f"tag directory {tag_dir} does not exist; available: {_tags(save_dir)}")
+        return tag_dir
+    latest = save_dir / LATEST
+    if not latest.is_file():
+        tags = _tags(save_dir)
+        raise CheckpointError(f"{save_dir} has no `{LATEST}` file" + (
+            f" (no save completed there); pass a tag explicitly, one of {tags}" if tags else
+            " and no global_step* directories: not a megamoe checkpoint directory"))
+    tag = latest.read_text().strip()
+    if not tag:
+        raise CheckpointError(f"{latest} is empty; pass the tag (global_stepN) explicitly")
+    tag_dir = save_dir / tag
+    if not tag_dir.is_dir():
+        raise CheckpointError(f"{latest} points to tag {tag!r} but {tag_dir} does not exist (the checkpoint was "
+                              "deleted or never completed); pass an existing global_step* tag explicitly")
+    return tag_dir
+
+
 def read_state(ckpt_dir: str | Path) -> dict:
+    """The trainer state of a tag directory; refuses incomplete or foreign checkpoints."""
     p = Path(ckpt_dir) / STATE_FILE
     if not p.is_file():
-        raise CheckpointError(f"{ckpt_dir}: no {STATE_FILE}, so this checkpoint is incomplete (its save was "
-                              "interrupted) or not a megamoe checkpoint")
-    state = json.loads(p.read_text())
-    if state.get("format") != FORMAT:
-        raise CheckpointError(f"{p}: format {state.get('format')!r}, expected {FORMAT!r}")
+        raise CheckpointError(f"{p} is missing: {ckpt_dir} is an incomplete checkpoint ({STATE_FILE} is written "
+                              "last, after every engine file, so an interrupted save leaves none) or not a "
+                              "megamoe checkpoint. Use an earlier tag.")
+    try:
+        state = json.loads(p.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{p}: invalid JSON at line {e.lineno}: {e.msg}") from None
+    found = state.get("format") if isinstance(state, dict) else None
+    if found != FORMAT:
+        raise CheckpointError(f"{p}: format {found!r}, expected {FORMAT!r}")
     return state
 
 
@@ -107,13 +142,10 @@ def find_checkpoint(load_dir: str | Path, tag: Optional[str] = None) -> Optional
     """(tag, trainer state) of the checkpoint to resume from, or None when `load_dir` holds none
     (a fresh start, as Megatron's --load on an empty directory)."""
     load_dir = Path(load_dir)
-    tag = tag or read_latest(load_dir)
-    if tag is None:
-        if load_dir.is_dir() and any(load_dir.glob("global_step*")):
-            raise CheckpointError(f"{load_dir} has global_step* directories but no `{LATEST}` file: no save ever "
-                                  "completed there; pass a complete one explicitly or start fresh")
+    if tag is None and read_latest(load_dir) is None and not _tags(load_dir):
         return None
-    return tag, read_state(load_dir / tag)
+    tag_dir = resolve_tag_dir(load_dir, tag)
+    return tag_dir.name, read_state(tag_dir)
 
 
 def check_model_config(state: dict, cfg, where: str = "") -> None:

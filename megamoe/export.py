@@ -54,15 +54,12 @@ from typing import Any, Optional
 
 import torch
 
+from megamoe.checkpoint import FORMAT as CHECKPOINT_FORMAT
+from megamoe.checkpoint import STATE_FILE, read_state, resolve_tag_dir
+from megamoe.checkpoint import CheckpointError  # noqa: F401  (the tools catch it from here)
 from megamoe.config import ModelConfig
 
-STATE_FILE = "megamoe_state.json"
-STATE_FORMAT = "megamoe-checkpoint-v1"
 WEIGHTS_FILE = "model.safetensors"
-
-
-class CheckpointError(ValueError):
-    """A checkpoint is missing, incomplete or damaged; the message names the file and what to do."""
 
 
 @dataclass
@@ -90,41 +87,10 @@ def locate_checkpoint(path, tag: Optional[str] = None) -> Checkpoint:
         raise CheckpointError(f"checkpoint directory {path} does not exist")
     if not path.is_dir():
         raise CheckpointError(f"{path} is not a directory; give the SAVE_DIR of a megamoe run")
-    if tag is None and (path / STATE_FILE).exists():
-        tag_dir = path
-    else:
-        if tag is None:
-            latest = path / "latest"
-            if not latest.exists():
-                tags = sorted(p.name for p in path.glob("global_step*") if p.is_dir())
-                raise CheckpointError(f"{path} has no 'latest' file" + (
-                    f"; pass --tag, one of {tags}" if tags else
-                    " and no global_step* directories: not a megamoe checkpoint directory"))
-            tag = latest.read_text().strip()
-            if not tag:
-                raise CheckpointError(f"{latest} is empty; pass --tag global_stepN explicitly")
-            tag_dir = path / tag
-            if not tag_dir.is_dir():
-                raise CheckpointError(f"{latest} points to tag {tag!r} but {tag_dir} does not exist "
-                                      "(the checkpoint was deleted or never completed); pass --tag with an "
-                                      "existing global_step* directory")
-        else:
-            tag_dir = path / tag
-            if not tag_dir.is_dir():
-                tags = sorted(p.name for p in path.glob("global_step*") if p.is_dir())
-                raise CheckpointError(f"tag directory {tag_dir} does not exist; available: {tags}")
+    # a tag directory itself, or SAVE_DIR (+ tag, default the one `latest` names)
+    tag_dir = path if tag is None and (path / STATE_FILE).exists() else resolve_tag_dir(path, tag)
+    state = read_state(tag_dir)
     state_file = tag_dir / STATE_FILE
-    if not state_file.exists():
-        raise CheckpointError(f"{state_file} is missing: {tag_dir} is not a complete megamoe checkpoint "
-                              "(megamoe_state.json is written last, after every engine file; an interrupted "
-                              "save leaves none). Use an earlier tag.")
-    try:
-        state = json.loads(state_file.read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{state_file}: invalid JSON at line {e.lineno}: {e.msg}") from None
-    if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
-        raise CheckpointError(f"{state_file}: 'format' is {state.get('format') if isinstance(state, dict) else None!r}, "
-                              f"expected {STATE_FORMAT!r}")
     if "model_config" not in state:
         raise CheckpointError(f"{state_file} has no 'model_config'")
     try:
@@ -563,7 +529,7 @@ def convert_from_hf(hf_dir, output, dtype="float32") -> Path:
                 tok_ref = str((output / "tokenizer" / main).resolve())
         else:
             warnings.warn(f"{hf_dir} has no tokenizer files; the checkpoint records tokenizer=null")
-        state = {"format": STATE_FORMAT, "weights_only": True, "step": 0, "consumed_samples": 0,
+        state = {"format": CHECKPOINT_FORMAT, "weights_only": True, "step": 0, "consumed_samples": 0,
                  "consumed_samples_per_dataset": [], "model_config": cfg.to_dict(), "tokenizer": tok_ref,
                  "ep_size": None, "world_size": None, "zero_stage": None, "ds_config": None,
                  "args": {"converted_from": str(hf_dir.resolve()), "dtype": str(dt).replace("torch.", "")}}
