@@ -37,6 +37,6 @@ setup(
         "kernels": ["triton==3.9.0"],
         # GPU only: flash-attn needs CUDA to build.
         "gpu": ["flash-attn>=2.6"],
-        "dev": ["pytest>=8", "pytest-timeout>=2.3"],
+        "dev": ["pytest>=8", "pytest-timeout>=2.3", "hypothesis>=6.100"],
     },
 )

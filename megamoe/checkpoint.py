@@ -162,6 +162,22 @@ def check_model_config(state: dict, cfg, where: str = "") -> None:
                               f"{', '.join(TRAINING_FIELDS[:3])} may change)")
 
 
+def check_data_position(state: dict, consumed_per_dataset: list[int], where: str = "") -> None:
+    """The data this run reads must resume where the checkpoint's left off, dataset by dataset.
+
+    `consumed_per_dataset` is what this run's blend says the first `consumed_samples` global
+    samples took from each dataset; it equals the saved counts only if the blend (paths, weights,
+    order) is the checkpoint's. Anything else would re-serve or skip samples silently."""
+    saved = state.get("consumed_samples_per_dataset")
+    if saved is None or list(saved) == list(consumed_per_dataset):
+        return
+    run_args = state.get("args") or {}
+    raise CheckpointError(
+        f"checkpoint {where} consumed {list(saved)} samples per dataset, but this run's --data-path gives "
+        f"{list(consumed_per_dataset)} at the same position ({state.get('consumed_samples')} samples): the data "
+        f"blend changed. Resume with the checkpoint's data (--data-path {' '.join(map(str, run_args.get('data_path') or []))}).")
+
+
 def check_compatible(state: dict, ep_size: int, world_size: int, zero_stage: int, where: str = "") -> dict:
     """Raise CheckpointError unless the checkpoint can be loaded into this layout. Returns the
     DeepSpeed config additions needed (the universal-load switch for converted checkpoints).

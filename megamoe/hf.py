@@ -132,9 +132,9 @@ def from_hf_config(hf: Any) -> ModelConfig:
     model_type = d.get("model_type")
     if model_type not in ("deepseek_v3", "deepseek_v2"):
         raise HFConversionError(f"model_type {model_type!r} is not supported; expected deepseek_v3 or deepseek_v2")
-    if d.get("num_nextn_predict_layers"):
-        raise HFConversionError(f"this checkpoint has {d['num_nextn_predict_layers']} multi-token-prediction "
-                                "layer(s), which megamoe does not implement yet")
+    # num_nextn_predict_layers is not read: transformers' model has no MTP layers either (its own
+    # DeepseekV3Config defaults to 1), so a directory it wrote has none. MTP tensors that are
+    # present (DeepSeek's model.layers.{L}.*) are refused by from_hf_state_dict.
     if d.get("attention_bias"):
         raise HFConversionError("attention_bias=true is not supported by megamoe's MLA")
     if d.get("hidden_act", "silu") != "silu":
@@ -259,8 +259,13 @@ def from_hf_state_dict(hf_sd: Mapping[str, torch.Tensor], cfg: ModelConfig) -> d
                 out[f"layers.{m[1]}.{inverse_layer[m[2]]}"] = v
         else:
             unknown.append(k)
+    mtp = sorted({int(m[1]) for k in unknown if (m := layer_re.fullmatch(k)) and int(m[1]) >= cfg.num_hidden_layers})
+    if mtp:
+        raise HFConversionError(f"tensors of multi-token-prediction layer(s) {mtp} (model.layers.{mtp[0]}.*): "
+                                "megamoe cannot import DeepSeek's MTP format; delete those tensors to import the "
+                                "main model (transformers ignores them the same way)")
     if unknown:
-        raise HFConversionError(f"tensors megamoe cannot place (MTP layers or a different architecture?): "
+        raise HFConversionError(f"tensors megamoe cannot place (a different architecture?): "
                                 f"{unknown[:5]}{' ...' if len(unknown) > 5 else ''}")
     for i in cfg.moe_layer_indices:
         if f"layers.{i}.ffn.experts.gate_up_proj" in out:

@@ -46,8 +46,11 @@ def flops_per_token(cfg: ModelConfig, seq_length: int) -> dict[str, float]:
 
 def measure_cpu_matmul_peak(dtype=torch.bfloat16, n: int = 1024, seconds: float = 0.5) -> float:
     """FLOP/s of a square torch.matmul at `dtype` on this process's threads (best of a few runs)."""
-    a = torch.randn(n, n).to(dtype)
-    b = torch.randn(n, n).to(dtype)
+    # A private generator: the trainer measures this after restoring a checkpoint's RNG state, and
+    # drawing from the global one would shift every later random number (router jitter, dropout).
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(n, n, generator=g).to(dtype)
+    b = torch.randn(n, n, generator=g).to(dtype)
     torch.matmul(a, b)  # warm-up
     best = 0.0
     deadline = time.perf_counter() + seconds

@@ -74,6 +74,12 @@ class StopRequest:
         return bool(flag.item() > 0)
 
 
+def consumed_per_dataset(train_it) -> list[int]:
+    """Samples taken from each dataset of the blend so far (one dataset: all of them)."""
+    per_ds = train_it.consumed_per_dataset()
+    return per_ds if per_ds is not None else [train_it.consumed_samples]
+
+
 def initialize_engine(model, cfg: ModelConfig, ds_config: dict, ep_size: int, lr_scheduler, use_autoep: bool,
                       group_spec: Optional[GroupSpec] = None):
     """deepspeed.initialize through megamoe.parallel.expert (AutoEP block + our router for ep > 1),
@@ -185,6 +191,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         guard.load_state_dict(state.get("loss_guard", {}))
         log0(f"resumed from {Path(args.load) / tag}: iteration {step}, consumed samples {consumed}")
     train_it = DistributedBatchIterator(train_ds, micro, me, world, consumed_samples=consumed)
+    if resume is not None:
+        ckpt.check_data_position(state, consumed_per_dataset(train_it), where=str(Path(args.load) / tag))
 
     # -- monitoring
     dtype = torch.bfloat16 if ds_config.get("bf16", {}).get("enabled") else torch.float32
@@ -204,11 +212,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     def save(reason: str) -> None:
         if not args.save:
             return
-        per_ds = train_it.consumed_per_dataset()
         t0 = time.perf_counter()
         tag_ = ckpt.save(engine, args.save, step, {
             "consumed_samples": train_it.consumed_samples,
-            "consumed_samples_per_dataset": per_ds if per_ds is not None else [train_it.consumed_samples],
+            "consumed_samples_per_dataset": consumed_per_dataset(train_it),
             "model_config": cfg.to_dict(), "tokenizer": args.tokenizer, "ep_size": ep, "world_size": world,
             "autoep": use_autoep,
             "zero_stage": stage, "ds_config": ds_config, "args": vars(args), "train_iters": train_iters,

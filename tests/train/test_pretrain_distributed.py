@@ -267,3 +267,41 @@ def test_continue_pretraining_from_a_converted_hf_model(data, tmp_path):
                             (next(DistributedBatchIterator(train_ds, micro, r, 2)) for r in range(2))])
     assert expected > 9   # far from a fresh model's ~ln(512) = 6.2
     assert losses[1] == pytest.approx(expected, rel=2e-2), (losses, expected)   # bf16 run vs fp32
+
+
+@pytest.fixture(scope="module")
+def second_corpus(tmp_path_factory):
+    """Another learnable source for blends: repeated short motifs (ids 3..202)."""
+    from megamoe.data import IndexedDatasetWriter
+    prefix = tmp_path_factory.mktemp("motifs") / "motifs"
+    rng = np.random.default_rng(1)
+    with IndexedDatasetWriter(str(prefix), np.uint16) as w:
+        for _ in range(150):
+            motif = rng.integers(3, 203, size=rng.integers(2, 6))
+            w.add_document(np.tile(motif, rng.integers(20, 80)).tolist())
+    return prefix
+
+
+def test_resume_with_router_jitter_and_a_blend_is_exact(data, second_corpus, tmp_path):
+    """Randomness inside the step (router jitter draws from each rank's torch RNG) and a two-dataset
+    blend: a run stopped at iteration 3 and resumed reproduces the uninterrupted losses only if every
+    rank's RNG state and each dataset's position come back. A changed blend is refused."""
+    blend = f"0.7 {data} 0.3 {second_corpus}"
+    jitter = dict(model_override="router_jitter_noise=0.3")
+    rc, out = run(base_args(blend, iters=6, tensorboard_dir=tmp_path / "tb_ref", **jitter))
+    assert rc == 0, out[-4000:]
+    ref_losses = scalars(tmp_path / "tb_ref", "train/loss")
+    save = tmp_path / "ckpt"
+    rc, out = run(base_args(blend, iters=6, save=save, exit_interval=3, **jitter))
+    assert rc == 0, out[-4000:]
+    state = ckpt.read_state(save / "global_step3")
+    assert len(state["consumed_samples_per_dataset"]) == 2 and sum(state["consumed_samples_per_dataset"]) == 24
+    rc, out = run(base_args(blend, iters=6, save=save, load=save, tensorboard_dir=tmp_path / "tb_resumed", **jitter))
+    assert rc == 0, out[-4000:]
+    resumed = scalars(tmp_path / "tb_resumed", "train/loss")
+    assert sorted(resumed) == [4, 5, 6]
+    for it, v in resumed.items():
+        assert v == pytest.approx(ref_losses[it], abs=1e-6), (it, v, ref_losses[it])
+
+    rc, out = run(base_args(f"0.5 {data} 0.5 {second_corpus}", iters=6, load=save, **jitter))
+    assert rc != 0 and "the data blend changed" in out, out[-3000:]

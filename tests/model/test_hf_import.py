@@ -1,0 +1,105 @@
+"""Importing Hugging Face checkpoints megamoe did not write: configs built the way DeepSeek's
+released ones are (YaRN, deepseek_v2 softmax routing, no "megamoe" block), random weights from
+transformers' own init. The oracle is the original transformers model's logits."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from megamoe import hf
+from megamoe.export import read_hf_dir
+
+SMALL = dict(vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
+             num_key_value_heads=4, max_position_embeddings=256, kv_lora_rank=32, qk_nope_head_dim=16,
+             qk_rope_head_dim=8, v_head_dim=16, moe_intermediate_size=24, n_routed_experts=8,
+             num_experts_per_tok=2, first_k_dense_replace=1, rms_norm_eps=1e-5, tie_word_embeddings=False)
+YARN = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 32,
+        "beta_fast": 32.0, "beta_slow": 1.0}
+
+
+def v3(**kw):
+    from transformers import DeepseekV3Config
+    return DeepseekV3Config(**{**SMALL, "q_lora_rank": 24, "n_shared_experts": 1, "n_group": 4, "topk_group": 2,
+                               "norm_topk_prob": True, "routed_scaling_factor": 2.5, **kw})
+
+
+def v2(**kw):
+    from transformers import DeepseekV2Config
+    return DeepseekV2Config(**{**SMALL, "q_lora_rank": None, "n_shared_experts": 2, "n_group": 1, "topk_group": 1,
+                               "topk_method": "greedy", "norm_topk_prob": False, "routed_scaling_factor": 1.0,
+                               **kw})
+
+
+CASES = {
+    # DeepSeek-V3's release: YaRN with mscale == mscale_all_dim, sigmoid, groups, renormalised
+    "v3 yarn (mscale 1.0)": lambda: v3(rope_parameters={**YARN, "mscale": 1.0, "mscale_all_dim": 1.0}),
+    "v3 yarn (mscale 0.707)": lambda: v3(rope_parameters={**YARN, "mscale": 0.707, "mscale_all_dim": 0.707},
+                                         rope_theta=50000.0),
+    "v3 yarn (mscale 1.0, mscale_all_dim 0.707)": lambda: v3(rope_parameters={**YARN, "mscale": 1.0,
+                                                                             "mscale_all_dim": 0.707}),
+    "v3 plain rope, no q_lora, tied": lambda: v3(q_lora_rank=None, tie_word_embeddings=True,
+                                                 rope_parameters={"rope_type": "default", "rope_theta": 5000.0}),
+    "v3 half-rotation rope, eps 1e-6": lambda: v3(rope_interleave=False, rms_norm_eps=1e-6),
+    # DeepSeek-V2-Lite's shape of config: softmax, greedy top-k, no renormalisation, YaRN
+    "v2 greedy softmax": lambda: v2(),
+    "v2 yarn (mscale 0.707)": lambda: v2(rope_parameters={**YARN, "mscale": 0.707, "mscale_all_dim": 0.707}),
+    "v2 with q_lora, scaling 16": lambda: v2(q_lora_rank=24, routed_scaling_factor=16.0),
+}
+
+
+def make_hf_dir(name, tmp_path):
+    from transformers import AutoModelForCausalLM
+    hf_cfg = CASES[name]()
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(hf_cfg, dtype=torch.float32).eval()
+    with torch.no_grad():
+        for n, b in model.named_buffers():
+            if n.endswith("e_score_correction_bias"):
+                b.normal_(0, 0.05)   # a trained V3 checkpoint has one; it changes expert choice
+        for n, p in model.named_parameters():
+            if "experts" in n or n.endswith("gate.weight"):
+                p.normal_(0, 0.3)    # transformers zero-/small-inits these; make routing matter
+    model.save_pretrained(tmp_path / "orig")
+    cfg_json = json.loads((tmp_path / "orig" / "config.json").read_text())
+    assert "megamoe" not in cfg_json
+    return model, tmp_path / "orig"
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_imported_model_has_the_original_logits(name, tmp_path):
+    original, path = make_hf_dir(name, tmp_path)
+    cfg, sd = read_hf_dir(path)
+    ours = cfg.build(seed=0)
+    ours.load_state_dict(sd, strict=True)
+    ours.eval()
+    ids = torch.randint(0, cfg.vocab_size, (2, 40), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        theirs = original(ids).logits
+        mine = ours(ids).logits
+    rel = (mine - theirs).norm() / theirs.norm()
+    assert rel < 1e-5, f"{name}: relative error {rel:.2e}"
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_import_then_export_keeps_every_field_transformers_reads(name, tmp_path):
+    """HF -> megamoe -> HF reproduces each config field the model reads (no silent drops)."""
+    _, path = make_hf_dir(name, tmp_path)
+    original = json.loads((path / "config.json").read_text())
+    cfg, _ = read_hf_dir(path)
+    again = hf.to_hf_config(cfg).to_dict()
+    fields = ["model_type", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+              "num_attention_heads", "max_position_embeddings", "q_lora_rank", "kv_lora_rank",
+              "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim", "n_routed_experts", "n_shared_experts",
+              "num_experts_per_tok", "moe_intermediate_size", "first_k_dense_replace", "routed_scaling_factor",
+              "rms_norm_eps", "tie_word_embeddings", "rope_parameters"]
+    fields += ["rope_interleave", "n_group", "topk_group", "norm_topk_prob"] if "v3" in name else ["topk_method"]
+    for f in fields:
+        assert again.get(f) == pytest.approx(original.get(f)), (f, original.get(f), again.get(f))
+
+
+def test_group_limited_deepseek_v2_is_refused_not_approximated(tmp_path):
+    hf_cfg = v2(topk_method="group_limited_greedy", n_group=2, topk_group=1).to_dict()
+    with pytest.raises(hf.HFConversionError, match="group_limited_greedy"):
+        hf.from_hf_config(hf_cfg)

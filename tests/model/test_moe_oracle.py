@@ -1,0 +1,177 @@
+"""Routing and the balance loss against oracles that share no code with megamoe: plain Python
+loops in float64, written from the DeepSeek-V3 paper (arXiv:2412.19437, section 2.1.2 and eqs.
+12-20), one token and one sequence at a time."""
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import kernels
+from megamoe.config import ModelConfig
+from megamoe.model.moe import Router, capacity_keep_mask, sequence_balance_loss
+
+TINY = ModelConfig.load("tiny")
+
+
+# ----------------------------------------------------------------------------------------------
+# oracles
+# ----------------------------------------------------------------------------------------------
+def naive_route_token(logits: list[float], bias: list[float], k: int, score_func: str, n_group: int,
+                      topk_group: int, norm: bool, scale: float):
+    """One token, DeepSeek-V3 eqs. 12-16: (expert ids in selection order, their gate weights)."""
+    E = len(logits)
+    if score_func == "sigmoid":
+        s = [1.0 / (1.0 + math.exp(-x)) for x in logits]
+    else:
+        m = max(logits)
+        ex = [math.exp(x - m) for x in logits]
+        s = [e / sum(ex) for e in ex]
+    choice = [s[i] + bias[i] for i in range(E)]
+    allowed = set(range(E))
+    if n_group > 1:
+        size = E // n_group
+        group_score = [sum(sorted(choice[g * size:(g + 1) * size], reverse=True)[:2]) for g in range(n_group)]
+        keep = sorted(range(n_group), key=lambda g: -group_score[g])[:topk_group]
+        allowed = {i for g in keep for i in range(g * size, (g + 1) * size)}
+    picked = sorted(allowed, key=lambda i: -choice[i])[:k]
+    w = [s[i] for i in picked]
+    if norm:
+        total = sum(w)
+        w = [x / (total + 1e-20) for x in w]
+    return picked, [x * scale for x in w]
+
+
+def naive_balance_loss(scores: list[list[float]], picked: list[list[int]], E: int, K: int, S: int) -> float:
+    """DeepSeek-V3 eqs. 17-20 without alpha, per sequence of S consecutive tokens, then averaged:
+    f_i = E / (K S) * #{t : i in TopK_t},  P_i = 1/S sum_t s_{i,t} / sum_j s_{j,t},  sum_i f_i P_i."""
+    losses = []
+    for b in range(len(scores) // S):
+        rows = range(b * S, (b + 1) * S)
+        f = [E / (K * S) * sum(i in picked[t] for t in rows) for i in range(E)]
+        P = [sum(scores[t][i] / sum(scores[t]) for t in rows) / S for i in range(E)]
+        losses.append(sum(f[i] * P[i] for i in range(E)))
+    return sum(losses) / len(losses)
+
+
+# ----------------------------------------------------------------------------------------------
+# routing
+# ----------------------------------------------------------------------------------------------
+@st.composite
+def routing_case(draw):
+    n_group = draw(st.sampled_from([1, 2, 4]))
+    per_group = draw(st.integers(2, 8))
+    E = n_group * per_group
+    topk_group = draw(st.integers(1, n_group))
+    k = draw(st.integers(1, min(8, topk_group * per_group)))
+    return dict(E=E, k=k, n_group=n_group, topk_group=topk_group,
+                score_func=draw(st.sampled_from(["sigmoid", "softmax"])), norm=draw(st.booleans()),
+                scale=draw(st.sampled_from([1.0, 2.5])), T=draw(st.integers(1, 12)),
+                seed=draw(st.integers(0, 2**31 - 1)), with_bias=draw(st.booleans()))
+
+
+@settings(max_examples=150, deadline=None)
+@given(routing_case())
+def test_route_matches_the_papers_formula_token_by_token(c):
+    g = torch.Generator().manual_seed(c["seed"])
+    logits = torch.randn(c["T"], c["E"], generator=g, dtype=torch.float64) * 2  # float64: no ties
+    bias = (torch.randn(c["E"], generator=g, dtype=torch.float64) * 0.1 if c["with_bias"]
+            else torch.zeros(c["E"], dtype=torch.float64))
+    w, idx, scores, counts = kernels.route(logits, bias if c["with_bias"] else None, c["k"], c["score_func"],
+                                           c["n_group"], c["topk_group"], c["norm"], c["scale"])
+    expected_counts = [0] * c["E"]
+    for t in range(c["T"]):
+        picked, weights = naive_route_token(logits[t].tolist(), bias.tolist(), c["k"], c["score_func"],
+                                            c["n_group"], c["topk_group"], c["norm"], c["scale"])
+        assert idx[t].tolist() == picked, (t, c)
+        assert w[t].tolist() == pytest.approx(weights, rel=1e-12, abs=1e-15), (t, c)
+        for i in picked:
+            expected_counts[i] += 1
+    assert counts.tolist() == expected_counts
+
+
+def test_capacity_keeps_each_experts_best_assignments():
+    """Brute force: per expert, sort its (token, slot) assignments by score (ties by position) and
+    keep the first `capacity`."""
+    g = torch.Generator().manual_seed(3)
+    T, K, E, capacity = 40, 3, 6, 7
+    indices = torch.stack([torch.randperm(E, generator=g)[:K] for _ in range(T)])
+    scores = torch.rand(T, K, generator=g)
+    kept = capacity_keep_mask(scores, indices, E, capacity)
+    expected = torch.zeros(T, K, dtype=torch.bool)
+    for e in range(E):
+        slots = [(t, j) for t in range(T) for j in range(K) if indices[t, j] == e]
+        slots.sort(key=lambda tj: -float(scores[tj]))
+        for t, j in slots[:capacity]:
+            expected[t, j] = True
+    assert torch.equal(kept, expected)
+
+
+# ----------------------------------------------------------------------------------------------
+# sequence-wise balance loss
+# ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("score_func", ["sigmoid", "softmax"])
+def test_balance_loss_is_per_sequence_with_several_sequences(score_func):
+    """Sequences routed very differently: a batch-wide formula gives another value."""
+    B, S, E, K = 3, 10, 8, 2
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(B * S, E, generator=g, dtype=torch.float64)
+    logits[:S, :2] += 4.0        # sequence 0 prefers experts 0-1, sequence 1 experts 6-7
+    logits[S:2 * S, 6:] += 4.0
+    _, idx, scores, _ = kernels.route(logits, None, K, score_func, 1, 1, True, 1.0)
+    ours = sequence_balance_loss(scores, idx, E, S)
+    oracle = naive_balance_loss(scores.tolist(), idx.tolist(), E, K, S)
+    assert ours.item() == pytest.approx(oracle, rel=1e-12)
+    whole_batch = naive_balance_loss(scores.tolist(), idx.tolist(), E, K, B * S)
+    assert abs(oracle - whole_batch) > 0.05   # the case distinguishes the two readings
+
+
+def test_router_inside_the_model_applies_the_loss_per_sequence():
+    """The router's logged aux loss in a real forward (batch of 3 sequences) equals alpha times the
+    oracle computed from the router's own input."""
+    cfg = dataclasses.replace(TINY, aux_loss_alpha=0.3, router_z_loss_coef=0.0).validate()
+    model = cfg.build(seed=2).train()
+    layer, router = next(iter(model.routers()))
+    seen, calls = {}, {}
+    original = router.route
+
+    def route(x, bias=None):
+        seen["x"] = x.detach().double()
+        calls["n"] = calls.get("n", 0) + 1
+        return original(x, bias)
+    router.route = route
+    B, S = 3, 16
+    ids = torch.randint(3, cfg.vocab_size, (B, S), generator=torch.Generator().manual_seed(1))
+    model(ids, labels=ids)
+    assert calls["n"] == 1
+    logits = seen["x"] @ router.weight.detach().double().T
+    bias = router.e_score_correction_bias.double().tolist()
+    picked, scores = [], []
+    for row in logits.tolist():
+        p, _ = naive_route_token(row, bias, cfg.num_experts_per_tok, cfg.scoring_func, cfg.n_group,
+                                 cfg.topk_group, cfg.norm_topk_prob, cfg.routed_scaling_factor)
+        picked.append(p)
+        scores.append([1.0 / (1.0 + math.exp(-x)) for x in row])
+    oracle = cfg.aux_loss_alpha * naive_balance_loss(scores, picked, cfg.n_routed_experts,
+                                                     cfg.num_experts_per_tok, S)
+    assert router.last_aux_loss.item() == pytest.approx(oracle, rel=1e-4)
+
+
+def test_router_jitter_uses_the_global_torch_generator():
+    """Jitter draws from torch's global RNG (that is what the trainer's per-rank RNG checkpoint
+    restores): the same seed gives the same routing, another seed another one."""
+    cfg = dataclasses.replace(TINY, router_jitter_noise=0.5).validate()
+    router = Router(cfg).train()
+    torch.nn.init.normal_(router.weight, std=1.0)
+    x = torch.randn(64, cfg.hidden_size, generator=torch.Generator().manual_seed(0))
+
+    def weights(seed):
+        torch.manual_seed(seed)
+        with torch.no_grad():
+            return router.route(x).weights_TK
+    assert torch.equal(weights(1), weights(1))
+    assert not torch.equal(weights(1), weights(2))
