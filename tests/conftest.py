@@ -51,10 +51,13 @@ def pytest_make_collect_report(collector):
 def progression_corpus(tmp_path_factory):
     """A Megatron .bin/.idx prefix of 200 learnable documents (arithmetic progressions mod 500,
     ids 3..502) for end-to-end trainer tests: the loss falls within a few iterations."""
+    return write_progression_corpus(tmp_path_factory.mktemp("progressions") / "syn")
+
+
+def write_progression_corpus(prefix):
     import numpy as np
 
     from megamoe.data import IndexedDatasetWriter
-    prefix = tmp_path_factory.mktemp("progressions") / "syn"
     rng = np.random.default_rng(0)
     with IndexedDatasetWriter(str(prefix), np.uint16) as w:
         for _ in range(200):

@@ -1,0 +1,63 @@
+"""A stored golden loss curve (torchtitan's tests/assets/losses): a fixed fp32 run of the `tiny`
+MoE on 2 CPU ranks (EP 2, ZeRO-2, aux and z losses, bias updates, clipping, warm-up and cosine
+decay) must reproduce tests/assets/losses/tiny_ep2_fp32.json exactly, iteration by iteration.
+
+A change that is meant to move the curve regenerates it, and says why in its commit:
+
+    .venv/bin/python tests/train/test_golden_loss.py --regenerate
+"""
+from __future__ import annotations
+
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+GOLDEN = ROOT / "tests" / "assets" / "losses" / "tiny_ep2_fp32.json"
+ITERS = 30
+
+
+def golden_run(data: Path, work: Path) -> dict[int, float]:
+    sys.path.insert(0, str(Path(__file__).parent))
+    from test_pretrain_distributed import run  # the multi-rank launcher of the trainer tests
+
+    from megamoe.monitor import read_scalars
+    args = ["--model-config", "tiny", "--data-path", str(data), "--seq-length", "64", "--train-iters", str(ITERS),
+            "--lr", "3e-3", "--min-lr", "3e-4", "--lr-warmup-iters", "3", "--lr-decay-style", "cosine",
+            "--log-interval", "10", "--eval-interval", "1000", "--eval-iters", "0", "--seed", "7",
+            "--deepspeed-config", str(ROOT / "tests" / "assets" / "ds_fp32_zero2.json"),
+            "--expert-model-parallel-size", "2", "--tensorboard-dir", str(work / "tb")]
+    rc, out = run(args, timeout=600)
+    assert rc == 0, out[-4000:]
+    return read_scalars(work / "tb", "train/loss")
+
+
+@pytest.mark.slow
+def test_loss_curve_matches_the_golden_one(progression_corpus, tmp_path):
+    expected = {int(k): v for k, v in json.loads(GOLDEN.read_text())["train/loss"].items()}
+    losses = golden_run(progression_corpus, tmp_path)
+    assert sorted(losses) == list(range(1, ITERS + 1))
+    diff = {it: losses[it] - expected[it] for it in losses if losses[it] != expected[it]}
+    assert not diff, (f"the loss curve moved at {len(diff)} iterations (first: {min(diff)}, "
+                      f"{losses[min(diff)]!r} vs golden {expected[min(diff)]!r}). If the change is meant to "
+                      f"move it: python tests/train/test_golden_loss.py --regenerate")
+
+
+def regenerate() -> None:
+    sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+    from conftest import write_progression_corpus
+    with tempfile.TemporaryDirectory() as d:
+        losses = golden_run(write_progression_corpus(Path(d) / "syn"), Path(d))
+    GOLDEN.parent.mkdir(parents=True, exist_ok=True)
+    GOLDEN.write_text(json.dumps({"command": "python tests/train/test_golden_loss.py --regenerate",
+                                  "train/loss": {str(k): losses[k] for k in sorted(losses)}}, indent=1) + "\n")
+    print(f"wrote {GOLDEN}: {len(losses)} iterations, loss {losses[1]:.4f} -> {losses[ITERS]:.4f}")
+
+
+if __name__ == "__main__":
+    if sys.argv[1:] != ["--regenerate"]:
+        sys.exit(__doc__)
+    regenerate()
