@@ -134,23 +134,17 @@ def muon_assignment() -> Iterator[None]:
     deepspeed.initialize and again by the engine after AutoEP builds expert parameters) puts
     exactly the "matrix" kind on Muon; everything else (router, embeddings, head, norms) goes to
     the auxiliary AdamW. Restores DeepSpeed's function on exit."""
-    import deepspeed
+    from megamoe.parallel import deepspeed_compat
 
-    original = deepspeed.set_optimizer_flags
-
-    def set_flags(config_class, model):
-        original(config_class, model)
+    def retag(model):
         for name, p in model.named_parameters():
             if hasattr(p, "use_muon"):  # tagged: the optimizer is Muon
                 p.use_muon = param_kind(name, p) in MUON_KINDS
                 if not p.use_muon:
                     p.muon_num_heads, p.muon_head_dim = None, None
 
-    deepspeed.set_optimizer_flags = set_flags
-    try:
+    with deepspeed_compat.optimizer_flags_hook(retag):
         yield
-    finally:
-        deepspeed.set_optimizer_flags = original
 
 
 def describe_optimizer_groups(engine) -> list[dict]:

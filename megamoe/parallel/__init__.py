@@ -2,6 +2,7 @@
 
 expert.py   DeepSpeed AutoEP block derived from ModelConfig; initialize() runs megamoe's Router
             inside every expert-parallel layer; ep_layout() for the checkpoint guard.
+deepspeed_compat.py  every patch of DeepSpeed internals, applied only on the supported version.
 balance.py  aux-loss-free balancing: all-reduced token counts -> selection-bias update, once per
             optimizer step.
 """

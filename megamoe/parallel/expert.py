@@ -50,6 +50,7 @@ import torch.nn.functional as F
 
 from megamoe.config import ModelConfig
 from megamoe.model.moe import Router
+from megamoe.parallel import deepspeed_compat
 
 EP_FLAG = "--expert-model-parallel-size"
 
@@ -149,17 +150,11 @@ def megamoe_router_in_autoep(model_cfg: ModelConfig) -> Iterator[None]:
     """While active, every AutoEPMoELayer built gets an ExpertParallelRouter for `model_cfg`.
 
     Replaces the module-level name `TokenChoiceTopKRouter` that AutoEPMoELayer.__init__ looks up
-    and restores it on exit (also on error). Not thread-safe; meant to wrap one
+    (parallel/deepspeed_compat.py) and restores it on exit. Not thread-safe; meant to wrap one
     deepspeed.initialize call.
     """
-    import deepspeed.module_inject.auto_ep_layer as auto_ep_layer
-
-    original = auto_ep_layer.TokenChoiceTopKRouter
-    auto_ep_layer.TokenChoiceTopKRouter = _router_factory(model_cfg)
-    try:
+    with deepspeed_compat.autoep_router_class(_router_factory(model_cfg)):
         yield
-    finally:
-        auto_ep_layer.TokenChoiceTopKRouter = original
 
 
 # ----------------------------------------------------------------------------------------------

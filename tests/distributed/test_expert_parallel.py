@@ -267,3 +267,19 @@ def test_native_autoep_expert_names_round_trip():
     del ep_sd["layers.1.ffn.experts.w3"]
     with pytest.raises(KeyError, match="w3"):
         expert.native_expert_state_dict(ep_sd)
+
+
+def test_deepspeed_patches_refuse_another_version(monkeypatch):
+    import deepspeed
+    import deepspeed.module_inject.auto_ep_layer as auto_ep_layer
+
+    from megamoe.parallel import deepspeed_compat
+    original = auto_ep_layer.TokenChoiceTopKRouter
+    with deepspeed_compat.autoep_router_class(lambda **kw: "ours"):
+        assert auto_ep_layer.TokenChoiceTopKRouter(dim=1) == "ours"
+    assert auto_ep_layer.TokenChoiceTopKRouter is original
+    monkeypatch.setattr(deepspeed, "__version__", "0.20.0")
+    with pytest.raises(deepspeed_compat.DeepSpeedVersionError, match=r"deepspeed==0\.19\.8.*0\.20\.0 is installed"):
+        with deepspeed_compat.autoep_router_class(lambda **kw: None):
+            pass
+    assert auto_ep_layer.TokenChoiceTopKRouter is original
