@@ -212,8 +212,11 @@ def split_documents(num_documents: int, splits: Sequence[float]) -> list[np.ndar
     if np.any(fr < 0) or fr.sum() <= 0:
         raise ValueError(f"split fractions must be non-negative with a positive sum: {list(splits)}")
     fr = fr / fr.sum()
-    counts = np.round(fr * num_documents).astype(np.int64)
-    counts[-1] = num_documents - counts[:-1].sum()
+    # Megatron's rule: round the cumulative boundaries, so the ranges tile [0, num_documents) and a
+    # zero fraction stays empty (rounding each count separately can overshoot into a missing doc).
+    bounds = np.round(np.concatenate([[0.0], np.cumsum(fr)]) * num_documents).astype(np.int64)
+    bounds[-1] = num_documents
+    counts = np.diff(bounds)
     if (fr > 0).sum() <= num_documents:
         for k in np.flatnonzero((fr > 0) & (counts <= 0)):
             donor = int(np.argmax(counts))

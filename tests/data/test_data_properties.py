@@ -135,3 +135,63 @@ def test_blend_beyond_several_default_periods():
 def test_blend_with_random_weights_and_periods(weights, period, n_extra):
     n = 3 * period + n_extra
     check_blend(weights, period, n, range(n))
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(0, 3000), st.integers(1, 700), st.sampled_from(["uint16", "uint32", "int32"]))
+def test_headerless_reader_against_the_raw_array(n, chunk, dtype):
+    """Pseudo-documents of `chunk` tokens tile the file exactly; get() slices them like numpy,
+    and the arrays Megatron's index would have (sizes, pointers, doc_idx) are consistent."""
+    from megamoe.data.indexed import HeaderlessTokenDataset
+    with tempfile.TemporaryDirectory() as d:
+        toks = (np.arange(n, dtype=np.int64) * 7919 % 60000).astype(dtype)
+        p = Path(d) / "train.bin"
+        toks.tofile(p)
+        ds = HeaderlessTokenDataset(p, dtype, chunk_tokens=chunk)
+        k = -(-n // chunk)
+        assert len(ds) == ds.num_documents == k and ds.num_tokens == n
+        assert ds.sizes.tolist() == [min(chunk, n - i * chunk) for i in range(k)]
+        assert ds.pointers.tolist() == [i * chunk * toks.itemsize for i in range(k)]
+        assert ds.doc_idx.tolist() == list(range(k + 1))
+        for i in range(k):
+            doc = toks[i * chunk: (i + 1) * chunk]
+            assert ds[i].tolist() == doc.tolist() and ds.get(i).tolist() == doc.tolist()
+            off = len(doc) // 2
+            assert ds.get(i, off).tolist() == doc[off:].tolist()
+            assert ds.get(i, off, 1).tolist() == doc[off:off + 1].tolist()
+        import pickle
+        again = pickle.loads(pickle.dumps(ds))
+        assert again.sizes.tolist() == ds.sizes.tolist() and all(
+            again[i].tolist() == ds[i].tolist() for i in range(k))
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.integers(0, 60), st.lists(st.one_of(st.just(0.0), st.floats(0.01, 5.0)), min_size=1, max_size=4))
+def test_split_documents_properties(num_docs, fractions):
+    """Contiguous, disjoint, covering ranges; sizes within one document of the fraction; every
+    non-zero fraction served when there are enough documents (Megatron's rule)."""
+    from megamoe.data.dataset import split_documents
+    if sum(fractions) <= 0:
+        return
+    parts = split_documents(num_docs, fractions)
+    assert len(parts) == len(fractions)
+    assert np.concatenate(parts).tolist() == list(range(num_docs))
+    assert all(p.dtype == np.int64 for p in parts)
+    share = np.asarray(fractions) / sum(fractions)
+    nonzero = int((share > 0).sum())
+    for p, f in zip(parts, share):
+        if f == 0:
+            assert len(p) == 0
+        elif nonzero <= num_docs:
+            assert len(p) >= 1
+        assert abs(len(p) - f * num_docs) <= len(fractions) + 1
+
+
+def test_split_documents_regressions():
+    """Rounding each count on its own once put document 3 of 3 into a split, and a zero split
+    got the only document (now the second split has it: round half to even, as Megatron)."""
+    from megamoe.data.dataset import split_documents
+    assert [p.tolist() for p in split_documents(3, [1, 1, 0])] == [[0, 1], [2], []]
+    assert [p.tolist() for p in split_documents(1, [1, 1, 0])] == [[], [0], []]
+    assert [p.tolist() for p in split_documents(5, [0.5, 0.5, 0])] == [[0, 1], [2, 3, 4], []]
+    assert [p.tolist() for p in split_documents(100, [99, 1])] == [list(range(99)), [99]]
