@@ -31,9 +31,12 @@ class ConfigError(ValueError):
 class RopeScaling:
     """YaRN context extension, DeepSeek-V3 / transformers semantics.
 
-    cos/sin are multiplied by get_mscale(factor, mscale) / get_mscale(factor, mscale_all_dim) and
-    the softmax scale by get_mscale(factor, mscale_all_dim)**2. With mscale == mscale_all_dim
-    (DeepSeek's released configs) this is exactly DeepSeek's reference implementation.
+    cos/sin are multiplied by `attention_factor`, or when that is None by
+    get_mscale(factor, mscale) / get_mscale(factor, mscale_all_dim); the softmax scale by
+    get_mscale(factor, mscale_all_dim)**2 (1 when mscale_all_dim is 0). With mscale ==
+    mscale_all_dim (DeepSeek's released configs) this is exactly DeepSeek's reference
+    implementation; `attention_factor` carries transformers' explicit or inferred value for
+    configs that leave mscale out.
     """
     type: str = "yarn"
     factor: float = 40.0
@@ -42,6 +45,7 @@ class RopeScaling:
     beta_slow: float = 1.0
     mscale: float = 1.0
     mscale_all_dim: float = 1.0
+    attention_factor: Optional[float] = None
 
 
 @dataclass

@@ -17,7 +17,7 @@ from typing import Any, Mapping
 
 import torch
 
-from megamoe.config import ModelConfig, RopeScaling
+from megamoe.config import ModelConfig, RopeScaling, yarn_get_mscale
 
 
 class HFConversionError(ValueError):
@@ -93,6 +93,8 @@ def to_hf_config(cfg: ModelConfig, state_dict: Mapping[str, torch.Tensor] | None
                 "original_max_position_embeddings": rs.original_max_position_embeddings,
                 "beta_fast": rs.beta_fast, "beta_slow": rs.beta_slow,
                 "mscale": rs.mscale, "mscale_all_dim": rs.mscale_all_dim}
+        if rs.attention_factor is not None:
+            rope["attention_factor"] = rs.attention_factor
     moe = cfg.is_moe
     common = dict(
         vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
@@ -144,10 +146,7 @@ def from_hf_config(hf: Any) -> ModelConfig:
     theta = rope.get("rope_theta", d.get("rope_theta", 10000.0))
     rope_scaling = None
     if rope_type == "yarn":
-        rope_scaling = RopeScaling(factor=rope["factor"],
-                                   original_max_position_embeddings=rope["original_max_position_embeddings"],
-                                   beta_fast=rope.get("beta_fast") or 32.0, beta_slow=rope.get("beta_slow") or 1.0,
-                                   mscale=rope.get("mscale", 1.0), mscale_all_dim=rope.get("mscale_all_dim", 1.0))
+        rope_scaling = _yarn_from_hf(rope, d["max_position_embeddings"])
     elif rope_type != "default":
         raise HFConversionError(f"rope type {rope_type!r} is not supported (default or yarn)")
     L = d["num_hidden_layers"]
@@ -182,6 +181,24 @@ def from_hf_config(hf: Any) -> ModelConfig:
     training = d.get("megamoe") or {}
     cfg.update({k: v for k, v in training.items() if k in TRAINING_FIELDS})
     return ModelConfig(**cfg).validate()
+
+
+def _yarn_from_hf(rope: dict, max_position_embeddings: int) -> RopeScaling:
+    """transformers' YaRN parameters (modeling_rope_utils._compute_yarn_parameters and DeepSeek's
+    yarn_apply_mscale), including configs that leave mscale / mscale_all_dim out."""
+    if rope.get("truncate", True) is False:
+        raise HFConversionError("YaRN with truncate=false is not supported (DeepSeek's YaRN rounds the "
+                                "correction range)")
+    original = rope["original_max_position_embeddings"]
+    factor = rope.get("factor") or max_position_embeddings / original
+    mscale, mscale_all_dim = rope.get("mscale"), rope.get("mscale_all_dim")
+    attention_factor = rope.get("attention_factor")
+    if attention_factor is None and not (mscale and mscale_all_dim):
+        attention_factor = yarn_get_mscale(factor)  # transformers' rule when either is missing
+    return RopeScaling(factor=factor, original_max_position_embeddings=original,
+                       beta_fast=rope.get("beta_fast") or 32.0, beta_slow=rope.get("beta_slow") or 1.0,
+                       mscale=mscale or 1.0, mscale_all_dim=mscale_all_dim or 0.0,  # 0: no softmax rescale
+                       attention_factor=attention_factor)
 
 
 def _first(x):

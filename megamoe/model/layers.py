@@ -57,7 +57,9 @@ def rope_inv_freq(cfg: ModelConfig) -> tuple[torch.Tensor, float]:
     ramp = ((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
     extrapolation = 1 - ramp  # 1: keep the original frequency, 0: interpolate
     inv_freq = inv_freq / rs.factor * (1 - extrapolation) + inv_freq * extrapolation
-    attention_factor = yarn_get_mscale(rs.factor, rs.mscale) / yarn_get_mscale(rs.factor, rs.mscale_all_dim)
+    attention_factor = rs.attention_factor
+    if attention_factor is None:
+        attention_factor = yarn_get_mscale(rs.factor, rs.mscale) / yarn_get_mscale(rs.factor, rs.mscale_all_dim)
     return inv_freq, float(attention_factor)
 
 

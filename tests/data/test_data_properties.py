@@ -7,6 +7,7 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -26,6 +27,7 @@ def test_index_round_trip_with_random_document_lengths(docs):
         with IndexedDatasetWriter(prefix, np.uint16) as w:
             for doc in docs:
                 w.add_document(doc)
+        assert w.num_tokens == sum(map(len, docs))
         _, _, seqs, doc_idx, nbytes = independent_read(prefix)
         assert seqs == docs and doc_idx == list(range(len(docs) + 1)) and nbytes == 2 * sum(map(len, docs))
         ds = IndexedDataset(prefix)
@@ -35,6 +37,7 @@ def test_index_round_trip_with_random_document_lengths(docs):
             if doc:
                 off = len(doc) // 3
                 assert ds.get(i, off, len(doc) - off).tolist() == doc[off:]
+                assert ds.get(i, off).tolist() == doc[off:]
 
 
 class ListTokens:
@@ -195,3 +198,38 @@ def test_split_documents_regressions():
     assert [p.tolist() for p in split_documents(1, [1, 1, 0])] == [[], [0], []]
     assert [p.tolist() for p in split_documents(5, [0.5, 0.5, 0])] == [[0, 1], [2, 3, 4], []]
     assert [p.tolist() for p in split_documents(100, [99, 1])] == [list(range(99)), [99]]
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(1, 4), st.integers(1, 3), st.integers(0, 20), st.integers(1, 40))
+def test_batch_iterator_walks_global_samples_in_rank_slices(world, micro, consumed, total):
+    """Step t gives rank r the global samples [c + r*B, c + (r+1)*B) with c = consumed + t*B*W, and
+    stops before a step would pass num_samples."""
+    import torch
+
+    from megamoe.data.dataset import DistributedBatchIterator
+
+    class Ids:
+        def __getitem__(self, i):
+            return np.array([i, i + 1000], dtype=np.int64)
+    its = [DistributedBatchIterator(Ids(), micro, r, world, consumed_samples=consumed, num_samples=total)
+           for r in range(world)]
+    c = consumed
+    while c + micro * world <= total:
+        for r, it in enumerate(its):
+            b = next(it)
+            want = list(range(c + r * micro, c + (r + 1) * micro))
+            assert b["input_ids"][:, 0].tolist() == want and b["labels"][:, 0].tolist() == [x + 1000 for x in want]
+            assert b["input_ids"].dtype == torch.int64
+            assert it.state_dict() == {"consumed_samples": c + micro * world, "consumed_per_dataset": None}
+        c += micro * world
+    for it in its:
+        with pytest.raises(StopIteration):
+            next(it)
+
+
+def test_batch_iterator_rejects_a_rank_outside_the_world():
+    from megamoe.data.dataset import DistributedBatchIterator
+    for rank in (-1, 2):
+        with pytest.raises(ValueError, match="dp_rank"):
+            DistributedBatchIterator([], 1, rank, 2)

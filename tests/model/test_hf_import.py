@@ -39,6 +39,11 @@ CASES = {
                                          rope_theta=50000.0),
     "v3 yarn (mscale 1.0, mscale_all_dim 0.707)": lambda: v3(rope_parameters={**YARN, "mscale": 1.0,
                                                                              "mscale_all_dim": 0.707}),
+    # YaRN keys left out: transformers infers the cos/sin factor and skips the softmax rescale
+    "v3 yarn without mscale keys": lambda: v3(rope_parameters={**YARN}),
+    "v3 yarn with mscale only": lambda: v3(rope_parameters={**YARN, "mscale": 0.8}),
+    "v3 yarn with attention_factor": lambda: v3(rope_parameters={**YARN, "attention_factor": 1.3, "mscale": 1.0,
+                                                                 "mscale_all_dim": 1.0}),
     "v3 plain rope, no q_lora, tied": lambda: v3(q_lora_rank=None, tie_word_embeddings=True,
                                                  rope_parameters={"rope_type": "default", "rope_theta": 5000.0}),
     "v3 half-rotation rope, eps 1e-6": lambda: v3(rope_interleave=False, rms_norm_eps=1e-6),
@@ -93,10 +98,28 @@ def test_import_then_export_keeps_every_field_transformers_reads(name, tmp_path)
               "num_attention_heads", "max_position_embeddings", "q_lora_rank", "kv_lora_rank",
               "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim", "n_routed_experts", "n_shared_experts",
               "num_experts_per_tok", "moe_intermediate_size", "first_k_dense_replace", "routed_scaling_factor",
-              "rms_norm_eps", "tie_word_embeddings", "rope_parameters"]
+              "rms_norm_eps", "tie_word_embeddings"]
     fields += ["rope_interleave", "n_group", "topk_group", "norm_topk_prob"] if "v3" in name else ["topk_method"]
     for f in fields:
         assert again.get(f) == pytest.approx(original.get(f)), (f, original.get(f), again.get(f))
+    # rope parameters may be spelled differently (a left-out mscale becomes an explicit factor):
+    # compare what transformers computes from each
+    for a, b in zip(rope_effect(original), rope_effect(again)):
+        assert a == pytest.approx(b, rel=1e-12), (original["rope_parameters"], again["rope_parameters"])
+
+
+def rope_effect(config: dict):
+    """(inv_freq, cos/sin factor, softmax-scale factor) as transformers derives them."""
+    from transformers import AutoConfig
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+    from transformers.models.deepseek_v3.modeling_deepseek_v3 import yarn_apply_mscale
+    c = AutoConfig.for_model(**config)
+    c.head_dim = c.qk_rope_head_dim   # what DeepSeek's rotary embedding uses
+    rope = c.rope_parameters
+    if rope.get("rope_type", "default") == "default":
+        return [rope.get("rope_theta")], 1.0, 1.0
+    inv_freq, factor = ROPE_INIT_FUNCTIONS[rope["rope_type"]](c, "cpu")
+    return inv_freq.tolist(), factor, yarn_apply_mscale(rope, 1.0)
 
 
 def test_group_limited_deepseek_v2_is_refused_not_approximated(tmp_path):
