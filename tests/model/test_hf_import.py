@@ -126,3 +126,27 @@ def test_group_limited_deepseek_v2_is_refused_not_approximated(tmp_path):
     hf_cfg = v2(topk_method="group_limited_greedy", n_group=2, topk_group=1).to_dict()
     with pytest.raises(hf.HFConversionError, match="group_limited_greedy"):
         hf.from_hf_config(hf_cfg)
+
+
+def test_legacy_config_json_of_the_released_checkpoints():
+    """DeepSeek's released config.json files use transformers 4's spelling: `rope_scaling` with
+    "type", `rope_theta` at the top level, and no first_k_dense_replace / topk_method defaults
+    spelled out. They must import as the same model as the current spelling."""
+    current = v3(rope_parameters={**YARN, "rope_theta": 50000.0, "mscale": 0.9, "mscale_all_dim": 0.9}).to_dict()
+    legacy = {k: v for k, v in current.items() if k != "rope_parameters"}
+    legacy["rope_theta"] = 50000.0
+    legacy["rope_scaling"] = {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32,
+                              "beta_fast": 32, "beta_slow": 1, "mscale": 0.9, "mscale_all_dim": 0.9}
+    assert hf.from_hf_config(legacy) == hf.from_hf_config(current)
+    cfg = hf.from_hf_config(legacy)
+    assert cfg.rope_theta == 50000.0 and cfg.rope_scaling.factor == 4.0 and cfg.rope_scaling.mscale == 0.9
+    plain = {k: v for k, v in current.items() if k not in ("rope_parameters", "first_k_dense_replace")}
+    plain["rope_theta"] = 20000.0
+    cfg = hf.from_hf_config(plain)
+    assert cfg.rope_scaling is None and cfg.rope_theta == 20000.0 and cfg.first_k_dense_replace == 0
+    v2_dict = {k: v for k, v in v2().to_dict().items() if k != "topk_method"}
+    assert hf.from_hf_config(v2_dict).scoring_func == "softmax"
+    for bad, message in ((dict(attention_bias=True), "attention_bias"), (dict(hidden_act="gelu"), "gelu"),
+                         (dict(rope_parameters={"rope_type": "linear", "factor": 2.0}), "linear")):
+        with pytest.raises(hf.HFConversionError, match=message):
+            hf.from_hf_config({**current, **bad})

@@ -135,3 +135,64 @@ def test_sharded_export_loads(tmp_path):
     ids = torch.randint(0, BASE.vocab_size, (1, 16))
     with torch.no_grad():
         assert torch.allclose(model(ids).logits, theirs(ids).logits, rtol=1e-5, atol=1e-6)
+
+
+def test_exported_directory_contents(tmp_path):
+    """What inference servers and transformers read from the directory itself, checked against the
+    model config and the tensors: architectures, dtype, generation config, shard layout, index."""
+    import json
+
+    from safetensors import safe_open
+    cfg = dataclasses.replace(BASE, pad_token_id=0).validate()
+    model = cfg.build(seed=5)
+    for _, router in model.routers():
+        router.e_score_correction_bias.normal_(0, 0.05)
+    sd = model.state_dict()
+    limit = 60_000
+    hf.save_hf_dir(tmp_path / "out", cfg, sd, dtype=torch.bfloat16, max_shard_bytes=limit)
+    out = tmp_path / "out"
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]          # no temporary directory left
+    conf = json.loads((out / "config.json").read_text())
+    assert conf["architectures"] == ["DeepseekV3ForCausalLM"] and conf["model_type"] == "deepseek_v3"
+    assert conf["dtype"] == "bfloat16" and conf["num_nextn_predict_layers"] == 0
+    assert conf["num_key_value_heads"] == cfg.num_attention_heads and conf["attention_dropout"] == 0.0
+    assert (conf["bos_token_id"], conf["eos_token_id"], conf["pad_token_id"]) == (1, 2, 0)
+    assert conf["initializer_range"] == cfg.initializer_range
+    gen = json.loads((out / "generation_config.json").read_text())
+    assert (gen["bos_token_id"], gen["eos_token_id"], gen["pad_token_id"]) == (1, 2, 0)
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    files = sorted(set(index["weight_map"].values()))
+    n = len(files)
+    assert n > 1 and files == [f"model-{i:05d}-of-{n:05d}.safetensors" for i in range(1, n + 1)]
+    total = 0
+    expected = hf.to_hf_state_dict(sd, cfg)
+    for f in files:
+        with safe_open(str(out / f), "pt") as fh:
+            assert fh.metadata() == {"format": "pt"}
+            names = list(fh.keys())
+            size = 0
+            for k in names:
+                t = fh.get_tensor(k)
+                assert index["weight_map"][k] == f
+                want = torch.float32 if k.endswith("e_score_correction_bias") else torch.bfloat16
+                assert t.dtype == want, k
+                assert torch.equal(t, expected[k].to(want)), k
+                size += t.numel() * t.element_size()
+            assert size <= limit or len(names) == 1    # a shard exceeds the limit only for one big tensor
+            total += size
+    assert set(index["weight_map"]) == set(expected)
+    assert index["metadata"]["total_size"] == total
+
+
+def test_dense_export_is_all_dense_layers():
+    cfg = CONFIGS["dense only"]
+    conf = hf.to_hf_config(cfg).to_dict()
+    assert conf["first_k_dense_replace"] == cfg.num_hidden_layers
+    assert conf["architectures"] == ["DeepseekV3ForCausalLM"]
+    assert hf.to_hf_config(CONFIGS["softmax (deepseek_v2)"]).architectures == ["DeepseekV2ForCausalLM"]
+
+
+def test_eos_list_takes_the_first_id():
+    d = hf.to_hf_config(BASE).to_dict()
+    d["eos_token_id"] = [2, 7]
+    assert hf.from_hf_config(d).eos_token_id == 2
