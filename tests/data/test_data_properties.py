@@ -233,3 +233,65 @@ def test_batch_iterator_rejects_a_rank_outside_the_world():
     for rank in (-1, 2):
         with pytest.raises(ValueError, match="dp_rank"):
             DistributedBatchIterator([], 1, rank, 2)
+
+
+def test_blend_validation_and_zero_weights():
+    with pytest.raises(ValueError, match="one weight per dataset"):
+        BlendedDataset([Labelled(0), Labelled(1)], [1.0])
+    with pytest.raises(ValueError, match="one weight per dataset"):
+        BlendedDataset([], [])
+    for bad in ([1.0, -0.5], [0.0, 0.0]):
+        with pytest.raises(ValueError, match="non-negative"):
+            BlendedDataset([Labelled(0), Labelled(1)], bad)
+    blend = BlendedDataset([Labelled(0), Labelled(1), Labelled(2)], [0.5, 0.0, 0.5], period=50)
+    assert {blend[i][0] for i in range(200)} == {0, 2}            # a zero weight is allowed, never served
+    assert blend.consumed_per_dataset(200) == [100, 0, 100]
+
+
+def test_parse_data_path_forms():
+    from megamoe.data.dataset import parse_data_path
+    assert parse_data_path(["a"]) == ([1.0], ["a"])
+    assert parse_data_path("0.7 a 0.3 b") == ([0.7, 0.3], ["a", "b"])
+    assert parse_data_path(["0.7 a", "0.3", "b"]) == ([0.7, 0.3], ["a", "b"])
+    for bad in (["a", "b"], ["0.5", "a", "0.5"], ["a", "0.5", "b", "0.5"]):
+        with pytest.raises(ValueError, match="WEIGHT PATH"):
+            parse_data_path(bad)
+    with pytest.raises(ValueError, match="empty"):
+        parse_data_path([])
+
+
+def _write(prefix, docs):
+    with IndexedDatasetWriter(prefix, np.uint16) as w:
+        for doc in docs:
+            w.add_document(doc)
+    return prefix
+
+
+def test_golden_data_order(tmp_path):
+    """The sample order for a fixed seed is part of the data contract (runs resumed across megamoe
+    versions read on where they stopped): the first samples of a two-source blend, pinned."""
+    from megamoe.data.dataset import build_pretraining_data
+    a = _write(tmp_path / "a", [[1000 * d + t for t in range(3 + d % 5)] for d in range(40)])
+    b = _write(tmp_path / "b", [[50000 + 100 * d + t for t in range(2 + d % 3)] for d in range(30)])
+    train, valid = build_pretraining_data(["0.6", str(a), "0.4", str(b)], seq_length=4, seed=9, splits=(0.8, 0.2))
+    firsts = [int(train[i][0]) for i in range(12)]
+    assert firsts == GOLDEN_TRAIN, firsts
+    assert [int(valid[i][0]) for i in range(4)] == GOLDEN_VALID
+    assert [d.name for d in train.datasets] == [f"{a}[train]", f"{b}[train]"]
+
+
+GOLDEN_TRAIN = [17000, 50801, 27003, 51900, 2003, 13002, 52101, 3003, 50901, 19004, 14002, 52200]
+GOLDEN_VALID = [39000, 52903, 39004, 52600]
+
+
+def test_a_source_too_small_for_validation_leaves_the_others(tmp_path):
+    """A tiny validation split of one source is skipped, not the rest of the sources after it."""
+    from megamoe.data.dataset import build_pretraining_data
+    small = _write(tmp_path / "small", [[5, 6, 7, 8, 9, 10]] * 9 + [[1]])     # valid: one 1-token document
+    big = _write(tmp_path / "big", [list(range(100 * d, 100 * d + 20)) for d in range(10)])
+    train, valid = build_pretraining_data(["0.5", str(small), "0.5", str(big)], seq_length=4, seed=1,
+                                          splits=(0.9, 0.1))
+    assert len(train.datasets) == 2
+    assert [d.name for d in valid.datasets] == [f"{big}[valid]"]
+    with pytest.raises(ValueError, match="not enough"):
+        build_pretraining_data(["0.5", str(big), "0.5", str(_write(tmp_path / "tiny", [[1, 2]]))], 4, 1, (1.0, 0.0))

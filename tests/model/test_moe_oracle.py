@@ -175,3 +175,23 @@ def test_router_jitter_uses_the_global_torch_generator():
             return router.route(x).weights_TK
     assert torch.equal(weights(1), weights(1))
     assert not torch.equal(weights(1), weights(2))
+
+
+def test_router_forward_honours_an_external_bias_and_keeps_fp32_buffers():
+    """AutoEP's contract passes its own expert_bias: it steers selection like ours. Casting the model
+    to bf16 keeps the selection bias and the token counts in fp32."""
+    cfg = dataclasses.replace(TINY, n_group=1, topk_group=1).validate()
+    router = Router(cfg)
+    torch.nn.init.normal_(router.weight, std=0.1)
+    x = torch.randn(32, cfg.hidden_size, generator=torch.Generator().manual_seed(0))
+    push = torch.zeros(cfg.n_routed_experts)
+    push[5] = 10.0
+    with torch.no_grad():
+        _, idx, counts = router(x, expert_bias=push)
+    assert (idx == 5).any(dim=1).all() and counts[5] == 32
+    with torch.no_grad():
+        _, idx0, _ = router(x)
+    assert not (idx0 == 5).any(dim=1).all()
+    router.to(torch.bfloat16)
+    assert router.weight.dtype == torch.bfloat16
+    assert router.e_score_correction_bias.dtype == torch.float32 and router.tokens_per_expert_acc.dtype == torch.float32

@@ -1,0 +1,83 @@
+"""`make mutate`: mutation testing of the core modules with mutmut (configured in setup.cfg).
+
+    python tests/mutation.py            # run, then report
+    python tests/mutation.py --report   # report the last run only
+
+Every surviving mutant must be killed by a test or listed in tests/MUTANTS.md (its mutmut name in
+backticks, with the reason it is equivalent or out of reach). Exits 1 when a survivor is neither.
+Not part of `make test`: run it before resolving an issue that touches the modules in setup.cfg.
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+LEDGER = ROOT / "tests" / "MUTANTS.md"
+# Functions mutated in the modules setup.cfg names (a module's argument parsing and messages are
+# not core logic): mutmut names are module.x_function or module.xǁClassǁmethod.
+SCOPE = [
+    "megamoe.model.moe.*",
+    "megamoe.model.attention.*",
+    "kernels.reference.*",
+    "megamoe.data.indexed.*",
+    "megamoe.data.dataset.*",
+    "megamoe.hf.*",
+    "megamoe.parallel.expert.x_native_expert_state_dict*",
+    "megamoe.parallel.expert.x_autoep_expert_state_dict*",
+    "megamoe.parallel.expert.xǁExpertParallelRouterǁ*",
+    "megamoe.training.xǁLossGuardǁ*",
+]
+
+
+def mutmut(*args: str) -> str:
+    exe = Path(sys.executable).with_name("mutmut")
+    r = subprocess.run([str(exe), *args], cwd=ROOT, capture_output=True, text=True)
+    if r.returncode != 0:
+        sys.exit(f"mutmut {' '.join(args)} failed ({r.returncode}):\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}")
+    return r.stdout
+
+
+def in_scope(name: str) -> bool:
+    import fnmatch
+    return any(fnmatch.fnmatchcase(name, pat) for pat in SCOPE)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--report", action="store_true", help="only report the last run")
+    args = ap.parse_args()
+    if not args.report:
+        t0 = time.time()
+        r = subprocess.run([str(Path(sys.executable).with_name("mutmut")), "run", *SCOPE], cwd=ROOT)
+        print(f"mutmut run: exit {r.returncode}, {time.time() - t0:.0f} s")
+    status = {}
+    for line in mutmut("results", "--all", "true").splitlines():
+        m = re.match(r"\s*(\S+): (.+)$", line)
+        if m and in_scope(m[1]):
+            status[m[1]] = m[2].strip()
+    counts = collections.Counter(status.values())
+    listed = set(re.findall(r"`([\w.ǁ]+__mutmut_\d+)`", LEDGER.read_text(encoding="utf-8"))) if LEDGER.exists() else set()
+    survivors = sorted(n for n, s in status.items() if s == "survived")
+    unexplained = [n for n in survivors if n not in listed]
+    stale = sorted(n for n in listed if status.get(n) not in (None, "survived"))
+    print(f"mutants tried {len(status)}: " + ", ".join(f"{k} {v}" for k, v in counts.most_common()))
+    print(f"surviving {len(survivors)}: {len(survivors) - len(unexplained)} listed in tests/MUTANTS.md, "
+          f"{len(unexplained)} not listed")
+    for n in unexplained:
+        print(f"  survived, not in MUTANTS.md: {n}   (mutmut show {n})")
+    for n in stale:
+        print(f"  listed in MUTANTS.md but now {status[n]}: {n} (remove it from the ledger)")
+    other = sorted(n for n, s in status.items() if s not in ("killed", "survived"))
+    for n in other:
+        print(f"  {status[n]}: {n}")
+    return 1 if unexplained or other else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
