@@ -338,6 +338,12 @@ def ep_layout(engine_or_model: nn.Module) -> dict:
 # ----------------------------------------------------------------------------------------------
 # Expert weight names: native (MoE/GroupedExperts) <-> AutoEP (GroupedExperts w1/w2/w3)
 # ----------------------------------------------------------------------------------------------
+def _is_experts(prefix: str) -> bool:
+    """`prefix` names a routed-experts module (its last component is `experts`, so not
+    `shared_experts`)."""
+    return prefix.rpartition(".")[2] == "experts"
+
+
 def native_expert_state_dict(state_dict: dict) -> dict:
     """AutoEP expert names -> megamoe's native ones, for full (all-expert) tensors, e.g. from a
     universal checkpoint or gathered from every EP rank: `...experts.w1` [E, I, H] (gate) and
@@ -346,7 +352,7 @@ def native_expert_state_dict(state_dict: dict) -> dict:
     out = {}
     for key, value in state_dict.items():
         prefix, _, leaf = key.rpartition(".")
-        if not prefix.endswith("experts") or leaf not in ("w1", "w2", "w3"):
+        if not _is_experts(prefix) or leaf not in ("w1", "w2", "w3"):
             out[key] = value
             continue
         if leaf == "w1":
@@ -368,10 +374,10 @@ def autoep_expert_state_dict(state_dict: dict) -> dict:
     out = {}
     for key, value in state_dict.items():
         prefix, _, leaf = key.rpartition(".")
-        if prefix.endswith("experts") and leaf == EXPERT_W1:
+        if _is_experts(prefix) and leaf == EXPERT_W1:
             gate, up = value.chunk(2, dim=1)   # gate rows first
             out[f"{prefix}.w1"], out[f"{prefix}.w3"] = gate.contiguous(), up.contiguous()
-        elif prefix.endswith("experts") and leaf == EXPERT_W2:
+        elif _is_experts(prefix) and leaf == EXPERT_W2:
             out[f"{prefix}.w2"] = value
         else:
             out[key] = value

@@ -283,3 +283,29 @@ def test_deepspeed_patches_refuse_another_version(monkeypatch):
         with deepspeed_compat.autoep_router_class(lambda **kw: None):
             pass
     assert auto_ep_layer.TokenChoiceTopKRouter is original
+
+
+def test_expert_name_mapping_touches_only_expert_weights():
+    import torch
+    from megamoe.parallel.expert import autoep_expert_state_dict, native_expert_state_dict
+    g = torch.Generator().manual_seed(0)
+    E, I, H = 3, 4, 5
+    w1, w3, w2 = (torch.randn(E, I, H, generator=g), torch.randn(E, I, H, generator=g),
+                  torch.randn(E, H, I, generator=g))
+    others = {"layers.1.ffn.shared_experts.w1": torch.ones(2), "layers.1.ffn.experts.scale": torch.ones(3),
+              "w1": torch.zeros(1), "layers.1.ffn.gate_up_proj": torch.ones(4)}
+    autoep = {"layers.1.ffn.experts.w1": w1, "layers.1.ffn.experts.w3": w3, "layers.1.ffn.experts.w2": w2, **others}
+    native = native_expert_state_dict(autoep)
+    assert set(native) == {"layers.1.ffn.experts.gate_up_proj", "layers.1.ffn.experts.down_proj", *others}
+    assert torch.equal(native["layers.1.ffn.experts.gate_up_proj"], torch.cat([w1, w3], dim=1))  # gate rows first
+    assert native["layers.1.ffn.experts.down_proj"] is w2
+    for k, v in others.items():
+        assert native[k] is v
+    back = autoep_expert_state_dict(native)
+    assert set(back) == set(autoep) and all(torch.equal(back[k], autoep[k]) for k in autoep)
+    with pytest.raises(KeyError, match="no matching layers.1.ffn.experts.w3"):
+        native_expert_state_dict({"layers.1.ffn.experts.w1": w1})
+    with pytest.raises(KeyError, match="no matching layers.1.ffn.experts.w1"):
+        native_expert_state_dict({"layers.1.ffn.experts.w3": w3})
+    with pytest.raises(ValueError, match=r"differ in shape"):
+        native_expert_state_dict({"layers.1.ffn.experts.w1": w1, "layers.1.ffn.experts.w3": w3[:, :2]})
