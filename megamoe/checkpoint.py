@@ -15,7 +15,7 @@ without megamoe_state.json is an incomplete one and is never loaded.
 
 EP / world-size guard (`check_compatible`): DeepSpeed's plain load_checkpoint does not notice
 that a ZeRO-2 AutoEP checkpoint saved at ep 2 is loaded at ep 1 and silently scrambles the
-experts (measured, see PLATFORM.md). So a checkpoint loads as is only at the EP size, world
+experts (measured with deepspeed 0.19.8). So a checkpoint loads as is only at the EP size, world
 size and ZeRO stage it was saved with; otherwise the user converts it to DeepSpeed's universal
 format with tools/convert_checkpoint.py, and a universal checkpoint loads at any layout with
 `"checkpoint": {"load_universal": true}` set by the trainer.
@@ -30,6 +30,8 @@ from typing import Any, Optional
 
 import numpy as np
 import torch
+
+from megamoe import faults
 
 FORMAT = "megamoe-checkpoint-v1"
 STATE_FILE = "megamoe_state.json"
@@ -227,9 +229,7 @@ def save(engine, save_dir: str | Path, step: int, trainer_state: dict[str, Any])
     tmp = rng_path.with_name(f".{rng_path.name}.tmp")
     torch.save(rng_state(), tmp)
     os.replace(tmp, rng_path)
-    if os.environ.get("MEGAMOE_TEST_CRASH_IN_SAVE") == str(step) and rank == int(
-            os.environ.get("MEGAMOE_TEST_CRASH_RANK", "1")):
-        os._exit(9)  # test hook: die after the engine files, before the checkpoint is complete
+    faults.crash_in_save(step, rank)  # tests: die after the engine files, before the checkpoint is complete
     _barrier()  # every rank's engine + RNG files are on disk
     if rank == 0:
         state = {"format": FORMAT, "step": int(step), **trainer_state}

@@ -15,7 +15,6 @@ routing-bias update in megamoe.parallel.
 from __future__ import annotations
 
 import json
-import os
 import random
 import signal
 import sys
@@ -33,6 +32,8 @@ import numpy as np
 import torch
 
 from megamoe import checkpoint as ckpt
+from megamoe import faults
+from megamoe.guard import LossGuard
 from megamoe import training
 from megamoe.config import ModelConfig
 from megamoe.distributed import init_distributed, rank, world_size
@@ -182,7 +183,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     if qk_clip is not None:
         log0(f"QK-clip: tau {args.qk_clip_tau} (per-head q/k rescale after every step)")
 
-    guard = training.LossGuard(args.loss_spike_factor)
+    guard = LossGuard(args.loss_spike_factor)
     step, consumed, skipped_total = 0, 0, 0
     if resume is not None:
         ckpt.load(engine, args.load, tag, state)
@@ -229,7 +230,6 @@ def main(argv: Optional[list[str]] = None) -> int:
     qk_stats = None
     load_acc_LE, last_grad_norm, exit_code, consecutive_skips = None, None, 0, 0
     stats, mom = {}, None
-    test_sleep = float(os.environ.get("MEGAMOE_TEST_ITER_SLEEP", "0"))  # test hook: slow iterations down
     loop_start = time.perf_counter()
     while step < train_iters:
         it = step + 1
@@ -368,8 +368,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             t0 = time.perf_counter()
             save("interval")
             win["t"] += time.perf_counter() - t0
-        if test_sleep:
-            time.sleep(test_sleep)
+        faults.iteration_sleep()  # tests: time to send a signal mid-run
         if stop.agreed():
             log0(f"received signal {stop.signum or 'on another rank'}: saving and exiting")
             save("signal")

@@ -2,6 +2,7 @@
 
     python tests/mutation.py            # run, then report
     python tests/mutation.py --report   # report the last run only
+    rm -rf mutants                      # forget every cached result (a clean run, about 30 min)
 
 Every surviving mutant must be killed by a test or listed in tests/MUTANTS.md (its mutmut name in
 backticks, with the reason it is equivalent or out of reach). Exits 1 when a survivor is neither.
@@ -30,8 +31,9 @@ SCOPE = [
     "megamoe.hf.*",
     "megamoe.parallel.expert.x_native_expert_state_dict*",
     "megamoe.parallel.expert.x_autoep_expert_state_dict*",
+    "megamoe.parallel.expert.x__is_experts*",
     "megamoe.parallel.expert.xǁExpertParallelRouterǁ*",
-    "megamoe.training.xǁLossGuardǁ*",
+    "megamoe.guard.*",
 ]
 
 
@@ -41,6 +43,23 @@ def mutmut(*args: str) -> str:
     if r.returncode != 0:
         sys.exit(f"mutmut {' '.join(args)} failed ({r.returncode}):\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}")
     return r.stdout
+
+
+def run_mutmut(*names: str) -> None:
+    exe = str(Path(sys.executable).with_name("mutmut"))
+    r = subprocess.run([exe, "run", *names], cwd=ROOT, stdout=subprocess.DEVNULL)
+    if r.returncode != 0:
+        sys.exit(f"mutmut run failed ({r.returncode})")
+
+
+def results() -> dict[str, str]:
+    """{mutant name: status} for the mutants in SCOPE."""
+    status = {}
+    for line in mutmut("results", "--all", "true").splitlines():
+        m = re.match(r"\s*(\S+): (.+)$", line)
+        if m and in_scope(m[1]):
+            status[m[1]] = m[2].strip()
+    return status
 
 
 def in_scope(name: str) -> bool:
@@ -54,13 +73,14 @@ def main() -> int:
     args = ap.parse_args()
     if not args.report:
         t0 = time.time()
-        r = subprocess.run([str(Path(sys.executable).with_name("mutmut")), "run", *SCOPE], cwd=ROOT)
-        print(f"mutmut run: exit {r.returncode}, {time.time() - t0:.0f} s")
-    status = {}
-    for line in mutmut("results", "--all", "true").splitlines():
-        m = re.match(r"\s*(\S+): (.+)$", line)
-        if m and in_scope(m[1]):
-            status[m[1]] = m[2].strip()
+        # mutmut keeps each mutant's result until its function changes: new and changed mutants run
+        # here; then the survivors run again by name, against the tests as they are now.
+        run_mutmut()
+        again = [n for n, s in results().items() if s != "killed"]
+        if again:
+            run_mutmut(*again)
+        print(f"mutmut: {time.time() - t0:.0f} s ({len(again)} earlier survivors re-run)")
+    status = results()
     counts = collections.Counter(status.values())
     listed = set(re.findall(r"`([\w.ǁ]+__mutmut_\d+)`", LEDGER.read_text(encoding="utf-8"))) if LEDGER.exists() else set()
     survivors = sorted(n for n, s in status.items() if s == "survived")

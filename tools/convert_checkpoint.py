@@ -10,7 +10,8 @@ expert shards into per-parameter fp32 tensors plus optimizer moments), then copi
 state with "universal": true and writes OUTPUT/latest last. pretrain.py's EP/world-size guard
 accepts such a checkpoint at any layout and loads it with `"checkpoint": {"load_universal": true}`.
 Per-rank RNG states are copied but only restored when the world size is unchanged.
-Measured on CPU (PLATFORM.md): AutoEP + ZeRO-2 universal resume matches the uninterrupted run;
+Measured on CPU with deepspeed 0.19.8: AutoEP + ZeRO-2 universal resume matches the uninterrupted run
+(tests/train/test_pretrain_distributed.py);
 AutoEP + ZeRO-3 universal resume was NOT exact (experts off by ~7e-5 after a step).
 
 Adam(W) checkpoints only. DeepSpeed 0.19.8's universal format carries Adam's moments

@@ -195,3 +195,13 @@ def test_router_forward_honours_an_external_bias_and_keeps_fp32_buffers():
     router.to(torch.bfloat16)
     assert router.weight.dtype == torch.bfloat16
     assert router.e_score_correction_bias.dtype == torch.float32 and router.tokens_per_expert_acc.dtype == torch.float32
+
+
+def test_capacity_breaks_score_ties_by_position():
+    """Equal scores: an expert keeps its earliest assignments (token order, then slot)."""
+    T, K, E, capacity = 12, 2, 3, 4
+    indices = torch.tensor([[t % E, (t + 1) % E] for t in range(T)])
+    kept = capacity_keep_mask(torch.full((T, K), 0.5), indices, E, capacity)
+    for e in range(E):
+        slots = [(t, j) for t in range(T) for j in range(K) if indices[t, j] == e]
+        assert [kept[tj].item() for tj in slots] == [True] * capacity + [False] * (len(slots) - capacity)

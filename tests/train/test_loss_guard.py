@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from megamoe.training import LossGuard
+from megamoe.guard import LossGuard
 
 
 def oracle_ema(values, beta):

@@ -23,6 +23,7 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 from megamoe import checkpoint as ckpt  # noqa: E402
+from megamoe import faults  # noqa: E402
 from megamoe.distributed import free_port  # noqa: E402
 from megamoe.monitor import read_scalars as scalars  # noqa: E402
 
@@ -140,7 +141,7 @@ def test_reference_run_learns_and_logs_everything(ref):
 def test_sigkill_then_resume_reproduces_losses(ref, data, tmp_path):
     save = tmp_path / "ckpt"
     p = popen(base_args(data, save=save, save_interval=3, tensorboard_dir=tmp_path / "tb_killed"),
-              MEGAMOE_TEST_ITER_SLEEP=0.5)
+              **faults.env(iteration_sleep_s=0.5))
     lines = Lines(p)
     lines.wait_for("saved checkpoint")
     lines.wait_for("iteration      5/")  # a couple of steps after the checkpoint
@@ -161,7 +162,7 @@ def test_sigkill_then_resume_reproduces_losses(ref, data, tmp_path):
 
 def test_sigterm_on_one_rank_saves_everywhere_and_exits_zero(data, tmp_path):
     save = tmp_path / "ckpt"
-    p = popen(base_args(data, iters=200, save=save), MEGAMOE_TEST_ITER_SLEEP=0.3)
+    p = popen(base_args(data, iters=200, save=save), **faults.env(iteration_sleep_s=0.3))
     lines = Lines(p)
     lines.wait_for("iteration      2/")
     worker(p, 0).send_signal(signal.SIGTERM)  # rank 1 learns of it through the all-reduced flag
@@ -176,7 +177,7 @@ def test_sigterm_on_one_rank_saves_everywhere_and_exits_zero(data, tmp_path):
 
 def test_crash_inside_save_leaves_latest_on_the_previous_checkpoint(data, tmp_path):
     save = tmp_path / "ckpt"
-    rc, out = run(base_args(data, iters=7, save=save, save_interval=3), MEGAMOE_TEST_CRASH_IN_SAVE=6)
+    rc, out = run(base_args(data, iters=7, save=save, save_interval=3), **faults.env(crash_in_save={"step": 6}))
     assert rc != 0
     assert ckpt.read_latest(save) == "global_step3"
     assert (save / "global_step6").is_dir() and not (save / "global_step6" / ckpt.STATE_FILE).exists()
@@ -219,14 +220,14 @@ def test_universal_conversion_resumes_at_ep1(ref, data, tmp_path):
 
 def test_nan_loss_skip_and_stop(data, tmp_path):
     rc, out = run(base_args(data, iters=5, on_nan="skip", tensorboard_dir=tmp_path / "tb"),
-                  MEGAMOE_INJECT_NAN_ITERS=3)
+                  **faults.env(nan_loss_iters=[3]))
     assert rc == 0, out[-4000:]
     assert "iteration 3: non-finite loss" in out and "skipped" in out
     assert sorted(scalars(tmp_path / "tb", "train/loss")) == [1, 2, 4, 5]
     assert scalars(tmp_path / "tb", "train/skipped_iters")[5] == 1
 
     save = tmp_path / "ckpt"
-    rc, out = run(base_args(data, iters=5, on_nan="stop", save=save), MEGAMOE_INJECT_NAN_ITERS=3)
+    rc, out = run(base_args(data, iters=5, on_nan="stop", save=save), **faults.env(nan_loss_iters=[3]))
     assert rc == 1, out[-4000:]
     assert "stopping with a checkpoint" in out
     state = ckpt.read_state(save / ckpt.read_latest(save))

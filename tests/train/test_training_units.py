@@ -13,7 +13,8 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 from megamoe import checkpoint as ckpt  # noqa: E402
-from megamoe import training  # noqa: E402
+from megamoe import training
+from megamoe.guard import LossGuard  # noqa: E402
 from megamoe.config import ModelConfig  # noqa: E402
 from megamoe.monitor import flops_per_token  # noqa: E402
 
@@ -128,7 +129,7 @@ def test_guard_and_latest(tmp_path):
 
 def test_loss_guard_spike_detection():
     import torch
-    g = training.LossGuard(spike_factor=2.0, min_history=3)
+    g = LossGuard(spike_factor=2.0, min_history=3)
     for v in (5.0, 4.8, 4.6, 4.5):
         status, means = g.check(torch.tensor(v), 1)
         assert status is None and means[0] == pytest.approx(v)
