@@ -138,6 +138,32 @@ def read_scalars(tb_dir, tag: str) -> dict[int, float]:
     return out
 
 
+class MetricsWindow:
+    """Losses and timing since the last console line: means over accepted optimizer steps, wall
+    time over every iteration (skipped ones included), evaluation and save time excluded."""
+
+    def __init__(self):
+        self.sums: dict[str, float] = {}
+        self.n = 0        # accepted optimizer steps
+        self.iters = 0    # iterations, skipped ones included
+        self.t0 = time.perf_counter()
+
+    def add(self, **values: float) -> None:
+        for k, v in values.items():
+            self.sums[k] = self.sums.get(k, 0.0) + float(v)
+        self.n += 1
+
+    def means(self) -> dict[str, float]:
+        n = max(self.n, 1)
+        return {k: v / n for k, v in {"loss": 0.0, "aux": 0.0, "z": 0.0, "mtp": 0.0, **self.sums}.items()}
+
+    def exclude(self, seconds: float) -> None:
+        self.t0 += seconds
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.t0
+
+
 class Monitor:
     """Rank 0 writes TensorBoard; every rank may call (others are no-ops)."""
 

@@ -11,7 +11,7 @@ every parameter it holds, gathered by DeepSpeed (`deepspeed.utils.safe_get_full_
 expert weights are this rank's experts only) into `SAVE_DIR/masters_rank{R}.pt`.
 
 --muon: DeepSpeed's Muon optimizer (fp32, torch-based auxiliary AdamW: no FusedAdam JIT) with
-the trainer's parameter groups and Muon assignment (megamoe.pretrain.initialize_engine), as
+the trainer's parameter groups and Muon assignment (megamoe.trainer.initialize_engine), as
 ds_configs/muon.json / muonclip.json train, instead of AdamW.
 
 Goes through megamoe.parallel.expert.initialize, as the trainer does: AutoEP with megamoe's own
@@ -99,7 +99,7 @@ def main() -> None:
         router.e_score_correction_bias.copy_(torch.randn(cfg.n_routed_experts, generator=gen) * 0.05)
     conf = ds_config(zero_stage, ep_size, cfg, muon)
     if muon:
-        from megamoe.pretrain import initialize_engine
+        from megamoe.trainer import initialize_engine
         engine = initialize_engine(model, cfg, conf, ep_size, None, use_autoep=ep_size > 1)
     else:
         engine, *_ = initialize(model, cfg, conf, ep_size, model_parameters=model.parameters())

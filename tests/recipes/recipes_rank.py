@@ -5,7 +5,7 @@ SPEC: {"runs": [{"name", "kind", ...}]}, each run a fresh model and engine in th
 
 kinds:
   qkclip    MuonClip under ZeRO `zero` with EP `ep`: engine built as the trainer builds it
-            (megamoe.pretrain.initialize_engine: parameter groups + Muon assignment). One step at
+            (megamoe.trainer.initialize_engine: parameter groups + Muon assignment). One step at
             lr 0, tau set between the heads' observed max logits, QK-clip; records the fp32 masters
             and module weights before/after, the next forward's max logits, the optimizer groups,
             and the module weights after one more lr-0 step (must keep the clipped values).
@@ -27,7 +27,7 @@ from megamoe.config import ModelConfig  # noqa: E402
 from megamoe.distributed import init_distributed, rank, world_size  # noqa: E402
 from megamoe.model.moe import set_aux_loss_scale  # noqa: E402
 from megamoe.optim import QKClip, describe_optimizer_groups  # noqa: E402
-from megamoe.pretrain import initialize_engine  # noqa: E402
+from megamoe.trainer import initialize_engine  # noqa: E402
 
 
 def model_cfg(overrides):

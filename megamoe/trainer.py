@@ -1,0 +1,466 @@
+"""The training loop's one home: `Trainer(args).train()`.
+
+    Trainer.__init__   model config, DeepSpeed config, resume point, data, engine, monitoring
+    Trainer.train      the loop: train_step -> (skip_step | after_step) -> maybe_log ->
+                       maybe_eval -> maybe_save -> stop checks
+One iteration is one optimizer step over the DeepSpeed config's global batch (micro batch x
+gradient accumulation x data-parallel ranks). The pieces it calls live in their modules:
+arguments / config checks / schedule in megamoe.training, the bad-loss guard in megamoe.guard,
+checkpoints in megamoe.checkpoint, TensorBoard / FLOPs / MFU in megamoe.monitor, expert parallelism
+and the routing-bias update in megamoe.parallel.
+"""
+from __future__ import annotations
+
+import json
+import random
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+
+from megamoe import checkpoint as ckpt
+from megamoe import faults, training
+from megamoe.config import ModelConfig
+from megamoe.distributed import init_distributed, rank, world_size
+from megamoe.guard import LossGuard
+from megamoe.monitor import (MetricsWindow, Monitor, console_line, device_peak_flops, flops_per_token, memory_gb,
+                             moe_scalars)
+from megamoe.optim import GroupSpec, QKClip, describe_optimizer_groups, format_groups, muon_assignment, \
+    param_groups, qk_clip_scalars
+from megamoe.parallel.balance import update_routing_bias
+
+EXIT_BAD_LOSS = 1
+
+
+def log0(*a) -> None:
+    if rank() == 0:
+        print(*a, flush=True)
+
+
+def all_reduce(t: torch.Tensor, op=None) -> torch.Tensor:
+    if torch.distributed.is_initialized():
+        torch.distributed.all_reduce(t, **({"op": op} if op is not None else {}))
+    return t
+
+
+class StopRequest:
+    """SIGTERM/SIGINT set a flag; the loop agrees on it across ranks at the next iteration end,
+    saves a checkpoint everywhere and exits 0 (a second signal falls back to the default)."""
+
+    def __init__(self):
+        self.signum: Optional[int] = None
+        for s in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(s, self._handler)
+
+    def _handler(self, signum, frame):
+        if self.signum is not None:
+            signal.signal(signum, signal.SIG_DFL)
+            raise KeyboardInterrupt
+        self.signum = signum
+
+    def agreed(self) -> bool:
+        flag = torch.tensor([1.0 if self.signum is not None else 0.0])
+        return bool(all_reduce(flag).item() > 0)
+
+
+@dataclass
+class StepResult:
+    status: Optional[str]               # None, "nan" or "spike"
+    means: list = field(default_factory=list)   # [loss, aux, z, mtp], global means over micro-batches
+    lr: float = 0.0
+    dropped_L: Optional[torch.Tensor] = None    # capacity-dropped share summed over micro-batches
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def build_model_config(args) -> ModelConfig:
+    cfg = ModelConfig.load(args.model_config, **training.parse_overrides(args.model_override))
+    if args.tokenizer:
+        from megamoe.data import load_tokenizer
+        tok = load_tokenizer(args.tokenizer)
+        if tok.vocab_size > cfg.vocab_size:
+            raise SystemExit(f"--tokenizer {args.tokenizer} has {tok.vocab_size} tokens but the model's vocab_size "
+                             f"is {cfg.vocab_size}; use --model-override vocab_size={tok.vocab_size}")
+    if args.seq_length > cfg.max_position_embeddings:
+        raise SystemExit(f"--seq-length {args.seq_length} exceeds max_position_embeddings {cfg.max_position_embeddings}")
+    return cfg
+
+
+def build_data(args):
+    """(train, valid) datasets from --data-path / --valid-data-path / --split."""
+    from megamoe.data import build_pretraining_data
+    if args.valid_data_path:
+        train_ds, = build_pretraining_data(args.data_path, args.seq_length, args.seed, splits=(1.0,))
+        valid_ds, = build_pretraining_data(args.valid_data_path, args.seq_length, args.seed, splits=(1.0,))
+        return train_ds, valid_ds
+    splits = [float(x) for x in args.split.split(",")]
+    return build_pretraining_data(args.data_path, args.seq_length, args.seed, splits=splits)[:2]
+
+
+def consumed_per_dataset(train_it) -> list[int]:
+    """Samples taken from each dataset of the blend so far (one dataset: all of them)."""
+    per_ds = train_it.consumed_per_dataset()
+    return per_ds if per_ds is not None else [train_it.consumed_samples]
+
+
+def initialize_engine(model, cfg: ModelConfig, ds_config: dict, ep_size: int, lr_scheduler, use_autoep: bool,
+                      group_spec: Optional[GroupSpec] = None):
+    """deepspeed.initialize through megamoe.parallel.expert (AutoEP block + our router for ep > 1),
+    with megamoe.optim's parameter groups (decay / lr multiplier per kind) and, under Muon, Muon
+    exactly on the hidden matrices (router, embeddings, head, norms on the auxiliary AdamW)."""
+    from megamoe.parallel.expert import initialize
+    opt = ds_config["optimizer"]
+    params = opt.get("params", {})
+    spec = group_spec or GroupSpec(weight_decay=float(params.get("weight_decay", 0.0)))
+    groups = param_groups(model, spec, float(params["lr"]), params, muon=str(opt["type"]).lower() == "muon")
+    with muon_assignment():
+        engine, _, _, _ = initialize(model, cfg, ds_config, ep_size, use_autoep=use_autoep,
+                                     model_parameters=groups, lr_scheduler=lr_scheduler)
+    return engine
+
+
+@torch.no_grad()
+def evaluate(engine, valid_ds, micro: int, iters: int) -> Optional[float]:
+    """Mean LM loss over the first `iters` global validation batches (the same ones every time)."""
+    if valid_ds is None or iters <= 0:
+        return None
+    from megamoe.data import DistributedBatchIterator
+    it = DistributedBatchIterator(valid_ds, micro, rank(), world_size(), consumed_samples=0)
+    engine.eval()
+    total = torch.zeros(2)
+    for _ in range(iters):
+        b = next(it)
+        out = engine(b["input_ids"], labels=b["labels"])
+        total += torch.tensor([out.loss.float().item(), 1.0])
+    engine.train()
+    all_reduce(total)
+    return float(total[0] / total[1])
+
+
+class Trainer:
+    def __init__(self, args):
+        self.args = args
+        init_distributed()
+        self.world, self.rank = world_size(), rank()
+        seed_everything(args.seed)
+        self.cfg = build_model_config(args)
+        self.ds_config = training.reconcile_ds_config(training.load_ds_config(args.deepspeed_config), args,
+                                                      self.world, source=args.deepspeed_config)
+        self.stage = training.zero_stage(self.ds_config)
+        self.micro = self.ds_config["train_micro_batch_size_per_gpu"]
+        self.gas = self.ds_config["gradient_accumulation_steps"]
+        self.global_batch = self.ds_config["train_batch_size"]
+        self.ep = args.expert_model_parallel_size
+        resume, initial_weights = self._resume_point()
+        self.train_ds, self.valid_ds = build_data(args)
+        self.train_iters = training.train_iters_from(args, self.global_batch)
+        self.use_autoep = self.ep > 1 or bool(resume is not None and resume[1].get("autoep"))
+        self.engine = self._build_engine(initial_weights)
+        self.qk_clip = QKClip(self.engine, args.qk_clip_tau) if args.qk_clip_tau else None
+        if self.qk_clip is not None:
+            log0(f"QK-clip: tau {args.qk_clip_tau} (per-head q/k rescale after every step)")
+        self.guard = LossGuard(args.loss_spike_factor)
+        self.step, self.skipped_total, self.consecutive_skips, self.exit_code = 0, 0, 0, 0
+        self.train_it = self._restore(resume)
+        self._start_monitoring()
+        self.stop = StopRequest()
+
+    # -- set-up ---------------------------------------------------------------------------------
+    def _resume_point(self):
+        """((tag, state) to resume from or None, (dir, tag) of weights-only initial weights or None)."""
+        args = self.args
+        resume = ckpt.find_checkpoint(args.load) if args.load else None
+        if resume is None:
+            return None, None
+        tag, state = resume
+        ckpt.check_model_config(state, self.cfg, where=str(Path(args.load) / tag))
+        self.ds_config.update(ckpt.check_compatible(state, self.ep, self.world, self.stage, where=str(Path(args.load))))
+        if state.get("weights_only"):
+            # converted weights (e.g. tools/convert_from_hf.py): continue pretraining from them
+            # with a fresh optimizer at iteration 0, as Megatron's --finetune / torchtitan's seed load
+            return None, (args.load, tag)
+        return resume, None
+
+    def _build_engine(self, initial_weights):
+        from megamoe.model.moe import set_aux_loss_scale
+        args, ds_config = self.args, self.ds_config
+        model = self.cfg.build(seed=args.seed)
+        if initial_weights is not None:
+            from megamoe.export import load_native_state_dict
+            model.load_state_dict(load_native_state_dict(*initial_weights)[0], strict=True)
+            log0(f"initial weights from {Path(initial_weights[0]) / initial_weights[1]} "
+                 "(weights only: fresh optimizer, iteration 0)")
+        model.set_gradient_checkpointing(args.recompute_activations)
+        set_aux_loss_scale(1.0 / self.gas)  # engine.backward divides the LM loss by GAS; the aux losses must match
+        schedule = training.LRSchedule(args.lr_decay_style, ds_config["optimizer"]["params"]["lr"], args.min_lr,
+                                       args.lr_warmup_iters, self.train_iters, args.lr_wsd_decay_iters)
+        wd = float(ds_config["optimizer"]["params"].get("weight_decay", 0.0))
+        spec = GroupSpec(weight_decay=wd, no_decay=tuple(args.no_weight_decay_on), lr_mult=args.lr_mult)
+        # AutoEP layers (even at ep 1) when resuming a checkpoint written with them: same parameter names
+        engine = initialize_engine(model, self.cfg, ds_config, self.ep, training.lr_scheduler_factory(schedule),
+                                   self.use_autoep, spec)
+        log0("optimizer groups:\n" + format_groups(describe_optimizer_groups(engine)))
+        return engine
+
+    def _restore(self, resume):
+        """Engine, RNG and trainer state from the checkpoint; the batch iterator at its position."""
+        from megamoe.data import DistributedBatchIterator
+        consumed = 0
+        if resume is not None:
+            tag, state = resume
+            ckpt.load(self.engine, self.args.load, tag, state)
+            self.step, consumed = int(state["step"]), int(state["consumed_samples"])
+            self.skipped_total = int(state.get("skipped_iters", 0))
+            self.guard.load_state_dict(state.get("loss_guard", {}))
+            log0(f"resumed from {Path(self.args.load) / tag}: iteration {self.step}, consumed samples {consumed}")
+        train_it = DistributedBatchIterator(self.train_ds, self.micro, self.rank, self.world, consumed_samples=consumed)
+        if resume is not None:
+            ckpt.check_data_position(resume[1], consumed_per_dataset(train_it), where=str(Path(self.args.load) / tag))
+        return train_it
+
+    def _start_monitoring(self):
+        args, cfg = self.args, self.cfg
+        dtype = torch.bfloat16 if self.ds_config.get("bf16", {}).get("enabled") else torch.float32
+        self.fpt = flops_per_token(cfg, args.seq_length)
+        self.peak, peak_note = device_peak_flops(dtype)
+        self.mon = Monitor(args.tensorboard_dir, enabled=self.rank == 0)
+        n = cfg.num_params()
+        log0(f"model {args.model_config}: {n['total'] / 1e6:.2f}M params, {n['active'] / 1e6:.2f}M active; "
+             f"{self.fpt['total'] / 1e6:.2f} MFLOP/token (matmul {self.fpt['matmul'] / 1e6:.2f}, "
+             f"attention {self.fpt['attention'] / 1e6:.2f})")
+        log0(f"world {self.world}, ep {self.ep}, ZeRO-{self.stage}, micro batch {self.micro} x GAS {self.gas} x "
+             f"{self.world} ranks = global batch {self.global_batch} ({self.global_batch * args.seq_length} tokens); "
+             f"{self.train_iters} iterations; {peak_note}")
+        self.mon.text("config", "```\n" + json.dumps({"args": vars(args), "ds_config": self.ds_config,
+                                                      "model": cfg.to_dict()}, indent=2, default=str) + "\n```")
+        self.layer_ids = [i for i, _ in training.routers_of(self.engine)]
+        self.window = MetricsWindow()
+        self.qk_stats, self.stats, self.mom, self.load_acc_LE, self.last_grad_norm = None, {}, None, None, None
+        self.drop_frac_L, self.lr = None, None
+
+    # -- the loop -------------------------------------------------------------------------------
+    def train(self) -> int:
+        loop_start = time.perf_counter()
+        while self.step < self.train_iters:
+            it = self.step + 1
+            result = self.train_step(it)
+            self.step, self.lr = it, result.lr
+            if result.status is not None and self.skip_step(it, result):
+                break
+            if result.status is None:
+                self.after_step(it, result)
+            self.window.iters += 1
+            self.maybe_log(it)
+            out_of_time = self.out_of_time(loop_start)
+            self.maybe_eval(it, force=out_of_time)
+            self.mon.flush()
+            self.maybe_save(it)
+            faults.iteration_sleep()  # tests: time to send a signal mid-run
+            if self.should_stop(it, out_of_time):
+                break
+        else:
+            self.save("end of training")
+        self.finish()
+        return self.exit_code
+
+    def train_step(self, it: int) -> StepResult:
+        """Forward/backward over the GAS micro-batches and the optimizer step, unless the guard
+        rejects the loss. A rejected micro-batch after others: DeepSpeed must drop the whole step."""
+        engine, gas = self.engine, self.gas
+        result = StepResult(None, lr=engine.get_lr()[0])  # the lr this iteration trains at
+        sums = np.zeros(4)
+        result.dropped_L = torch.zeros(len(self.layer_ids))
+        skipped_before = engine.skipped_steps
+        zero = torch.zeros(())
+        for _ in range(gas):
+            b = next(self.train_it)
+            out = engine(b["input_ids"], labels=b["labels"])
+            extras = tuple(v if v is not None else zero for v in (out.aux_loss, out.z_loss, out.mtp_loss))
+            if self.cfg.capacity_factor is not None and out.dropped_fraction is not None:
+                result.dropped_L += out.dropped_fraction.detach().float().cpu()
+            bad, means = self.guard.check(out.loss, it, extras=extras)
+            result.status = result.status or bad
+            if result.status is None:
+                sums += means
+                engine.backward(out.loss)
+            elif gas == 1:
+                break  # nothing accumulated: skipping = not calling backward / step
+            else:
+                # Gradients of earlier micro-batches are already inside ZeRO's buffers. Poison them so
+                # DeepSpeed's own grad-overflow check (bf16.check_grad_overflow) drops the whole step.
+                engine.backward(out.loss * float("nan"))
+            engine.step()
+        result.means = (sums / gas).tolist() if result.status is None else means
+        if result.status is not None and gas > 1 and engine.skipped_steps == skipped_before:
+            result.status = "unskippable " + result.status
+        return result
+
+    def skip_step(self, it: int, result: StepResult) -> bool:
+        """An iteration with a bad loss changed nothing. Returns True when the run must stop."""
+        if result.status.startswith("unskippable"):
+            log0(f"iteration {it}: {result.status.split()[-1]} loss but DeepSpeed did not skip the step (no "
+                 "grad-overflow check in this configuration); stopping")
+            self.exit_code = EXIT_BAD_LOSS
+            self.save("bad loss, step not skippable")
+            return True
+        if self.qk_clip is not None:
+            self.qk_clip.discard()  # no step: these forwards' logits belong to no update
+        update_routing_bias(self.engine, 0.0)  # rate 0: drop this iteration's counts, bias unchanged
+        self.skipped_total += 1
+        self.consecutive_skips += 1
+        policy = self.args.on_nan if result.status == "nan" else self.args.on_loss_spike
+        msg = (f"iteration {it}: {'non-finite' if result.status == 'nan' else 'spiking'} loss "
+               f"{result.means[0]:.4f} (EMA {self.guard.ema})")
+        if policy == "stop" or self.consecutive_skips > self.args.max_skipped_iters:
+            log0(msg + "; stopping with a checkpoint of the last good state (exit 1)")
+            self.exit_code = EXIT_BAD_LOSS
+            self.step -= 1  # this iteration changed nothing: the checkpoint is the state before it
+            self.save(f"stopped on {result.status} loss at iteration {it}")
+            self.step += 1
+            return True
+        log0(msg + "; iteration skipped (no optimizer step)")
+        self.mon.scalars({"train/skipped_iters": self.skipped_total}, it)
+        return False
+
+    def after_step(self, it: int, result: StepResult) -> None:
+        """Bookkeeping of an optimizer step: QK-clip, routing bias, metrics and scalars."""
+        self.consecutive_skips = 0
+        loss, aux, z, mtp = result.means
+        self.guard.accept(loss)
+        if self.qk_clip is not None:
+            self.qk_stats = self.qk_clip.step()  # after the optimizer step, on the fp32 masters and the module weights
+        self.stats = update_routing_bias(self.engine, self.cfg.bias_update_rate) if self.layer_ids else {}
+        grad_norm = self.engine.get_global_grad_norm()
+        self.last_grad_norm = float(grad_norm) if grad_norm is not None else None
+        self.window.add(loss=loss, aux=aux, z=z, mtp=mtp)
+        scal = {"train/loss": loss, "train/aux_loss": aux, "train/z_loss": z, "train/lr": result.lr,
+                "train/grad_norm": self.last_grad_norm, "train/consumed_samples": self.train_it.consumed_samples,
+                "train/skipped_iters": self.skipped_total}
+        if self.cfg.num_nextn_predict_layers > 0:
+            scal["train/mtp_loss"] = mtp
+        if self.qk_stats is not None:
+            scal.update(qk_clip_scalars(self.qk_stats))
+        if self.stats:
+            scal.update(self._moe_scalars(result.dropped_L))
+        self.mon.scalars(scal, it)
+
+    def _moe_scalars(self, dropped_L: torch.Tensor) -> dict:
+        counts_LE = self.stats["tokens_per_expert"].float().cpu()
+        self.mom = self.stats["max_over_mean"].float().cpu()
+        self.load_acc_LE = counts_LE if self.load_acc_LE is None else self.load_acc_LE + counts_LE
+        # capacity dropping (capacity_factor): share of this iteration's assignments dropped,
+        # per MoE layer, averaged over micro-batches and ranks (0 when dropless)
+        track_drops = self.cfg.capacity_factor is not None
+        if track_drops:
+            all_reduce(dropped_L)
+        self.drop_frac_L = dropped_L / (self.gas * (self.world if track_drops else 1))
+        bias_LE = torch.stack([r.e_score_correction_bias.float() for _, r in training.routers_of(self.engine)])
+        routed = self.global_batch * self.args.seq_length * self.cfg.num_experts_per_tok
+        return moe_scalars(self.layer_ids, self.mom, self.drop_frac_L, bias_LE, routed)
+
+    def maybe_log(self, it: int) -> None:
+        """Console line and throughput scalars every --log-interval; the expert-load heatmap."""
+        args, win = self.args, self.window
+        if it % args.log_interval == 0 or it == self.train_iters:
+            dt = win.elapsed()
+            tok_s = win.iters * self.global_batch * args.seq_length / max(dt, 1e-9)
+            flops_rank = tok_s * self.fpt["total"] / self.world
+            mfu = flops_rank / self.peak if self.peak else None
+            mem = memory_gb()
+            means = win.means()
+            log0(console_line(it, self.train_iters, self.train_it.consumed_samples, self.lr, means["loss"],
+                              means["aux"], means["z"], self.last_grad_norm, tok_s, flops_rank / 1e12, mfu,
+                              float(self.mom.max()) if self.mom is not None else None, mem,
+                              1000 * dt / max(win.iters, 1), self.skipped_total, extra=self._console_extra(means)))
+            self.mon.scalars({"perf/tokens_per_s": tok_s, "perf/tflops_per_rank": flops_rank / 1e12, "perf/mfu": mfu,
+                              **{f"mem/{k}_gb": v for k, v in mem.items()}}, it)
+            self.window = MetricsWindow()
+        if self.load_acc_LE is not None and it % (args.heatmap_interval or args.eval_interval) == 0:
+            self.mon.heatmap("moe/expert_load", self.load_acc_LE, self.layer_ids, it)
+            self.load_acc_LE = None
+
+    def _console_extra(self, means: dict) -> dict:
+        extra = {}
+        if self.cfg.num_nextn_predict_layers > 0:
+            extra["mtp"] = f"{means['mtp']:.4f}"
+        if self.cfg.capacity_factor is not None and self.stats:
+            extra["dropped"] = f"{100 * float(self.drop_frac_L.mean()):.2f}%"
+        if self.qk_stats is not None:
+            extra["max logit"] = f"{float(self.qk_stats['max_logits'].max()):.1f}"
+            extra["clipped heads"] = str(int(self.qk_stats["clipped"].sum()))
+        return extra
+
+    def out_of_time(self, loop_start: float) -> bool:
+        """--exit-duration-in-mins reached on any rank (agreed across ranks)."""
+        if self.args.exit_duration_in_mins is None:
+            return False
+        elapsed = all_reduce(torch.tensor([time.perf_counter() - loop_start], dtype=torch.float64),
+                             op=torch.distributed.ReduceOp.MAX)
+        return float(elapsed) >= 60.0 * self.args.exit_duration_in_mins
+
+    def maybe_eval(self, it: int, force: bool = False) -> None:
+        if not (it % self.args.eval_interval == 0 or it == self.train_iters or force):
+            return
+        t0 = time.perf_counter()
+        val = evaluate(self.engine, self.valid_ds, self.micro, self.args.eval_iters)
+        if self.qk_clip is not None:
+            self.qk_clip.discard()  # evaluation forwards are not part of the next step
+        if val is not None:
+            log0(f"validation at iteration {it}: loss {val:.4f} | ppl {np.exp(min(val, 50)):.2f} "
+                 f"({time.perf_counter() - t0:.1f} s)")
+            self.mon.scalars({"val/loss": val, "val/ppl": float(np.exp(min(val, 50)))}, it)
+        self.window.exclude(time.perf_counter() - t0)  # keep eval time out of tokens/s
+
+    def maybe_save(self, it: int) -> None:
+        if self.args.save_interval and it % self.args.save_interval == 0 and it != self.train_iters:
+            t0 = time.perf_counter()
+            self.save("interval")
+            self.window.exclude(time.perf_counter() - t0)
+
+    def should_stop(self, it: int, out_of_time: bool) -> bool:
+        """Signals, --exit-interval and --exit-duration-in-mins: save, then leave the loop."""
+        if self.stop.agreed():
+            log0(f"received signal {self.stop.signum or 'on another rank'}: saving and exiting")
+            self.save("signal")
+            return True
+        if self.args.exit_interval and it % self.args.exit_interval == 0:
+            self.save("exit interval")
+            return True
+        if out_of_time:
+            log0(f"--exit-duration-in-mins {self.args.exit_duration_in_mins} reached at iteration {it}: "
+                 "saving and exiting")
+            self.save("exit duration")
+            return True
+        return False
+
+    def save(self, reason: str) -> None:
+        args = self.args
+        if not args.save:
+            return
+        t0 = time.perf_counter()
+        tag = ckpt.save(self.engine, args.save, self.step, {
+            "consumed_samples": self.train_it.consumed_samples,
+            "consumed_samples_per_dataset": consumed_per_dataset(self.train_it),
+            "model_config": self.cfg.to_dict(), "tokenizer": args.tokenizer, "ep_size": self.ep,
+            "world_size": self.world, "autoep": self.use_autoep, "zero_stage": self.stage,
+            "ds_config": self.ds_config, "args": vars(args), "train_iters": self.train_iters,
+            "skipped_iters": self.skipped_total, "loss_guard": self.guard.state_dict(), "reason": reason})
+        log0(f"saved checkpoint {Path(args.save) / tag} ({reason}, {time.perf_counter() - t0:.1f} s)")
+
+    def finish(self) -> None:
+        self.mon.close()
+        if self.args.save and self.rank == 0:
+            print(f"checkpoints: {Path(self.args.save).resolve()} (latest: {ckpt.read_latest(self.args.save)})",
+                  flush=True)
+        if self.args.tensorboard_dir and self.rank == 0:
+            print(f"tensorboard: tensorboard --logdir {Path(self.args.tensorboard_dir).resolve()}", flush=True)
+        if torch.distributed.is_initialized():
+            torch.distributed.barrier()
