@@ -30,6 +30,12 @@ setup(
         "tensorboard>=2.16",
         "matplotlib>=3.8",
     ],
+    entry_points={"console_scripts": [
+        "megamoe-pretrain=megamoe.pretrain:main",
+        *(f"megamoe-{name.replace('_', '-')}=megamoe.cli.{name}:main" for name in (
+            "preprocess", "train_tokenizer", "prepare_corpus", "inspect_data", "convert_to_hf", "convert_from_hf",
+            "convert_checkpoint", "generate", "evaluate")),
+    ]},
     extras_require={
         # deepspeed must be installed after torch without build isolation: `make` does that.
         "train": [DEEPSPEED],
@@ -37,6 +43,6 @@ setup(
         "kernels": ["triton==3.9.0"],
         # GPU only: flash-attn needs CUDA to build.
         "gpu": ["flash-attn>=2.6"],
-        "dev": ["pytest>=8", "pytest-timeout>=2.3", "hypothesis>=6.100"],
+        "dev": ["pytest>=8", "pytest-timeout>=2.3", "hypothesis>=6.100", "mutmut==3.8.1"],
     },
 )

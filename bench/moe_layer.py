@@ -19,8 +19,6 @@ import sys
 import threading
 import time
 
-# bench/kernels.py would shadow the `kernels` package: scripts here import from the installed packages.
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirname(os.path.abspath(__file__))]
 
 IMPLS = ("megamoe", "transformers", "deepspeed")
 

@@ -9,14 +9,9 @@ sentencepiece model from mistral-common; everything offline.
 import argparse
 import importlib.util
 import os
-import sys
 import tempfile
 from pathlib import Path
 
-try:
-    import megamoe  # noqa: F401
-except ImportError:
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def default_tokenizer() -> str:

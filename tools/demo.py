@@ -20,7 +20,6 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 OUT = ROOT / "runs" / "demo"
 ITERS = int(os.environ.get("DEMO_ITERS", "300"))

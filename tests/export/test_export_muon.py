@@ -90,11 +90,7 @@ def test_muon_hf_logits_match_engine(stage, muon_checkpoints, tmp_path):
 
 
 def test_convert_checkpoint_refuses_muon(muon_checkpoints, tmp_path):
-    sys.path.insert(0, str(ROOT / "tools"))
-    try:
-        from convert_checkpoint import convert, main
-    finally:
-        sys.path.remove(str(ROOT / "tools"))
+    from megamoe.cli.convert_checkpoint import convert, main
     from megamoe.checkpoint import CheckpointError as ResumeCheckpointError
     with pytest.raises(ResumeCheckpointError, match="Muon.*only carries Adam.*convert_to_hf"):
         convert(str(muon_checkpoints[2]), str(tmp_path / "uni"))

@@ -203,8 +203,7 @@ def test_loading_at_another_ep_size_is_refused(ref, data):
 
 
 def test_universal_conversion_resumes_at_ep1(ref, data, tmp_path):
-    sys.path.insert(0, str(ROOT / "tools"))
-    from convert_checkpoint import convert
+    from megamoe.cli.convert_checkpoint import convert
     conv = tmp_path / "universal"
     convert(str(ref["dir"] / "ckpt"), str(conv), tag="global_step6")
     assert ckpt.read_state(conv / "global_step6")["universal"] is True

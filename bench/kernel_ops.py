@@ -1,8 +1,8 @@
 """Time megamoe's Triton kernels against PyTorch eager and torch.compile of the same reference.
 
-    python bench/kernels.py                 # CUDA when present, else CPU
-    python bench/kernels.py --no-compile    # skip torch.compile (its first build takes ~30 s)
-    python bench/kernels.py --ops rms_norm,route
+    python bench/kernel_ops.py                 # CUDA when present, else CPU
+    python bench/kernel_ops.py --no-compile    # skip torch.compile (its first build takes ~30 s)
+    python bench/kernel_ops.py --ops rms_norm,route
 
 For every op (rms_norm, apply_rope, route, and the MoE token permutation) it times the forward
 and the forward+backward of:
@@ -21,10 +21,8 @@ import argparse
 import os
 import sys
 import time
-from pathlib import Path
 from typing import Callable, Dict, Optional
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 

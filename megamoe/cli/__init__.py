@@ -1,0 +1,1 @@
+"""The command-line tools: `python tools/X.py` and the `megamoe-X` console scripts run main() here."""

@@ -1,0 +1,78 @@
+"""Sample text from a megamoe checkpoint or a Hugging Face deepseek directory (latent KV cache).
+
+    python tools/generate.py --model runs/x/checkpoints --prompt "To be, or not" \\
+        [--max-new-tokens 100] [--temperature 0.8] [--top-k 50] [--top-p 0.95] [--seed 0] [--stream]
+    python tools/generate.py --model hf/x --interactive
+
+--temperature 0 is greedy decoding. --stream prints tokens as they are generated;
+--interactive reads prompts in a loop (empty line or Ctrl-D quits).
+"""
+import argparse
+import sys
+
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", required=True, help="megamoe SAVE_DIR (or tag dir) or an HF directory")
+    ap.add_argument("--tag", default=None, help="checkpoint tag (default: latest)")
+    ap.add_argument("--tokenizer", default=None, help="override the tokenizer file")
+    ap.add_argument("--prompt", default=None)
+    ap.add_argument("--interactive", action="store_true", help="prompt loop")
+    ap.add_argument("--max-new-tokens", type=int, default=100)
+    ap.add_argument("--temperature", type=float, default=0.8)
+    ap.add_argument("--top-k", type=int, default=None)
+    ap.add_argument("--top-p", type=float, default=None)
+    ap.add_argument("--seed", type=int, default=None)
+    ap.add_argument("--stream", action="store_true", help="print tokens as they are generated")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    args = ap.parse_args(argv)
+    if args.prompt is None and not args.interactive:
+        ap.error("give --prompt TEXT or --interactive")
+    if args.top_p is not None and not 0 < args.top_p <= 1:
+        ap.error("--top-p must be in (0, 1]")
+
+    import torch
+
+    from megamoe.export import CheckpointError
+    from megamoe.hf import HFConversionError
+    from megamoe.inference import generate_text, load_model
+
+    try:
+        lm = load_model(args.model, tag=args.tag, tokenizer=args.tokenizer,
+                        dtype=torch.bfloat16 if args.dtype == "bfloat16" else torch.float32)
+    except (CheckpointError, HFConversionError, FileNotFoundError) as e:
+        print(f"generate: error: {e}", file=sys.stderr)
+        return 1
+    if lm.tokenizer is None:
+        print(f"generate: error: {args.model} has no tokenizer; pass --tokenizer PATH", file=sys.stderr)
+        return 1
+
+    def run(prompt: str) -> None:
+        kw = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                  top_p=args.top_p, seed=args.seed)
+        if args.stream or args.interactive:
+            sys.stdout.write(prompt)
+            sys.stdout.flush()
+            generate_text(lm, prompt, on_text=lambda s: (sys.stdout.write(s), sys.stdout.flush()), **kw)
+            sys.stdout.write("\n")
+        else:
+            print(prompt + generate_text(lm, prompt, **kw))
+        sys.stdout.flush()
+
+    if args.prompt is not None:
+        run(args.prompt)
+    if args.interactive:
+        while True:
+            try:
+                prompt = input("> ")
+            except EOFError:
+                break
+            if not prompt:
+                break
+            run(prompt)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
