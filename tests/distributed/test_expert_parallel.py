@@ -9,12 +9,11 @@ kept (group-limited routing), 1 shared expert, balance loss and z-loss on, bias 
 updated after every optimizer step.
 """
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+
+import multirank
 
 from megamoe.config import ModelConfig
 from megamoe.parallel import expert
@@ -42,23 +41,11 @@ TWO_RANK_RUNS = [
 SINGLE_RUNS = [dict(TRAIN, name="single", ep=1, zero=0)]
 
 
-def _env():
-    env = dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", PYTHONPATH=str(REPO))
-    return env
-
-
 def _launch(tmp_path, runs, nproc):
-    from megamoe.distributed import free_port
-
     spec = tmp_path / "spec.json"
     spec.write_text(json.dumps({"runs": runs}))
-    if nproc == 1:
-        cmd = [sys.executable, str(RANK_SCRIPT), str(spec), str(tmp_path)]
-    else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-               "--master_port", str(free_port()), str(RANK_SCRIPT), str(spec), str(tmp_path)]
-    proc = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=400)
-    assert proc.returncode == 0, f"rank script failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    rc, out = multirank.run([RANK_SCRIPT, spec, tmp_path], nproc, timeout=400)
+    assert rc == 0, f"rank script failed:\n{out[-8000:]}"
     return [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(nproc)]
 
 

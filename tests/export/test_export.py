@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from megamoe.distributed import free_port
+import multirank
 from megamoe.export import (CheckpointError, convert_from_hf, convert_to_hf, load_native_state_dict,
                             locate_checkpoint)
 
@@ -41,16 +41,11 @@ def tokenizer_file(tmp_path_factory):
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory, tokenizer_file):
     base = tmp_path_factory.mktemp("ckpt")
-    env = dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu",
-               PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     out = {}
     for stage in (2, 3):
         d = base / f"zero{stage}"
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-               "--master_port", str(free_port()), str(HERE / "make_checkpoint.py"), str(d), str(stage), "2",
-               tokenizer_file]
-        r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
-        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+        rc, log = multirank.run([HERE / "make_checkpoint.py", d, stage, 2, tokenizer_file], timeout=300)
+        assert rc == 0, log[-6000:]
         out[stage] = d
     return out
 

@@ -7,15 +7,12 @@ fp32 masters. The checks: the exported model's logits equal the training engine'
 the rebuilt tensors are bit-identical to the engine's own fp32 masters (every expert of every
 EP rank), and tools/convert_checkpoint.py refuses Muon with a clear message.
 """
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from megamoe.distributed import free_port
+import multirank
 from megamoe.export import convert_to_hf, load_native_state_dict
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -28,15 +25,11 @@ STAGES = (2, 3)
 @pytest.fixture(scope="module")
 def muon_checkpoints(tmp_path_factory):
     base = tmp_path_factory.mktemp("muon")
-    env = dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu",
-               PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     out = {}
     for stage in STAGES:
         d = base / f"zero{stage}"
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-               str(free_port()), str(HERE / "make_checkpoint.py"), str(d), str(stage), "2", "--muon"]
-        r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
-        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+        rc, log = multirank.run([HERE / "make_checkpoint.py", d, stage, 2, "--muon"], timeout=300)
+        assert rc == 0, log[-6000:]
         out[stage] = d
     return out
 

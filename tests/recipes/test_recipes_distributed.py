@@ -1,12 +1,11 @@
 """MuonClip under ZeRO-1/2/3 with expert parallelism, parameter groups inside real engines, and
 capacity dropping with EP 2 vs the single-process model: one 2-rank launch (recipes_rank.py)."""
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+
+import multirank
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
@@ -24,15 +23,11 @@ RUNS = [
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
-    from megamoe.distributed import free_port
     d = tmp_path_factory.mktemp("recipes")
     spec = d / "spec.json"
     spec.write_text(json.dumps({"runs": RUNS}))
-    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
-           str(RANK_SCRIPT), str(spec), str(d)]
-    p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert p.returncode == 0, (p.stdout + p.stderr)[-5000:]
+    rc, out = multirank.run([RANK_SCRIPT, spec, d])
+    assert rc == 0, out[-5000:]
     out = [json.loads((d / f"rank{r}.json").read_text()) for r in range(2)]
     for r in out:
         for name, res in r.items():

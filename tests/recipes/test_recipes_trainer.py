@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from megamoe.distributed import free_port
+import multirank
 from megamoe.monitor import read_scalars as scalars
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -25,12 +25,8 @@ def train(d: Path, data: Path, ds: str, extra: list[str], iters: int = ITERS) ->
             "--eval-iters", "1", "--deepspeed-config", str(ROOT / "ds_configs" / f"{ds}.json"),
             "--expert-model-parallel-size", "2", "--seed", "7",
             "--save", str(d / "ckpt"), "--tensorboard-dir", str(d / "tb"), *extra]
-    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
-           "-m", "megamoe.pretrain", *args]
-    p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    out = p.stdout + p.stderr
-    assert p.returncode == 0, out[-5000:]
+    rc, out = multirank.run(["-m", "megamoe.pretrain", *args])
+    assert rc == 0, out[-5000:]
     return {"dir": d, "out": out}
 
 

@@ -21,16 +21,14 @@ ITERS = 30
 
 
 def golden_run(data: Path, work: Path) -> dict[int, float]:
-    sys.path.insert(0, str(Path(__file__).parent))
-    from test_pretrain_distributed import run  # the multi-rank launcher of the trainer tests
-
+    import multirank
     from megamoe.monitor import read_scalars
     args = ["--model-config", "tiny", "--data-path", str(data), "--seq-length", "64", "--train-iters", str(ITERS),
             "--lr", "3e-3", "--min-lr", "3e-4", "--lr-warmup-iters", "3", "--lr-decay-style", "cosine",
             "--log-interval", "10", "--eval-interval", "1000", "--eval-iters", "0", "--seed", "7",
             "--deepspeed-config", str(ROOT / "tests" / "assets" / "ds_fp32_zero2.json"),
             "--expert-model-parallel-size", "2", "--tensorboard-dir", str(work / "tb")]
-    rc, out = run(args, timeout=600)
+    rc, out = multirank.run(["-m", "megamoe.pretrain", *args], timeout=600)
     assert rc == 0, out[-4000:]
     return read_scalars(work / "tb", "train/loss")
 

@@ -7,7 +7,6 @@ read back from the TensorBoard event files (which also checks that the scalars a
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -24,7 +23,7 @@ sys.path.insert(0, str(ROOT))
 
 from megamoe import checkpoint as ckpt  # noqa: E402
 from megamoe import faults  # noqa: E402
-from megamoe.distributed import free_port  # noqa: E402
+import multirank  # noqa: E402
 from megamoe.monitor import read_scalars as scalars  # noqa: E402
 
 pytestmark = pytest.mark.slow
@@ -41,23 +40,12 @@ def base_args(data, ds="zero2", ep=2, iters=ITERS, **kw):
     return a
 
 
-def env(**extra):
-    e = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
-    e.update({k: str(v) for k, v in extra.items()})
-    return e
-
-
 def popen(args, nproc=2, **env_extra):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
-           str(free_port()), "-m", "megamoe.pretrain", *args]
-    return subprocess.Popen(cmd, cwd=ROOT, env=env(**env_extra), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True)
+    return multirank.launch(["-m", "megamoe.pretrain", *args], nproc, env=env_extra)
 
 
 def run(args, nproc=2, timeout=240, **env_extra):
-    p = popen(args, nproc, **env_extra)
-    out, _ = p.communicate(timeout=timeout)
-    return p.returncode, out
+    return multirank.run(["-m", "megamoe.pretrain", *args], nproc, timeout, env=env_extra)
 
 
 def worker(p: subprocess.Popen, rank: int) -> psutil.Process:
