@@ -14,7 +14,9 @@ setup(
     version="0.1.0",
     description="Pretrain DeepSeek-V3-style MoE language models (MLA + fine-grained experts) on DeepSpeed",
     python_requires=">=3.10",
-    packages=find_packages(include=["megamoe", "megamoe.*", "kernels", "kernels.*"]),
+    # The repository's kernels/ folder is installed as megamoe.kernels (megamoe/kernels is a link to it):
+    # nothing named `kernels` lands in site-packages, where Hugging Face's `kernels` package lives.
+    packages=find_packages(include=["megamoe", "megamoe.*"]),
     package_data={"megamoe": ["presets/*.json"]},
     install_requires=[
         TORCH,

@@ -26,7 +26,7 @@ from typing import Callable, Dict, Optional
 
 import torch  # noqa: E402
 
-from kernels import reference  # noqa: E402
+from megamoe.kernels import reference  # noqa: E402
 
 
 def timeit(fn: Callable[[], object], device: torch.device, min_time: float = 0.3,
@@ -72,7 +72,7 @@ def problems(device: torch.device, gpu: bool):
 
     tri = {}
     if gpu:
-        from kernels import rmsnorm, rope, router
+        from megamoe.kernels import rmsnorm, rope, router
         tri = dict(rms_norm=rmsnorm.rms_norm, apply_rope=rope.apply_rope, route=router.route)
     return {
         "rms_norm": (reference.rms_norm, tri.get("rms_norm"), rms_inputs,

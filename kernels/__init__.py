@@ -1,6 +1,6 @@
-"""The one place that picks a kernel.
+"""The one place that picks a kernel (installed as megamoe.kernels; megamoe/kernels links here).
 
-    from kernels import rms_norm, apply_rope, route, attention
+    from megamoe.kernels import rms_norm, apply_rope, route, attention
 
 auto (the default): the Triton kernel on CUDA tensors, the pure-PyTorch reference
 (kernels/reference.py) on anything else.
@@ -25,8 +25,8 @@ from typing import Optional
 
 import torch
 
-from kernels import reference
-from kernels.attention import attention, attention_backend  # noqa: F401
+from . import reference
+from .attention import attention, attention_backend  # noqa: F401
 
 _BACKENDS = ("auto", "triton", "reference")
 ROUTER_MAX_EXPERTS = 256  # the router kernel keeps a token's E scores in one register tile
@@ -78,7 +78,7 @@ def use_triton(x: torch.Tensor) -> bool:
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """RMSNorm over the last dim (kernels/rmsnorm.py); fp32 statistics, returns x.dtype."""
     if use_triton(x):
-        from kernels import rmsnorm  # imported lazily: Triton decides interpret mode at import
+        from . import rmsnorm  # imported lazily: Triton decides interpret mode at import
         return rmsnorm.rms_norm(x, weight, eps)
     return reference.rms_norm(x, weight, eps)
 
@@ -88,7 +88,7 @@ def apply_rope(x_BSND: torch.Tensor, cos_BSR: torch.Tensor, sin_BSR: torch.Tenso
     """RoPE on x [B, S, N, D] with cos/sin [B or 1, S, D/2] (kernels/rope.py)."""
     # The kernel gives cos/sin no gradient; if a caller ever trains them, stay exact.
     if use_triton(x_BSND) and not (cos_BSR.requires_grad or sin_BSR.requires_grad):
-        from kernels import rope
+        from . import rope
         return rope.apply_rope(x_BSND, cos_BSR, sin_BSR, interleaved)
     return reference.apply_rope(x_BSND, cos_BSR, sin_BSR, interleaved)
 
@@ -104,7 +104,7 @@ def route(logits_TE: torch.Tensor, bias_E: Optional[torch.Tensor], top_k: int, s
     # auto sends shapes the kernel does not cover to the reference; forced triton lets the
     # kernel raise its ValueError (never a silent fallback).
     if use_triton(logits_TE) and (fits_kernel or backend() == "triton"):
-        from kernels import router
+        from . import router
         return router.route(logits_TE, bias_E, top_k, score_func, n_group, topk_group,
                             norm_topk_prob, routed_scaling_factor)
     return reference.route(logits_TE, bias_E, top_k, score_func, n_group, topk_group,

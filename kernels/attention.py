@@ -25,7 +25,7 @@ from typing import Callable, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-from kernels import reference
+from . import reference
 
 BACKENDS = ("auto", "flash", "sdpa", "eager")
 FLASH_MAX_HEAD_DIM = 256

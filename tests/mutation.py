@@ -25,7 +25,7 @@ LEDGER = ROOT / "tests" / "MUTANTS.md"
 SCOPE = [
     "megamoe.model.moe.*",
     "megamoe.model.attention.*",
-    "kernels.reference.*",
+    "megamoe.kernels.reference.*",
     "megamoe.data.indexed.*",
     "megamoe.data.dataset.*",
     "megamoe.hf.*",

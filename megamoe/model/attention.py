@@ -17,7 +17,7 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
-import kernels
+from megamoe import kernels
 from megamoe.config import ModelConfig, yarn_get_mscale
 from megamoe.model.layers import RMSNorm
 

@@ -7,7 +7,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import kernels
+from megamoe import kernels
 from megamoe.config import ModelConfig, yarn_get_mscale
 
 

@@ -24,7 +24,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import kernels
+from megamoe import kernels
 from megamoe.config import ModelConfig
 from megamoe.model.layers import MLP
 

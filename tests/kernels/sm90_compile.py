@@ -69,7 +69,7 @@ def resource_usage(cubin: bytes) -> dict:
 
 def variants():
     """(kernel name, variant label, jit fn, positional args, constexpr kwargs, grid)."""
-    from kernels import rmsnorm, rope, router
+    from megamoe.kernels import rmsnorm, rope, router
     bf16, f32, i64, i32 = torch.bfloat16, torch.float32, torch.int64, torch.int32
     M = 8192
     for N in (512, 1536, 7168, 20000):  # kv_lora, q_lora, V3 hidden, wider than one chunk

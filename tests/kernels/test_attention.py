@@ -8,11 +8,11 @@ import logging
 import pytest
 import torch
 
-from kernels import reference
+from megamoe.kernels import reference
 
 # `kernels.attention` is the dispatched function (kernels/__init__.py re-exports it over the
 # submodule's name), so reach the module itself through importlib.
-attn = importlib.import_module("kernels.attention")
+attn = importlib.import_module("megamoe.kernels.attention")
 
 
 @pytest.fixture

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-import kernels
-from kernels import reference
+from megamoe import kernels
+from megamoe.kernels import reference
 
 
 @pytest.fixture(autouse=True)
@@ -37,7 +37,7 @@ def _call_all_ops():
 
 
 def test_auto_uses_reference_on_cpu(monkeypatch):
-    from kernels import rmsnorm, rope, router
+    from megamoe.kernels import rmsnorm, rope, router
     ref = [_spy(monkeypatch, reference, n) for n in ("rms_norm", "apply_rope", "route")]
     tri = [_spy(monkeypatch, rmsnorm, "rms_norm"), _spy(monkeypatch, rope, "apply_rope"),
            _spy(monkeypatch, router, "route")]
@@ -48,7 +48,7 @@ def test_auto_uses_reference_on_cpu(monkeypatch):
 
 @pytest.mark.parametrize("how", ["env", "set_backend"])
 def test_forcing_triton_runs_the_kernels_under_the_interpreter(monkeypatch, how):
-    from kernels import rmsnorm, rope, router
+    from megamoe.kernels import rmsnorm, rope, router
     tri = [_spy(monkeypatch, rmsnorm, "rms_norm"), _spy(monkeypatch, rope, "apply_rope"),
            _spy(monkeypatch, router, "route")]
     if how == "env":
@@ -100,3 +100,18 @@ def test_rope_with_trainable_tables_stays_exact():
     sin = torch.randn(1, 3, 2)
     kernels.apply_rope(x, cos, sin).sum().backward()
     assert cos.grad is not None
+
+
+def test_kernels_are_installed_inside_megamoe_only(tmp_path):
+    """No top-level `kernels` is installed (Hugging Face publishes a package of that name, which
+    transformers probes for), and megamoe.kernels imports from any directory."""
+    import importlib.metadata
+    import subprocess
+    import sys
+    owners = importlib.metadata.packages_distributions()
+    assert "megamoe" in owners.get("megamoe", [])
+    assert "megamoe" not in owners.get("kernels", [])
+    r = subprocess.run([sys.executable, "-c", "import megamoe.kernels as k, megamoe.kernels.reference as r; "
+                        "print(k.route.__module__, r.__name__)"], cwd=tmp_path, capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0 and r.stdout.split() == ["megamoe.kernels", "megamoe.kernels.reference"], r.stderr

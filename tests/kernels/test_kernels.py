@@ -12,10 +12,10 @@ import math
 import pytest
 import torch
 
-from kernels import reference
-from kernels import rmsnorm as rmsnorm_mod
-from kernels import rope as rope_mod
-from kernels import router as router_mod
+from megamoe.kernels import reference
+from megamoe.kernels import rmsnorm as rmsnorm_mod
+from megamoe.kernels import rope as rope_mod
+from megamoe.kernels import router as router_mod
 
 TOL = {torch.float32: 2e-6, torch.bfloat16: 1e-2}
 

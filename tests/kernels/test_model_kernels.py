@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-import kernels
+from megamoe import kernels
 
 from megamoe.config import ModelConfig
 
@@ -28,7 +28,7 @@ def _run(backend: str, dtype: torch.dtype, input_ids, labels):
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 3e-2)])
 def test_model_forward_backward_triton_equals_reference(dtype, tol, monkeypatch):
-    from kernels import rmsnorm, rope, router
+    from megamoe.kernels import rmsnorm, rope, router
     calls = {}
     for mod, name in ((rmsnorm, "rms_norm"), (rope, "apply_rope"), (router, "route")):
         real = getattr(mod, name)

@@ -11,7 +11,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import kernels
+from megamoe import kernels
 from megamoe.config import ModelConfig
 from megamoe.model.moe import Router, capacity_keep_mask, sequence_balance_loss
 
