@@ -58,6 +58,7 @@ from megamoe.checkpoint import FORMAT as CHECKPOINT_FORMAT
 from megamoe.checkpoint import STATE_FILE, read_state, resolve_tag_dir
 from megamoe.checkpoint import CheckpointError  # noqa: F401  (the tools catch it from here)
 from megamoe.config import ModelConfig
+from megamoe.parallel.expert import native_expert_state_dict
 
 WEIGHTS_FILE = "model.safetensors"
 
@@ -305,23 +306,13 @@ def _from_universal(ck: Checkpoint, model_state: dict, work_dir: Path) -> dict[s
                 raise CheckpointError(f"{ck.path}: universal tensor {name} has {t.numel()} elements, the "
                                       f"checkpoint's param_shapes say {shape}")
             raw[name] = t.view(shape)
-    sd: dict[str, torch.Tensor] = {}
-    experts: dict[str, dict[str, torch.Tensor]] = {}
-    for name, t in raw.items():
-        if name.endswith((".experts.w1", ".experts.w2", ".experts.w3")):
-            experts.setdefault(name[: -len(".w1")], {})[name[-2:]] = t
-        elif name.endswith(".router.gate.weight"):      # AutoEP's TokenChoiceTopKRouter
-            sd[name.replace(".router.gate.weight", ".router.weight")] = t
-        else:
-            sd[name] = t
-    for prefix, w in experts.items():
-        if set(w) != {"w1", "w2", "w3"}:
-            raise CheckpointError(f"{ck.path}: universal conversion produced {sorted(w)} for {prefix}, "
-                                  "expected w1, w2 and w3")
-        # w1 = gate [E, I, H], w3 = up [E, I, H], w2 = down [E, H, I]
-        sd[prefix + ".gate_up_proj"] = torch.cat([w["w1"], w["w3"]], dim=1)
-        sd[prefix + ".down_proj"] = w["w2"]
-    return sd
+    # AutoEP's TokenChoiceTopKRouter keeps the router weight at router.gate.weight
+    raw = {k.replace(".router.gate.weight", ".router.weight"): t for k, t in raw.items()}
+    try:
+        return native_expert_state_dict(raw)   # experts.w1/w3/w2 -> gate_up_proj / down_proj
+    except (KeyError, ValueError) as e:
+        raise CheckpointError(f"{ck.path}: universal conversion produced incomplete expert weights: "
+                              f"{e.args[0]}") from None
 
 
 def _from_zero_to_fp32(ck: Checkpoint) -> dict[str, torch.Tensor]:
