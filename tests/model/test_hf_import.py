@@ -150,3 +150,39 @@ def test_legacy_config_json_of_the_released_checkpoints():
                          (dict(rope_parameters={"rope_type": "linear", "factor": 2.0}), "linear")):
         with pytest.raises(hf.HFConversionError, match=message):
             hf.from_hf_config({**current, **bad})
+
+
+def test_optional_config_keys_take_transformers_defaults():
+    """A config.json that leaves optional keys out imports with the values transformers itself
+    would use for them."""
+    from megamoe.config import ModelConfig
+    full = v3(rope_parameters={"rope_type": "default", "rope_theta": 10000.0}).to_dict()
+    optional = ("rope_parameters", "rope_theta", "first_k_dense_replace", "norm_topk_prob", "n_group", "topk_group",
+                "routed_scaling_factor", "tie_word_embeddings", "initializer_range", "hidden_act", "bos_token_id",
+                "pad_token_id", "n_shared_experts", "num_experts_per_tok", "rope_interleave")
+    cfg = hf.from_hf_config({k: v for k, v in full.items() if k not in optional})
+    assert (cfg.rope_theta, cfg.rope_scaling, cfg.first_k_dense_replace) == (10000.0, None, 0)
+    assert (cfg.norm_topk_prob, cfg.n_group, cfg.topk_group, cfg.routed_scaling_factor) == (True, 1, 1, 1.0)
+    assert (cfg.tie_word_embeddings, cfg.initializer_range, cfg.n_shared_experts, cfg.num_experts_per_tok) == \
+        (False, 0.02, 0, 1)
+    assert cfg.bos_token_id is None and cfg.pad_token_id is None and cfg.rope_interleave is True
+    # and present keys are read, not defaulted
+    cfg = hf.from_hf_config({**full, "initializer_range": 0.01, "pad_token_id": 5, "bos_token_id": 4,
+                             "tie_word_embeddings": True, "routed_scaling_factor": 2.0, "num_experts_per_tok": 3,
+                             "norm_topk_prob": False})
+    assert (cfg.initializer_range, cfg.pad_token_id, cfg.bos_token_id, cfg.tie_word_embeddings) == (0.01, 5, 4, True)
+    assert (cfg.routed_scaling_factor, cfg.num_experts_per_tok, cfg.norm_topk_prob) == (2.0, 3, False)
+    dense = ModelConfig.load("tiny")
+    dense = type(dense)(**{**dense.to_dict(), "n_routed_experts": 0, "n_shared_experts": 0, "num_experts_per_tok": 1,
+                           "first_k_dense_replace": 0, "n_group": 1, "topk_group": 1}).validate()
+    assert hf.from_hf_config(hf.to_hf_config(dense).to_dict()) == dense   # every layer dense, no experts
+
+
+def test_yarn_keys_left_out_and_refused():
+    base = v3().to_dict()
+    rope = {"rope_type": "yarn", "rope_theta": 10000.0, "original_max_position_embeddings": 32}
+    cfg = hf.from_hf_config({**base, "rope_parameters": rope})          # no factor: max_pos / original
+    rs = cfg.rope_scaling
+    assert rs.factor == base["max_position_embeddings"] / 32 and (rs.beta_fast, rs.beta_slow) == (32.0, 1.0)
+    with pytest.raises(hf.HFConversionError, match="truncate"):
+        hf.from_hf_config({**base, "rope_parameters": {**rope, "factor": 4.0, "truncate": False}})

@@ -143,15 +143,15 @@ def test_exported_directory_contents(tmp_path):
     import json
 
     from safetensors import safe_open
-    cfg = dataclasses.replace(BASE, pad_token_id=0).validate()
+    cfg = dataclasses.replace(BASE, pad_token_id=0, initializer_range=0.01).validate()   # not transformers' default
     model = cfg.build(seed=5)
     for _, router in model.routers():
         router.e_score_correction_bias.normal_(0, 0.05)
     sd = model.state_dict()
     limit = 60_000
-    hf.save_hf_dir(tmp_path / "out", cfg, sd, dtype=torch.bfloat16, max_shard_bytes=limit)
-    out = tmp_path / "out"
-    assert [p.name for p in tmp_path.iterdir()] == ["out"]          # no temporary directory left
+    out = tmp_path / "new" / "dirs" / "out"                        # parents are created
+    hf.save_hf_dir(out, cfg, sd, dtype=torch.bfloat16, max_shard_bytes=limit)
+    assert [p.name for p in out.parent.iterdir()] == ["out"]      # no temporary directory left
     conf = json.loads((out / "config.json").read_text())
     assert conf["architectures"] == ["DeepseekV3ForCausalLM"] and conf["model_type"] == "deepseek_v3"
     assert conf["dtype"] == "bfloat16" and conf["num_nextn_predict_layers"] == 0
