@@ -12,7 +12,7 @@ export TRANSFORMERS_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: venv demo test test-fast bench clean
+.PHONY: venv demo test test-fast bench mutate clean
 
 $(VENV)/.installed: setup.py requirements-data.txt
 	$(PYTHON) -m venv $(VENV)
@@ -37,8 +37,12 @@ test: venv
 test-fast: venv
 	$(PY) -m pytest -q tests -m "not slow"
 
+# Mutation testing of the core modules (setup.cfg [mutmut]); not part of `make test`.
+mutate: venv
+	$(PY) tests/mutation.py
+
 bench: venv
 	for f in bench/*.py; do $(PY) $$f || exit 1; done
 
 clean:
-	rm -rf $(VENV) runs
+	rm -rf $(VENV) runs mutants
