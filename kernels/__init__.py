@@ -7,8 +7,10 @@ auto (the default): the Triton kernel on CUDA tensors, the pure-PyTorch referenc
 triton: Triton always; CPU tensors need TRITON_INTERPRET=1 set before `kernels` is imported
 (the interpreter, for tests); anything else is an error, never a silent fallback.
 reference: the PyTorch reference always.
-MEGAMOE_KERNELS=auto|triton|reference chooses for every op; `set_backend()` does the same from code. Attention has its own switch (flash | sdpa | eager),
-see kernels/attention.py.
+MEGAMOE_KERNELS=auto|triton|reference chooses for every op; `set_backend()` does the same from code.
+Attention has its own switch (flash | sdpa | eager), see kernels/attention.py. The experts' grouped
+matmul (`grouped_mm`) is torch._grouped_mm where torch supports the shapes and dtype, else one
+matmul per expert (kernels/reference.py); MEGAMOE_KERNELS=reference forces the loop.
 
 Kernel modules (each: Triton kernels, a launch-config function, a torch.autograd.Function):
   kernels/rmsnorm.py  rms_norm     any width, fp32 statistics, dx and dweight
@@ -109,3 +111,21 @@ def route(logits_TE: torch.Tensor, bias_E: Optional[torch.Tensor], top_k: int, s
                             norm_topk_prob, routed_scaling_factor)
     return reference.route(logits_TE, bias_E, top_k, score_func, n_group, topk_group,
                            norm_topk_prob, routed_scaling_factor)
+
+
+def grouped_mm_supported(x: torch.Tensor, w: torch.Tensor) -> bool:
+    """torch._grouped_mm needs 16-byte aligned rows; on CUDA it wants bf16 (Hopper kernels)."""
+    if not hasattr(torch, "_grouped_mm"):
+        return False
+    if x.is_cuda and (x.dtype != torch.bfloat16 or torch.cuda.get_device_capability(x.device) < (9, 0)):
+        return False
+    align = 16 // x.element_size()
+    return all(d % align == 0 for d in (*w.shape[1:], x.shape[-1]))
+
+
+def grouped_mm(x_TK: torch.Tensor, w_ENK: torch.Tensor, counts_E: torch.Tensor, offs_E: torch.Tensor) -> torch.Tensor:
+    """y[t] = x[t] @ w[e].T for the tokens t of expert e, tokens sorted by expert. [T, N] out.
+    `offs_E` (int32 cumulative counts) feeds torch._grouped_mm, `counts_E` the per-expert loop."""
+    if backend() != "reference" and grouped_mm_supported(x_TK, w_ENK):
+        return torch._grouped_mm(x_TK, w_ENK.transpose(-2, -1), offs=offs_E)
+    return reference.grouped_mm(x_TK, w_ENK, counts_E)

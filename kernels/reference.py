@@ -94,3 +94,10 @@ def attention(q_BSHD: torch.Tensor, k_BSHD: torch.Tensor, v_BSHE: torch.Tensor, 
         scores = scores.masked_fill(~mask, float("-inf"))
     out = scores.softmax(-1) @ v
     return out.transpose(1, 2).to(q_BSHD.dtype)
+
+
+def grouped_mm(x_TK: torch.Tensor, w_ENK: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
+    """y[t] = x[t] @ w[e].T for the tokens t of expert e (tokens sorted by expert): one matmul
+    per expert. [T, N] out."""
+    chunks = x_TK.split(counts_E.tolist())
+    return torch.cat([chunk @ w_ENK[e].T for e, chunk in enumerate(chunks)], dim=0)

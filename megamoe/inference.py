@@ -20,7 +20,8 @@ import numpy as np
 import torch
 
 from megamoe.config import ModelConfig
-from megamoe.export import CheckpointError, is_hf_dir, load_native_state_dict, read_hf_dir
+from megamoe.checkpoint import CheckpointError, load_native_state_dict
+from megamoe.export import is_hf_dir, read_hf_dir
 
 
 @dataclass

@@ -6,7 +6,8 @@
         --lr-decay-style cosine --expert-model-parallel-size 8 --save ckpt --load ckpt \\
         --save-interval 500 --eval-interval 500 --eval-iters 20 --tensorboard-dir tb --log-interval 10
 
-The loop lives in megamoe/trainer.py; the flags in megamoe/training.py (`--help` lists them).
+The loop lives in megamoe/trainer.py; the flags and the typed run config in megamoe/train_config.py
+(`--help` lists them).
 """
 from __future__ import annotations
 
@@ -20,7 +21,9 @@ if __name__ == "__main__" and not __package__:
     # root rather than this directory's modules as top-level ones.
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
-from megamoe import training  # noqa: E402
+from megamoe.checkpoint import CheckpointError  # noqa: E402
+from megamoe.cli import report_errors  # noqa: E402
+from megamoe.train_config import ConfigConflict, parse_args  # noqa: E402
 from megamoe.trainer import Trainer  # noqa: E402
 
 # DeepSpeed's ZeRO calls a deprecated collective on every step; the warning says nothing to users.
@@ -28,7 +31,13 @@ warnings.filterwarnings("ignore", message=".*all_gather_into_tensor.*is deprecat
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    return Trainer(training.parse_args(argv)).train()
+    config = parse_args(argv)
+    # a contradiction between flags, DeepSpeed config and checkpoint: the message, not a traceback
+    with report_errors("pretrain", ConfigConflict, CheckpointError, code=2) as failed:
+        trainer = Trainer(config)
+    if failed:
+        return failed.code
+    return trainer.train()
 
 
 if __name__ == "__main__":

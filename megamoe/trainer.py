@@ -1,11 +1,11 @@
-"""The training loop's one home: `Trainer(args).train()`.
+"""The training loop's one home: `Trainer(config).train()`.
 
     Trainer.__init__   model config, DeepSpeed config, resume point, data, engine, monitoring
     Trainer.train      the loop: train_step -> (skip_step | after_step) -> maybe_log ->
                        maybe_eval -> maybe_save -> stop checks
 One iteration is one optimizer step over the DeepSpeed config's global batch (micro batch x
 gradient accumulation x data-parallel ranks). The pieces it calls live in their modules:
-arguments / config checks / schedule in megamoe.training, the bad-loss guard in megamoe.guard,
+the run config and its checks in megamoe.train_config, the schedule in megamoe.schedule, the bad-loss guard in megamoe.guard,
 checkpoints in megamoe.checkpoint, TensorBoard / FLOPs / MFU in megamoe.monitor, expert parallelism
 and the routing-bias update in megamoe.parallel.
 """
@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from megamoe import checkpoint as ckpt
-from megamoe import faults, training
+from megamoe import faults
 from megamoe.config import ModelConfig
 from megamoe.distributed import init_distributed, rank, world_size
 from megamoe.guard import LossGuard
@@ -32,6 +32,8 @@ from megamoe.monitor import (MetricsWindow, Monitor, console_line, device_peak_f
 from megamoe.optim import GroupSpec, QKClip, describe_optimizer_groups, format_groups, muon_assignment, \
     param_groups, qk_clip_scalars
 from megamoe.parallel.balance import update_routing_bias
+from megamoe.schedule import LRSchedule, flag_schedule_kept, lr_scheduler_factory
+from megamoe.train_config import DataConfig, TrainConfig
 
 EXIT_BAD_LOSS = 1
 
@@ -81,28 +83,36 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def build_model_config(args) -> ModelConfig:
-    cfg = ModelConfig.load(args.model_config, **training.parse_overrides(args.model_override))
-    if args.tokenizer:
+def build_model_config(config: TrainConfig) -> ModelConfig:
+    cfg = ModelConfig.load(config.model.model_config, **config.model.model_override)
+    data = config.data
+    if data.tokenizer:
         from megamoe.data import load_tokenizer
-        tok = load_tokenizer(args.tokenizer)
+        tok = load_tokenizer(data.tokenizer)
         if tok.vocab_size > cfg.vocab_size:
-            raise SystemExit(f"--tokenizer {args.tokenizer} has {tok.vocab_size} tokens but the model's vocab_size "
+            raise SystemExit(f"--tokenizer {data.tokenizer} has {tok.vocab_size} tokens but the model's vocab_size "
                              f"is {cfg.vocab_size}; use --model-override vocab_size={tok.vocab_size}")
-    if args.seq_length > cfg.max_position_embeddings:
-        raise SystemExit(f"--seq-length {args.seq_length} exceeds max_position_embeddings {cfg.max_position_embeddings}")
+    if data.seq_length > cfg.max_position_embeddings:
+        raise SystemExit(f"--seq-length {data.seq_length} exceeds max_position_embeddings {cfg.max_position_embeddings}")
     return cfg
 
 
-def build_data(args):
+def build_data(data: DataConfig):
     """(train, valid) datasets from --data-path / --valid-data-path / --split."""
     from megamoe.data import build_pretraining_data
-    if args.valid_data_path:
-        train_ds, = build_pretraining_data(args.data_path, args.seq_length, args.seed, splits=(1.0,))
-        valid_ds, = build_pretraining_data(args.valid_data_path, args.seq_length, args.seed, splits=(1.0,))
+    if data.valid_data_path:
+        train_ds, = build_pretraining_data(data.data_path, data.seq_length, data.seed, splits=(1.0,))
+        valid_ds, = build_pretraining_data(data.valid_data_path, data.seq_length, data.seed, splits=(1.0,))
         return train_ds, valid_ds
-    splits = [float(x) for x in args.split.split(",")]
-    return build_pretraining_data(args.data_path, args.seq_length, args.seed, splits=splits)[:2]
+    splits = [float(x) for x in data.split.split(",")]
+    return build_pretraining_data(data.data_path, data.seq_length, data.seed, splits=splits)[:2]
+
+
+def routers_of(module) -> list:
+    """(layer_idx, router) of the model inside an engine (or the bare model); the bias update
+    itself is megamoe.parallel.balance.update_routing_bias."""
+    m = getattr(module, "module", module)
+    return list(m.routers()) if hasattr(m, "routers") else []
 
 
 def consumed_per_dataset(train_it) -> list[int]:
@@ -146,28 +156,25 @@ def evaluate(engine, valid_ds, micro: int, iters: int) -> Optional[float]:
 
 
 class Trainer:
-    def __init__(self, args):
-        self.args = args
+    def __init__(self, config: TrainConfig):
         init_distributed()
         self.world, self.rank = world_size(), rank()
-        seed_everything(args.seed)
-        self.cfg = build_model_config(args)
-        self.ds_config = training.reconcile_ds_config(training.load_ds_config(args.deepspeed_config), args,
-                                                      self.world, source=args.deepspeed_config)
-        self.stage = training.zero_stage(self.ds_config)
-        self.micro = self.ds_config["train_micro_batch_size_per_gpu"]
-        self.gas = self.ds_config["gradient_accumulation_steps"]
-        self.global_batch = self.ds_config["train_batch_size"]
-        self.ep = args.expert_model_parallel_size
+        self.config = config.resolve(self.world) if config.ds_config is None else config
+        log0(self.config.describe())
+        seed_everything(config.data.seed)
+        self.model_config = build_model_config(config)
+        self.ds_config = config.ds_config
+        self.stage, self.ep = config.parallel.zero_stage, config.parallel.expert_model_parallel_size
+        self.micro, self.gas = config.optim.micro_batch_size, config.optim.gradient_accumulation_steps
+        self.global_batch, self.train_iters = config.optim.global_batch_size, config.train_iters
         resume, initial_weights = self._resume_point()
-        self.train_ds, self.valid_ds = build_data(args)
-        self.train_iters = training.train_iters_from(args, self.global_batch)
-        self.use_autoep = self.ep > 1 or bool(resume is not None and resume[1].get("autoep"))
+        self.train_ds, self.valid_ds = build_data(config.data)
+        self.use_autoep = self.ep > 1 or bool(resume is not None and resume[1].autoep)
         self.engine = self._build_engine(initial_weights)
-        self.qk_clip = QKClip(self.engine, args.qk_clip_tau) if args.qk_clip_tau else None
+        self.qk_clip = QKClip(self.engine, config.optim.qk_clip_tau) if config.optim.qk_clip_tau else None
         if self.qk_clip is not None:
-            log0(f"QK-clip: tau {args.qk_clip_tau} (per-head q/k rescale after every step)")
-        self.guard = LossGuard(args.loss_spike_factor)
+            log0(f"QK-clip: tau {config.optim.qk_clip_tau} (per-head q/k rescale after every step)")
+        self.guard = LossGuard(config.guard.loss_spike_factor)
         self.step, self.skipped_total, self.consecutive_skips, self.exit_code = 0, 0, 0, 0
         self.train_it = self._restore(resume)
         self._start_monitoring()
@@ -175,73 +182,79 @@ class Trainer:
 
     # -- set-up ---------------------------------------------------------------------------------
     def _resume_point(self):
-        """((tag, state) to resume from or None, (dir, tag) of weights-only initial weights or None)."""
-        args = self.args
-        resume = ckpt.find_checkpoint(args.load) if args.load else None
+        """((tag, state) to resume from or None, (dir, tag) of weights-only initial weights or None).
+        Refuses a checkpoint of another model or layout, or one whose run settings changed in a way
+        that would corrupt the run; prints the settings that changed and apply."""
+        load = self.config.checkpoint.load
+        resume = ckpt.find_checkpoint(load) if load else None
         if resume is None:
             return None, None
         tag, state = resume
-        ckpt.check_model_config(state, self.cfg, where=str(Path(args.load) / tag))
-        self.ds_config.update(ckpt.check_compatible(state, self.ep, self.world, self.stage, where=str(Path(args.load))))
-        if state.get("weights_only"):
+        where = str(Path(load) / tag)
+        ckpt.check_model_config(state, self.model_config, where=where)
+        self.ds_config.update(ckpt.check_compatible(state, self.ep, self.world, self.stage, where=str(Path(load))))
+        if state.weights_only:
             # converted weights (e.g. tools/convert_from_hf.py): continue pretraining from them
             # with a fresh optimizer at iteration 0, as Megatron's --finetune / torchtitan's seed load
-            return None, (args.load, tag)
+            return None, (load, tag)
+        for change in self.config.resume_changes(state.config, where=where):
+            log0(f"resume: {change} (applied)")
         return resume, None
 
     def _build_engine(self, initial_weights):
         from megamoe.model.moe import set_aux_loss_scale
-        args, ds_config = self.args, self.ds_config
-        model = self.cfg.build(seed=args.seed)
+        config, optim = self.config, self.config.optim
+        model = self.model_config.build(seed=config.data.seed)
         if initial_weights is not None:
-            from megamoe.export import load_native_state_dict
-            model.load_state_dict(load_native_state_dict(*initial_weights)[0], strict=True)
+            model.load_state_dict(ckpt.load_native_state_dict(*initial_weights)[0], strict=True)
             log0(f"initial weights from {Path(initial_weights[0]) / initial_weights[1]} "
                  "(weights only: fresh optimizer, iteration 0)")
-        model.set_gradient_checkpointing(args.recompute_activations)
+        model.set_gradient_checkpointing(config.model.recompute_activations)
         set_aux_loss_scale(1.0 / self.gas)  # engine.backward divides the LM loss by GAS; the aux losses must match
-        schedule = training.LRSchedule(args.lr_decay_style, ds_config["optimizer"]["params"]["lr"], args.min_lr,
-                                       args.lr_warmup_iters, self.train_iters, args.lr_wsd_decay_iters)
-        wd = float(ds_config["optimizer"]["params"].get("weight_decay", 0.0))
-        spec = GroupSpec(weight_decay=wd, no_decay=tuple(args.no_weight_decay_on), lr_mult=args.lr_mult)
+        schedule = LRSchedule(optim.lr_decay_style, optim.lr, optim.min_lr, optim.lr_warmup_iters, self.train_iters,
+                              optim.lr_wsd_decay_iters)
+        spec = GroupSpec(weight_decay=optim.weight_decay, no_decay=tuple(optim.no_weight_decay_on),
+                         lr_mult=optim.lr_mult)
         # AutoEP layers (even at ep 1) when resuming a checkpoint written with them: same parameter names
-        engine = initialize_engine(model, self.cfg, ds_config, self.ep, training.lr_scheduler_factory(schedule),
+        engine = initialize_engine(model, self.model_config, self.ds_config, self.ep, lr_scheduler_factory(schedule),
                                    self.use_autoep, spec)
         log0("optimizer groups:\n" + format_groups(describe_optimizer_groups(engine)))
         return engine
 
     def _restore(self, resume):
-        """Engine, RNG and trainer state from the checkpoint; the batch iterator at its position."""
+        """Engine, RNG and trainer state from the checkpoint (the schedule stays the flags'); the
+        batch iterator at its position."""
         from megamoe.data import DistributedBatchIterator
         consumed = 0
         if resume is not None:
             tag, state = resume
-            ckpt.load(self.engine, self.args.load, tag, state)
-            self.step, consumed = int(state["step"]), int(state["consumed_samples"])
-            self.skipped_total = int(state.get("skipped_iters", 0))
-            self.guard.load_state_dict(state.get("loss_guard", {}))
-            log0(f"resumed from {Path(self.args.load) / tag}: iteration {self.step}, consumed samples {consumed}")
+            load = self.config.checkpoint.load
+            with flag_schedule_kept(self.engine.lr_scheduler):
+                ckpt.load(self.engine, load, tag, state)
+            self.step, consumed, self.skipped_total = state.step, state.consumed_samples, state.skipped_iters
+            self.guard.load_state_dict(state.loss_guard)
+            log0(f"resumed from {Path(load) / tag}: iteration {self.step}, consumed samples {consumed}")
         train_it = DistributedBatchIterator(self.train_ds, self.micro, self.rank, self.world, consumed_samples=consumed)
-        if resume is not None:
-            ckpt.check_data_position(resume[1], consumed_per_dataset(train_it), where=str(Path(self.args.load) / tag))
+        if resume is not None and "data_path" not in self.config.checkpoint.allow_resume_change:
+            ckpt.check_data_position(resume[1], consumed_per_dataset(train_it), where=str(Path(load) / tag))
         return train_it
 
     def _start_monitoring(self):
-        args, cfg = self.args, self.cfg
+        config, cfg = self.config, self.model_config
         dtype = torch.bfloat16 if self.ds_config.get("bf16", {}).get("enabled") else torch.float32
-        self.fpt = flops_per_token(cfg, args.seq_length)
+        self.fpt = flops_per_token(cfg, config.data.seq_length)
         self.peak, peak_note = device_peak_flops(dtype)
-        self.mon = Monitor(args.tensorboard_dir, enabled=self.rank == 0)
+        self.mon = Monitor(config.logging.tensorboard_dir, enabled=self.rank == 0)
         n = cfg.num_params()
-        log0(f"model {args.model_config}: {n['total'] / 1e6:.2f}M params, {n['active'] / 1e6:.2f}M active; "
+        log0(f"model {config.model.model_config}: {n['total'] / 1e6:.2f}M params, {n['active'] / 1e6:.2f}M active; "
              f"{self.fpt['total'] / 1e6:.2f} MFLOP/token (matmul {self.fpt['matmul'] / 1e6:.2f}, "
              f"attention {self.fpt['attention'] / 1e6:.2f})")
         log0(f"world {self.world}, ep {self.ep}, ZeRO-{self.stage}, micro batch {self.micro} x GAS {self.gas} x "
-             f"{self.world} ranks = global batch {self.global_batch} ({self.global_batch * args.seq_length} tokens); "
+             f"{self.world} ranks = global batch {self.global_batch} ({self.global_batch * config.data.seq_length} tokens); "
              f"{self.train_iters} iterations; {peak_note}")
-        self.mon.text("config", "```\n" + json.dumps({"args": vars(args), "ds_config": self.ds_config,
+        self.mon.text("config", "```\n" + json.dumps({"run": config.to_dict(), "ds_config": self.ds_config,
                                                       "model": cfg.to_dict()}, indent=2, default=str) + "\n```")
-        self.layer_ids = [i for i, _ in training.routers_of(self.engine)]
+        self.layer_ids = [i for i, _ in routers_of(self.engine)]
         self.window = MetricsWindow()
         self.qk_stats, self.stats, self.mom, self.load_acc_LE, self.last_grad_norm = None, {}, None, None, None
         self.drop_frac_L, self.lr = None, None
@@ -284,7 +297,7 @@ class Trainer:
             b = next(self.train_it)
             out = engine(b["input_ids"], labels=b["labels"])
             extras = tuple(v if v is not None else zero for v in (out.aux_loss, out.z_loss, out.mtp_loss))
-            if self.cfg.capacity_factor is not None and out.dropped_fraction is not None:
+            if self.model_config.capacity_factor is not None and out.dropped_fraction is not None:
                 result.dropped_L += out.dropped_fraction.detach().float().cpu()
             bad, means = self.guard.check(out.loss, it, extras=extras)
             result.status = result.status or bad
@@ -316,10 +329,10 @@ class Trainer:
         update_routing_bias(self.engine, 0.0)  # rate 0: drop this iteration's counts, bias unchanged
         self.skipped_total += 1
         self.consecutive_skips += 1
-        policy = self.args.on_nan if result.status == "nan" else self.args.on_loss_spike
+        policy = self.config.guard.on_nan if result.status == "nan" else self.config.guard.on_loss_spike
         msg = (f"iteration {it}: {'non-finite' if result.status == 'nan' else 'spiking'} loss "
                f"{result.means[0]:.4f} (EMA {self.guard.ema})")
-        if policy == "stop" or self.consecutive_skips > self.args.max_skipped_iters:
+        if policy == "stop" or self.consecutive_skips > self.config.guard.max_skipped_iters:
             log0(msg + "; stopping with a checkpoint of the last good state (exit 1)")
             self.exit_code = EXIT_BAD_LOSS
             self.step -= 1  # this iteration changed nothing: the checkpoint is the state before it
@@ -337,14 +350,14 @@ class Trainer:
         self.guard.accept(loss)
         if self.qk_clip is not None:
             self.qk_stats = self.qk_clip.step()  # after the optimizer step, on the fp32 masters and the module weights
-        self.stats = update_routing_bias(self.engine, self.cfg.bias_update_rate) if self.layer_ids else {}
+        self.stats = update_routing_bias(self.engine, self.model_config.bias_update_rate) if self.layer_ids else {}
         grad_norm = self.engine.get_global_grad_norm()
         self.last_grad_norm = float(grad_norm) if grad_norm is not None else None
         self.window.add(loss=loss, aux=aux, z=z, mtp=mtp)
         scal = {"train/loss": loss, "train/aux_loss": aux, "train/z_loss": z, "train/lr": result.lr,
                 "train/grad_norm": self.last_grad_norm, "train/consumed_samples": self.train_it.consumed_samples,
                 "train/skipped_iters": self.skipped_total}
-        if self.cfg.num_nextn_predict_layers > 0:
+        if self.model_config.num_nextn_predict_layers > 0:
             scal["train/mtp_loss"] = mtp
         if self.qk_stats is not None:
             scal.update(qk_clip_scalars(self.qk_stats))
@@ -358,20 +371,20 @@ class Trainer:
         self.load_acc_LE = counts_LE if self.load_acc_LE is None else self.load_acc_LE + counts_LE
         # capacity dropping (capacity_factor): share of this iteration's assignments dropped,
         # per MoE layer, averaged over micro-batches and ranks (0 when dropless)
-        track_drops = self.cfg.capacity_factor is not None
+        track_drops = self.model_config.capacity_factor is not None
         if track_drops:
             all_reduce(dropped_L)
         self.drop_frac_L = dropped_L / (self.gas * (self.world if track_drops else 1))
-        bias_LE = torch.stack([r.e_score_correction_bias.float() for _, r in training.routers_of(self.engine)])
-        routed = self.global_batch * self.args.seq_length * self.cfg.num_experts_per_tok
+        bias_LE = torch.stack([r.e_score_correction_bias.float() for _, r in routers_of(self.engine)])
+        routed = self.global_batch * self.config.data.seq_length * self.model_config.num_experts_per_tok
         return moe_scalars(self.layer_ids, self.mom, self.drop_frac_L, bias_LE, routed)
 
     def maybe_log(self, it: int) -> None:
         """Console line and throughput scalars every --log-interval; the expert-load heatmap."""
-        args, win = self.args, self.window
-        if it % args.log_interval == 0 or it == self.train_iters:
+        config, win = self.config, self.window
+        if it % config.logging.log_interval == 0 or it == self.train_iters:
             dt = win.elapsed()
-            tok_s = win.iters * self.global_batch * args.seq_length / max(dt, 1e-9)
+            tok_s = win.iters * self.global_batch * config.data.seq_length / max(dt, 1e-9)
             flops_rank = tok_s * self.fpt["total"] / self.world
             mfu = flops_rank / self.peak if self.peak else None
             mem = memory_gb()
@@ -383,15 +396,15 @@ class Trainer:
             self.mon.scalars({"perf/tokens_per_s": tok_s, "perf/tflops_per_rank": flops_rank / 1e12, "perf/mfu": mfu,
                               **{f"mem/{k}_gb": v for k, v in mem.items()}}, it)
             self.window = MetricsWindow()
-        if self.load_acc_LE is not None and it % (args.heatmap_interval or args.eval_interval) == 0:
+        if self.load_acc_LE is not None and it % (config.logging.heatmap_interval or config.logging.eval_interval) == 0:
             self.mon.heatmap("moe/expert_load", self.load_acc_LE, self.layer_ids, it)
             self.load_acc_LE = None
 
     def _console_extra(self, means: dict) -> dict:
         extra = {}
-        if self.cfg.num_nextn_predict_layers > 0:
+        if self.model_config.num_nextn_predict_layers > 0:
             extra["mtp"] = f"{means['mtp']:.4f}"
-        if self.cfg.capacity_factor is not None and self.stats:
+        if self.model_config.capacity_factor is not None and self.stats:
             extra["dropped"] = f"{100 * float(self.drop_frac_L.mean()):.2f}%"
         if self.qk_stats is not None:
             extra["max logit"] = f"{float(self.qk_stats['max_logits'].max()):.1f}"
@@ -400,17 +413,17 @@ class Trainer:
 
     def out_of_time(self, loop_start: float) -> bool:
         """--exit-duration-in-mins reached on any rank (agreed across ranks)."""
-        if self.args.exit_duration_in_mins is None:
+        if self.config.checkpoint.exit_duration_in_mins is None:
             return False
         elapsed = all_reduce(torch.tensor([time.perf_counter() - loop_start], dtype=torch.float64),
                              op=torch.distributed.ReduceOp.MAX)
-        return float(elapsed) >= 60.0 * self.args.exit_duration_in_mins
+        return float(elapsed) >= 60.0 * self.config.checkpoint.exit_duration_in_mins
 
     def maybe_eval(self, it: int, force: bool = False) -> None:
-        if not (it % self.args.eval_interval == 0 or it == self.train_iters or force):
+        if not (it % self.config.logging.eval_interval == 0 or it == self.train_iters or force):
             return
         t0 = time.perf_counter()
-        val = evaluate(self.engine, self.valid_ds, self.micro, self.args.eval_iters)
+        val = evaluate(self.engine, self.valid_ds, self.micro, self.config.logging.eval_iters)
         if self.qk_clip is not None:
             self.qk_clip.discard()  # evaluation forwards are not part of the next step
         if val is not None:
@@ -420,7 +433,7 @@ class Trainer:
         self.window.exclude(time.perf_counter() - t0)  # keep eval time out of tokens/s
 
     def maybe_save(self, it: int) -> None:
-        if self.args.save_interval and it % self.args.save_interval == 0 and it != self.train_iters:
+        if self.config.checkpoint.save_interval and it % self.config.checkpoint.save_interval == 0 and it != self.train_iters:
             t0 = time.perf_counter()
             self.save("interval")
             self.window.exclude(time.perf_counter() - t0)
@@ -431,36 +444,35 @@ class Trainer:
             log0(f"received signal {self.stop.signum or 'on another rank'}: saving and exiting")
             self.save("signal")
             return True
-        if self.args.exit_interval and it % self.args.exit_interval == 0:
+        if self.config.checkpoint.exit_interval and it % self.config.checkpoint.exit_interval == 0:
             self.save("exit interval")
             return True
         if out_of_time:
-            log0(f"--exit-duration-in-mins {self.args.exit_duration_in_mins} reached at iteration {it}: "
+            log0(f"--exit-duration-in-mins {self.config.checkpoint.exit_duration_in_mins} reached at iteration {it}: "
                  "saving and exiting")
             self.save("exit duration")
             return True
         return False
 
     def save(self, reason: str) -> None:
-        args = self.args
-        if not args.save:
+        config = self.config
+        if not config.checkpoint.save:
             return
         t0 = time.perf_counter()
-        tag = ckpt.save(self.engine, args.save, self.step, {
-            "consumed_samples": self.train_it.consumed_samples,
-            "consumed_samples_per_dataset": consumed_per_dataset(self.train_it),
-            "model_config": self.cfg.to_dict(), "tokenizer": args.tokenizer, "ep_size": self.ep,
-            "world_size": self.world, "autoep": self.use_autoep, "zero_stage": self.stage,
-            "ds_config": self.ds_config, "args": vars(args), "train_iters": self.train_iters,
-            "skipped_iters": self.skipped_total, "loss_guard": self.guard.state_dict(), "reason": reason})
-        log0(f"saved checkpoint {Path(args.save) / tag} ({reason}, {time.perf_counter() - t0:.1f} s)")
+        tag = ckpt.save(self.engine, config.checkpoint.save, ckpt.TrainerState(
+            step=self.step, model_config=self.model_config.to_dict(), consumed_samples=self.train_it.consumed_samples,
+            consumed_samples_per_dataset=consumed_per_dataset(self.train_it), tokenizer=config.data.tokenizer,
+            ep_size=self.ep, world_size=self.world, zero_stage=self.stage, autoep=self.use_autoep,
+            ds_config=self.ds_config, config=self.config.to_dict(), train_iters=self.train_iters,
+            skipped_iters=self.skipped_total, loss_guard=self.guard.state_dict(), reason=reason))
+        log0(f"saved checkpoint {Path(config.checkpoint.save) / tag} ({reason}, {time.perf_counter() - t0:.1f} s)")
 
     def finish(self) -> None:
         self.mon.close()
-        if self.args.save and self.rank == 0:
-            print(f"checkpoints: {Path(self.args.save).resolve()} (latest: {ckpt.read_latest(self.args.save)})",
+        if self.config.checkpoint.save and self.rank == 0:
+            print(f"checkpoints: {Path(self.config.checkpoint.save).resolve()} (latest: {ckpt.read_latest(self.config.checkpoint.save)})",
                   flush=True)
-        if self.args.tensorboard_dir and self.rank == 0:
-            print(f"tensorboard: tensorboard --logdir {Path(self.args.tensorboard_dir).resolve()}", flush=True)
+        if self.config.logging.tensorboard_dir and self.rank == 0:
+            print(f"tensorboard: tensorboard --logdir {Path(self.config.logging.tensorboard_dir).resolve()}", flush=True)
         if torch.distributed.is_initialized():
             torch.distributed.barrier()

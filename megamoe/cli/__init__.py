@@ -1,1 +1,26 @@
 """The command-line tools: `python tools/X.py` and the `megamoe-X` console scripts run main() here."""
+from __future__ import annotations
+
+import sys
+
+
+class report_errors:
+    """`with report_errors("tool", SomeError, ...) as failed:` runs the body; an expected error
+    (bad input the message already explains) is printed as `tool: error: ...` and swallowed, and
+    `failed` becomes true with `failed.code` the exit status to return. Other errors propagate."""
+
+    def __init__(self, tool: str, *errors: type[BaseException], code: int = 1):
+        self.tool, self.errors, self.code, self.failed = tool, errors, code, False
+
+    def __enter__(self) -> "report_errors":
+        return self
+
+    def __exit__(self, kind, error, tb) -> bool:
+        if kind is None or not issubclass(kind, self.errors):
+            return False
+        print(f"{self.tool}: error: {error}", file=sys.stderr)
+        self.failed = True
+        return True
+
+    def __bool__(self) -> bool:
+        return self.failed

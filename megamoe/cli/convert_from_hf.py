@@ -11,7 +11,6 @@ import argparse
 import sys
 
 
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--input", required=True, help="transformers model directory (config.json + safetensors)")
@@ -20,15 +19,17 @@ def main(argv=None) -> int:
                     help="stored weight dtype (float32 keeps fp32 master precision)")
     args = ap.parse_args(argv)
 
-    from megamoe.export import CheckpointError, convert_from_hf
-    from megamoe.hf import HFConversionError
+    from megamoe.checkpoint import CheckpointError
+    from megamoe.cli import report_errors
     from megamoe.config import ConfigError
+    from megamoe.export import convert_from_hf
+    from megamoe.hf import HFConversionError
 
-    try:
+    with report_errors("convert_from_hf", CheckpointError, HFConversionError, ConfigError,
+                       FileExistsError) as failed:
         out = convert_from_hf(args.input, args.output, dtype=args.dtype)
-    except (CheckpointError, HFConversionError, ConfigError, FileExistsError) as e:
-        print(f"convert_from_hf: error: {e}", file=sys.stderr)
-        return 1
+    if failed:
+        return failed.code
     print(f"wrote {out}")
     return 0
 

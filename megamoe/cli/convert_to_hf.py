@@ -12,7 +12,6 @@ import argparse
 import sys
 
 
-
 def parse_size(s: str) -> int:
     units = {"KB": 1024, "MB": 1024**2, "GB": 1024**3, "TB": 1024**4, "B": 1}
     s = s.strip().upper()
@@ -39,17 +38,19 @@ def main(argv=None) -> int:
     tok.add_argument("--no-tokenizer", action="store_true", help="export without a tokenizer")
     args = ap.parse_args(argv)
 
-    from megamoe.export import CheckpointError, convert_to_hf
+    from megamoe.checkpoint import CheckpointError
+    from megamoe.cli import report_errors
+    from megamoe.export import convert_to_hf
     from megamoe.hf import HFConversionError
     from megamoe.tokenizer_export import TokenizerExportError
 
-    try:
+    with report_errors("convert_to_hf", CheckpointError, HFConversionError, TokenizerExportError,
+                       FileExistsError) as failed:
         out = convert_to_hf(args.checkpoint, args.output, tag=args.tag, dtype=args.dtype,
                             max_shard_bytes=parse_size(args.max_shard_size),
                             tokenizer=None if args.no_tokenizer else args.tokenizer, drop_mtp=args.drop_mtp)
-    except (CheckpointError, HFConversionError, TokenizerExportError, FileExistsError) as e:
-        print(f"convert_to_hf: error: {e}", file=sys.stderr)
-        return 1
+    if failed:
+        return failed.code
     print(f"wrote {out}")
     return 0
 

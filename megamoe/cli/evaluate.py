@@ -26,17 +26,17 @@ def main(argv=None) -> int:
     ap.add_argument("--no-progress", action="store_true")
     args = ap.parse_args(argv)
 
-    from megamoe.export import CheckpointError
+    from megamoe.checkpoint import CheckpointError
+    from megamoe.cli import report_errors
     from megamoe.hf import HFConversionError
     from megamoe.inference import evaluate_lm, load_model
 
-    try:
+    with report_errors("evaluate", CheckpointError, HFConversionError, FileNotFoundError, ValueError) as failed:
         lm = load_model(args.model, tag=args.tag, tokenizer=args.tokenizer)
         res = evaluate_lm(lm, args.data, seq_len=args.seq_len, batch_size=args.batch_size,
                           max_tokens=args.max_tokens, progress=not args.no_progress)
-    except (CheckpointError, HFConversionError, FileNotFoundError, ValueError) as e:
-        print(f"evaluate: error: {e}", file=sys.stderr)
-        return 1
+    if failed:
+        return failed.code
     if args.json:
         print(json.dumps(res.as_dict()))
     else:

@@ -34,16 +34,16 @@ def main(argv=None) -> int:
 
     import torch
 
-    from megamoe.export import CheckpointError
+    from megamoe.checkpoint import CheckpointError
+    from megamoe.cli import report_errors
     from megamoe.hf import HFConversionError
     from megamoe.inference import generate_text, load_model
 
-    try:
+    with report_errors("generate", CheckpointError, HFConversionError, FileNotFoundError) as failed:
         lm = load_model(args.model, tag=args.tag, tokenizer=args.tokenizer,
                         dtype=torch.bfloat16 if args.dtype == "bfloat16" else torch.float32)
-    except (CheckpointError, HFConversionError, FileNotFoundError) as e:
-        print(f"generate: error: {e}", file=sys.stderr)
-        return 1
+    if failed:
+        return failed.code
     if lm.tokenizer is None:
         print(f"generate: error: {args.model} has no tokenizer; pass --tokenizer PATH", file=sys.stderr)
         return 1

@@ -114,6 +114,94 @@ def _split_of(doc_index: int, bounds: np.ndarray) -> int:
     return int(np.searchsorted(bounds, u, side="right"))
 
 
+def _split_plan(split: Optional[Sequence[float]], output_prefix: str) -> tuple[np.ndarray, list[str]]:
+    """(cumulative document-fraction bounds, output prefix per split); no split: one output."""
+    if not split:
+        return np.zeros(0), [str(output_prefix)]
+    fr = np.asarray([float(x) for x in split], dtype=np.float64)
+    if len(fr) > len(SPLIT_NAMES) or np.any(fr < 0) or fr.sum() <= 0:
+        raise ValueError(f"--split needs 1-3 non-negative fractions, got {list(split)}")
+    return np.cumsum(fr / fr.sum())[:-1], [f"{output_prefix}_{SPLIT_NAMES[i]}" for i in range(len(fr))]
+
+
+def _text_chunks(files, input_format, json_key, txt_mode, skip_bad, stats: PreprocessStats, chunk_chars: int,
+                 max_bad_examples: int):
+    """Lists of document texts of about `chunk_chars` characters (the unit sent to a worker);
+    bad and empty records are counted in `stats` and left out."""
+    buf: list[str] = []
+    size = 0
+    for rec in iter_documents(files, input_format, json_key, txt_mode, skip_bad):
+        if rec.error is not None:
+            stats.skipped_bad += 1
+            if len(stats.bad_examples) < max_bad_examples:
+                stats.bad_examples.append(f"{rec.location}: {rec.error}")
+            continue
+        if not rec.text.strip():
+            stats.skipped_empty += 1
+            continue
+        stats.input_bytes += len(rec.text.encode("utf-8", errors="surrogatepass"))
+        buf.append(rec.text)
+        size += len(rec.text)
+        if size >= chunk_chars:
+            yield buf
+            buf, size = [], 0
+    if buf:
+        yield buf
+
+
+class _SplitWriter:
+    """Writes encoded chunks in order, each document to its split's writer, counting as it goes."""
+
+    def __init__(self, prefixes: list[str], bounds: np.ndarray, dtype, stats: PreprocessStats, progress: bool):
+        from tqdm import tqdm
+        self.writers = [IndexedDatasetWriter(p, dtype) for p in prefixes]
+        self.bounds, self.stats = bounds, stats
+        self.per_split = [[0, 0] for _ in prefixes]  # documents, tokens
+        self.doc_index, self.t0 = 0, time.perf_counter()
+        self.bar = tqdm(unit="doc", desc="preprocess", disable=not progress, dynamic_ncols=True, smoothing=0.1)
+
+    def __call__(self, result) -> None:
+        flat, lengths = result
+        offsets = np.concatenate([[0], np.cumsum(lengths)])
+        stats = self.stats
+        for j, n in enumerate(lengths):
+            n = int(n)
+            if n == 0:  # text of only characters the tokenizer drops
+                stats.skipped_empty += 1
+                continue
+            s = _split_of(self.doc_index, self.bounds) if len(self.bounds) else 0
+            self.writers[s].add_document(flat[offsets[j]:offsets[j] + n])
+            self.per_split[s][0] += 1
+            self.per_split[s][1] += n
+            self.doc_index += 1
+            stats.documents += 1
+            stats.tokens += n
+        self.bar.update(len(lengths))
+        dt = max(time.perf_counter() - self.t0, 1e-9)
+        self.bar.set_postfix_str(f"{stats.tokens / dt:,.0f} tok/s, {stats.tokens:,} tokens", refresh=False)
+
+
+def _encode_all(chunks, write, workers: int, init_args: tuple, mp_context: Optional[str]) -> None:
+    if workers == 1:
+        _init_worker(*init_args)
+        for c in chunks:
+            write(_encode_chunk(c))
+        return
+    # fork where available (fast start, works from any __main__); the worker functions
+    # are module-level and load the tokenizer from its path, so "spawn" works as well.
+    default = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
+    ctx = mp.get_context(mp_context or default)
+    with ctx.Pool(workers, initializer=_init_worker, initargs=init_args) as pool:
+        pending: collections.deque = collections.deque()
+        for c in chunks:
+            pending.append(pool.apply_async(_encode_chunk, (c,)))
+            # Bounded in-flight window, consumed in submission order: deterministic output.
+            while len(pending) >= 4 * workers:
+                write(pending.popleft().get())
+        while pending:
+            write(pending.popleft().get())
+
+
 def preprocess(inputs: Sequence[str], tokenizer: str, output_prefix: str, *, json_key: str = "text",
                workers: int = 1, append_eod: bool = False, split: Optional[Sequence[float]] = None,
                input_format: Optional[str] = None, txt_mode: str = "file", skip_bad: bool = False,
@@ -133,98 +221,24 @@ def preprocess(inputs: Sequence[str], tokenizer: str, output_prefix: str, *, jso
     dtype = best_dtype(tok.vocab_size)
     workers = max(1, int(workers))
     stats = PreprocessStats(files=len(files), workers=workers)
-
-    if split:
-        fr = np.asarray([float(x) for x in split], dtype=np.float64)
-        if len(fr) > len(SPLIT_NAMES) or np.any(fr < 0) or fr.sum() <= 0:
-            raise ValueError(f"--split needs 1-3 non-negative fractions, got {list(split)}")
-        bounds = np.cumsum(fr / fr.sum())[:-1]
-        prefixes = [f"{output_prefix}_{SPLIT_NAMES[i]}" for i in range(len(fr))]
-    else:
-        bounds = np.zeros(0)
-        prefixes = [str(output_prefix)]
-    writers = [IndexedDatasetWriter(p, dtype) for p in prefixes]
-    per_split = [[0, 0] for _ in prefixes]  # documents, tokens
-
-    def chunks():
-        buf: list[str] = []
-        size = 0
-        for rec in iter_documents(files, input_format, json_key, txt_mode, skip_bad):
-            if rec.error is not None:
-                stats.skipped_bad += 1
-                if len(stats.bad_examples) < max_bad_examples:
-                    stats.bad_examples.append(f"{rec.location}: {rec.error}")
-                continue
-            if not rec.text.strip():
-                stats.skipped_empty += 1
-                continue
-            stats.input_bytes += len(rec.text.encode("utf-8", errors="surrogatepass"))
-            buf.append(rec.text)
-            size += len(rec.text)
-            if size >= chunk_chars:
-                yield buf
-                buf, size = [], 0
-        if buf:
-            yield buf
-
-    from tqdm import tqdm
-
-    bar = tqdm(unit="doc", desc="preprocess", disable=not progress, dynamic_ncols=True, smoothing=0.1)
-    doc_index = 0
-
-    def write(result):
-        nonlocal doc_index
-        flat, lengths = result
-        offsets = np.concatenate([[0], np.cumsum(lengths)])
-        for j, n in enumerate(lengths):
-            n = int(n)
-            if n == 0:  # text of only characters the tokenizer drops
-                stats.skipped_empty += 1
-                continue
-            s = _split_of(doc_index, bounds) if len(bounds) else 0
-            writers[s].add_document(flat[offsets[j]:offsets[j] + n])
-            per_split[s][0] += 1
-            per_split[s][1] += n
-            doc_index += 1
-            stats.documents += 1
-            stats.tokens += n
-        bar.update(len(lengths))
-        dt = max(time.perf_counter() - t0, 1e-9)
-        bar.set_postfix_str(f"{stats.tokens / dt:,.0f} tok/s, {stats.tokens:,} tokens", refresh=False)
-
-    init_args = (str(tok.path), bool(append_eod), dtype.name)
+    bounds, prefixes = _split_plan(split, output_prefix)
+    write = _SplitWriter(prefixes, bounds, dtype, stats, progress)
+    chunks = _text_chunks(files, input_format, json_key, txt_mode, skip_bad, stats, chunk_chars, max_bad_examples)
     try:
-        if workers == 1:
-            _init_worker(*init_args)
-            for c in chunks():
-                write(_encode_chunk(c))
-        else:
-            # fork where available (fast start, works from any __main__); the worker functions
-            # are module-level and load the tokenizer from its path, so "spawn" works as well.
-            default = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
-            ctx = mp.get_context(mp_context or default)
-            with ctx.Pool(workers, initializer=_init_worker, initargs=init_args) as pool:
-                pending: collections.deque = collections.deque()
-                for c in chunks():
-                    pending.append(pool.apply_async(_encode_chunk, (c,)))
-                    # Bounded in-flight window, consumed in submission order: deterministic output.
-                    while len(pending) >= 4 * workers:
-                        write(pending.popleft().get())
-                while pending:
-                    write(pending.popleft().get())
-        for w in writers:
+        _encode_all(chunks, write, workers, (str(tok.path), bool(append_eod), dtype.name), mp_context)
+        for w in write.writers:
             w.finalize()
     except BaseException:
-        for w in writers:
+        for w in write.writers:
             w.abort()
         raise
     finally:
-        bar.close()
+        write.bar.close()
     stats.seconds = time.perf_counter() - t0
     stats.output_bytes = sum(os.path.getsize(data_file(p)) for p in prefixes)
     names = [SPLIT_NAMES[i] for i in range(len(prefixes))] if split else ["all"]
     stats.outputs = {n: {"prefix": p, "documents": d, "tokens": t}
-                     for n, p, (d, t) in zip(names, prefixes, per_split)}
+                     for n, p, (d, t) in zip(names, prefixes, write.per_split)}
     return stats
 
 

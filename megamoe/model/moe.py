@@ -175,24 +175,6 @@ class Router(nn.Module):
         return Routing(weights_TK, indices_TK, counts_E, kept_TK)
 
 
-def grouped_mm_supported(x: torch.Tensor, w: torch.Tensor) -> bool:
-    """torch._grouped_mm needs 16-byte aligned rows; on CUDA it wants bf16 (Hopper kernels)."""
-    if not hasattr(torch, "_grouped_mm"):
-        return False
-    if x.is_cuda and (x.dtype != torch.bfloat16 or torch.cuda.get_device_capability(x.device) < (9, 0)):
-        return False
-    align = 16 // x.element_size()
-    return all(d % align == 0 for d in (*w.shape[1:], x.shape[-1]))
-
-
-def grouped_mm(x_TK: torch.Tensor, w_ENK: torch.Tensor, counts_E: torch.Tensor, offs_E: torch.Tensor) -> torch.Tensor:
-    """y[t] = x[t] @ w[e].T for the tokens t of expert e, tokens sorted by expert. [T, N] out."""
-    if grouped_mm_supported(x_TK, w_ENK):
-        return torch._grouped_mm(x_TK, w_ENK.transpose(-2, -1), offs=offs_E)
-    chunks = x_TK.split(counts_E.tolist())
-    return torch.cat([chunk @ w_ENK[e].T for e, chunk in enumerate(chunks)], dim=0)
-
-
 class GroupedExperts(nn.Module):
     """E SwiGLU experts as fused 3-D weights; dropless, computed per expert on sorted tokens."""
 
@@ -215,8 +197,8 @@ class GroupedExperts(nn.Module):
         counts_E = torch.bincount(flat_expert, minlength=self.n_experts + 1)[:self.n_experts]
         offs_E = counts_E.cumsum(0).to(torch.int32)
         x_sorted = x_TH[token_of]
-        gate, up = grouped_mm(x_sorted, self.gate_up_proj, counts_E, offs_E).chunk(2, dim=-1)
-        y_sorted = grouped_mm(F.silu(gate) * up, self.down_proj, counts_E, offs_E)
+        gate, up = kernels.grouped_mm(x_sorted, self.gate_up_proj, counts_E, offs_E).chunk(2, dim=-1)
+        y_sorted = kernels.grouped_mm(F.silu(gate) * up, self.down_proj, counts_E, offs_E)
         y_sorted = y_sorted * weights_TK.reshape(-1)[order].unsqueeze(-1)
         out = torch.zeros(T, x_TH.shape[-1], dtype=y_sorted.dtype, device=x_TH.device)
         return out.index_add_(0, token_of, y_sorted).to(x_TH.dtype)

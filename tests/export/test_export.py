@@ -14,8 +14,8 @@ import pytest
 import torch
 
 import multirank
-from megamoe.export import (CheckpointError, convert_from_hf, convert_to_hf, load_native_state_dict,
-                            locate_checkpoint)
+from megamoe.checkpoint import CheckpointError, load_native_state_dict, locate_checkpoint
+from megamoe.export import convert_from_hf, convert_to_hf
 
 ROOT = Path(__file__).resolve().parents[2]
 HERE = Path(__file__).parent
@@ -186,7 +186,7 @@ def test_bad_checkpoints_refused_and_nothing_written(checkpoints, tmp_path):
 
 def test_locate_checkpoint_uses_latest_and_tag(checkpoints):
     ck = locate_checkpoint(checkpoints[2])
-    assert ck.tag == "global_step3" and ck.state["zero_stage"] == 2
+    assert ck.tag == "global_step3" and ck.state.zero_stage == 2
     assert locate_checkpoint(checkpoints[2], "global_step3").path == ck.path
     assert locate_checkpoint(ck.path).tag == "global_step3"      # the tag directory itself
     with pytest.raises(CheckpointError, match="available"):

@@ -13,7 +13,8 @@ import pytest
 import torch
 
 import multirank
-from megamoe.export import convert_to_hf, load_native_state_dict
+from megamoe.checkpoint import load_native_state_dict
+from megamoe.export import convert_to_hf
 
 ROOT = Path(__file__).resolve().parents[2]
 HERE = Path(__file__).parent
@@ -83,8 +84,9 @@ def test_muon_hf_logits_match_engine(stage, muon_checkpoints, tmp_path):
 
 
 def test_convert_checkpoint_refuses_muon(muon_checkpoints, tmp_path):
-    from megamoe.cli.convert_checkpoint import convert, main
     from megamoe.checkpoint import CheckpointError as ResumeCheckpointError
+    from megamoe.checkpoint.universal import convert
+    from megamoe.cli.convert_checkpoint import main
     with pytest.raises(ResumeCheckpointError, match="Muon.*only carries Adam.*convert_to_hf"):
         convert(str(muon_checkpoints[2]), str(tmp_path / "uni"))
     assert not (tmp_path / "uni").exists()

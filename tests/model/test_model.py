@@ -7,7 +7,8 @@ import torch
 import torch.nn.functional as F
 
 from megamoe.config import ModelConfig
-from megamoe.model.moe import GroupedExperts, MoE, grouped_mm, sequence_balance_loss, set_aux_loss_scale
+from megamoe.kernels import grouped_mm
+from megamoe.model.moe import GroupedExperts, MoE, sequence_balance_loss, set_aux_loss_scale
 
 TINY = ModelConfig.load("tiny")
 
@@ -55,6 +56,13 @@ def test_grouped_mm_fallback_equals_torch_grouped_mm():
     ref_odd = torch.cat([x_odd[a:b] @ w_odd[e].T for e, (a, b) in
                          enumerate(zip([0, *offs[:-1].tolist()], offs.tolist()))])
     torch.testing.assert_close(grouped_mm(x_odd, w_odd, counts, offs), ref_odd)
+    from megamoe import kernels
+    assert kernels.grouped_mm_supported(x, w) and not kernels.grouped_mm_supported(x_odd, w_odd)
+    kernels.set_backend("reference")   # the loop, forced: same numbers
+    try:
+        torch.testing.assert_close(grouped_mm(x, w, counts, offs), ref)
+    finally:
+        kernels.set_backend(None)
 
 
 def test_expert_gradients_match_naive():

@@ -73,7 +73,8 @@ def test_trainer_logs_mtp_drops_and_qk_clip(run):
 
 
 def test_mtp_checkpoint_exports_only_with_drop_mtp(adamw_run, tmp_path):
-    from megamoe.export import convert_to_hf, load_native_state_dict
+    from megamoe.checkpoint import load_native_state_dict
+    from megamoe.export import convert_to_hf
     from megamoe.hf import HFConversionError
     ckpt = adamw_run["dir"] / "ckpt"
     cli = [sys.executable, str(ROOT / "tools" / "convert_to_hf.py"), "--checkpoint", str(ckpt), "--no-tokenizer"]

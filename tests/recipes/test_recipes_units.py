@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from megamoe import training
+from megamoe import schedule, train_config  # noqa: E402
 from megamoe.config import ModelConfig
 from megamoe.optim import GroupSpec, QKClip, param_groups, qk_clip_scalars, qk_row_scales
 
@@ -62,10 +62,10 @@ def test_group_spec_and_flags_reject_bad_input():
         GroupSpec(no_decay=("norms",))
     with pytest.raises(ValueError, match=">= 0"):
         GroupSpec(lr_mult={"router": -1.0})
-    assert training.parse_lr_mult(["router=0.1", "embedding=2"]) == {"router": 0.1, "embedding": 2.0}
+    assert train_config.parse_lr_mult(["router=0.1", "embedding=2"]) == {"router": 0.1, "embedding": 2.0}
     for bad in (["router"], ["routers=1"], ["router=x"], ["router=nan"]):
         with pytest.raises(ValueError, match="--lr-mult"):
-            training.parse_lr_mult(bad)
+            train_config.parse_lr_mult(bad)
 
 
 def test_muon_assignment_puts_only_hidden_matrices_on_muon():
@@ -154,7 +154,7 @@ def test_qk_row_scales_layout():
 # DeepSpeed config checks
 # ----------------------------------------------------------------------------------------------
 def args_for(**kw):
-    a = training.parse_args(["--model-config", "tiny", "--data-path", "x", "--seq-length", "16", "--train-iters", "1",
+    a = train_config.parse_args(["--model-config", "tiny", "--data-path", "x", "--seq-length", "16", "--train-iters", "1",
                              "--deepspeed-config", "x.json", "--lr", "0.02"] + [s for k, v in kw.items()
                                                                                 for s in (f"--{k.replace('_', '-')}", str(v))])
     return a
@@ -162,27 +162,27 @@ def args_for(**kw):
 
 def test_muon_with_clipping_is_refused():
     ds = json.loads((ROOT / "ds_configs" / "muon.json").read_text())
-    training.reconcile_ds_config(ds, args_for(), 2)  # the shipped config is fine
+    train_config.reconcile_ds_config(ds, args_for(), 2)  # the shipped config is fine
     bad = copy.deepcopy(ds)
     bad["gradient_clipping"] = 1.0
-    with pytest.raises(training.ConfigConflict, match="Muon with gradient_clipping 1.0 is refused.*Newton-Schulz"):
-        training.reconcile_ds_config(bad, args_for(), 2)
+    with pytest.raises(train_config.ConfigConflict, match="Muon with gradient_clipping 1.0 is refused.*Newton-Schulz"):
+        train_config.reconcile_ds_config(bad, args_for(), 2)
     z3 = copy.deepcopy(ds)
     z3["zero_optimization"]["stage"] = 3
-    with pytest.raises(training.ConfigConflict, match="reduce_scatter"):
-        training.reconcile_ds_config(z3, args_for(), 2)
+    with pytest.raises(train_config.ConfigConflict, match="reduce_scatter"):
+        train_config.reconcile_ds_config(z3, args_for(), 2)
     z3["zero_optimization"]["reduce_scatter"] = False
-    training.reconcile_ds_config(z3, args_for(), 2)
+    train_config.reconcile_ds_config(z3, args_for(), 2)
 
 
 def test_muonclip_config_block_belongs_to_the_trainer():
     ds = json.loads((ROOT / "ds_configs" / "muonclip.json").read_text())
     args = args_for()
-    out = training.reconcile_ds_config(ds, args, 2)
-    assert "qk_clip" not in out and args.qk_clip_tau == 100.0
+    out = train_config.reconcile_ds_config(ds, args, 2)
+    assert "qk_clip" not in out and args.optim.qk_clip_tau == 100.0
     assert out["optimizer"]["type"] == "Muon" and out["gradient_clipping"] == 0.0
-    with pytest.raises(training.ConfigConflict, match="--qk-clip-tau 50.0 contradicts qk_clip.tau 100.0"):
-        training.reconcile_ds_config(ds, args_for(qk_clip_tau=50), 2)
+    with pytest.raises(train_config.ConfigConflict, match="--qk-clip-tau 50.0 contradicts qk_clip.tau 100.0"):
+        train_config.reconcile_ds_config(ds, args_for(qk_clip_tau=50), 2)
     with pytest.raises(SystemExit):
         args_for(qk_clip_tau=-1)
 

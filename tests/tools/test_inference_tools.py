@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from megamoe.config import ModelConfig
-from megamoe.export import CheckpointError, convert_from_hf, convert_to_hf, load_native_state_dict
+from megamoe.checkpoint import CheckpointError, load_native_state_dict
+from megamoe.export import convert_from_hf, convert_to_hf
 from megamoe.hf import save_hf_dir
 
 TEXT = ("First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\nSpeak, speak.\n\n"
@@ -71,12 +72,12 @@ def small(tmp_path_factory, sp_file):
 
 def test_convert_from_hf_weights_only_checkpoint(small):
     cfg, model, hf_dir, ck = small
-    assert (ck / "latest").read_text() == "global_step0"
+    assert (ck / "latest").read_text().strip() == "global_step0"
     sd, info = load_native_state_dict(ck)
     # HF configs carry no training-side knobs (aux/z-loss coefficients, bias update rate)
     training_only = {"aux_loss_alpha", "router_z_loss_coef", "bias_update_rate"}
     strip = lambda c: {k: v for k, v in c.to_dict().items() if k not in training_only}  # noqa: E731
-    assert info.weights_only and strip(info.config) == strip(cfg) and info.state["step"] == 0
+    assert info.weights_only and strip(info.config) == strip(cfg) and info.state.step == 0
     ref = model.state_dict()
     assert sd.keys() == ref.keys() and all(torch.equal(sd[k], ref[k]) for k in ref)
     assert Path(info.tokenizer).name == "tokenizer.json" and Path(info.tokenizer).exists()

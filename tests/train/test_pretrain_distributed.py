@@ -121,8 +121,8 @@ def test_reference_run_learns_and_logs_everything(ref):
     assert "moe/expert_load" in acc.Tags()["images"]  # experts x layers heatmap
     assert ckpt.read_latest(ref["dir"] / "ckpt") == f"global_step{ITERS}"
     state = ckpt.read_state(ref["dir"] / "ckpt" / "global_step6")
-    assert state["step"] == 6 and state["consumed_samples"] == 6 * 8 and state["ep_size"] == 2
-    assert state["world_size"] == 2 and state["zero_stage"] == 2 and state["model_config"]["hidden_size"] == 64
+    assert state.step == 6 and state.consumed_samples == 6 * 8 and state.ep_size == 2
+    assert state.world_size == 2 and state.zero_stage == 2 and state.model_config["hidden_size"] == 64
     assert "MFU" in ref["out"] and "consumed samples" in ref["out"]
 
 
@@ -159,7 +159,7 @@ def test_sigterm_on_one_rank_saves_everywhere_and_exits_zero(data, tmp_path):
     assert p.returncode == 0, out[-3000:]
     tag = ckpt.read_latest(save)
     state = ckpt.read_state(save / tag)
-    assert state["reason"] == "signal" and 2 <= state["step"] < 200
+    assert state.reason == "signal" and 2 <= state.step < 200
     assert (save / tag / "megamoe_rng_rank1.pt").is_file()
 
 
@@ -190,11 +190,26 @@ def test_loading_at_another_ep_size_is_refused(ref, data):
     assert "ep_size 2 -> 1" in out and "tools/convert_checkpoint.py" in out
 
 
+def test_extending_a_finished_run_follows_the_new_flags(ref, data, tmp_path):
+    """A finished 8-iteration cosine run extended to 10 with a new constant lr trains iterations 9-10
+    at that lr (the checkpoint's scheduler would have kept decaying), and says what changed; a
+    changed sequence length is refused before any work, naming the flag that would allow it."""
+    rc, out = run(base_args(data, iters=10, load=ref["dir"] / "ckpt", lr="1e-3", lr_decay_style="constant",
+                            tensorboard_dir=tmp_path / "tb"))
+    assert rc == 0, out[-4000:]
+    assert "resume: train_iters: 8 -> 10 (applied)" in out and "resume: lr: 0.003 -> 0.001 (applied)" in out
+    lr = scalars(tmp_path / "tb", "train/lr")
+    assert sorted(lr) == [9, 10] and lr[9] == pytest.approx(1e-3) and lr[10] == pytest.approx(1e-3)
+    rc, out = run(base_args(data, load=ref["dir"] / "ckpt", seq_length=32))
+    assert rc != 0 and "seq_length: 64 -> 32" in out and "--allow-resume-change seq_length" in out, out[-3000:]
+    assert "pretrain: error: " in out and "raise ConfigConflict" not in out   # the message, no traceback
+
+
 def test_universal_conversion_resumes_at_ep1(ref, data, tmp_path):
-    from megamoe.cli.convert_checkpoint import convert
+    from megamoe.checkpoint.universal import convert
     conv = tmp_path / "universal"
     convert(str(ref["dir"] / "ckpt"), str(conv), tag="global_step6")
-    assert ckpt.read_state(conv / "global_step6")["universal"] is True
+    assert ckpt.read_state(conv / "global_step6").universal is True
     rc, out = run(base_args(data, ep=1, load=conv, tensorboard_dir=tmp_path / "tb"))
     assert rc == 0, out[-4000:]
     losses = scalars(tmp_path / "tb", "train/loss")
@@ -218,7 +233,7 @@ def test_nan_loss_skip_and_stop(data, tmp_path):
     assert rc == 1, out[-4000:]
     assert "stopping with a checkpoint" in out
     state = ckpt.read_state(save / ckpt.read_latest(save))
-    assert state["step"] == 2 and state["reason"].startswith("stopped on nan")
+    assert state.step == 2 and state.reason.startswith("stopped on nan")
 
 
 def test_continue_pretraining_from_a_converted_hf_model(data, tmp_path):
@@ -229,7 +244,7 @@ def test_continue_pretraining_from_a_converted_hf_model(data, tmp_path):
     from megamoe.config import ModelConfig
     from megamoe.data import DistributedBatchIterator, build_pretraining_data
     from megamoe.export import convert_from_hf
-    from megamoe.training import parse_args
+    from megamoe.train_config import parse_args
 
     cfg = ModelConfig.load("tiny")
     source = cfg.build(seed=11)
@@ -245,7 +260,7 @@ def test_continue_pretraining_from_a_converted_hf_model(data, tmp_path):
     losses = scalars(tmp_path / "tb", "train/loss")
     assert sorted(losses) == [1, 2]
 
-    a = parse_args(argv)
+    a = parse_args(argv).data
     splits = [float(x) for x in a.split.split(",")]
     train_ds = build_pretraining_data(a.data_path, a.seq_length, a.seed, splits=splits)[0]
     micro = json.loads((ROOT / "ds_configs" / "zero2.json").read_text())["train_micro_batch_size_per_gpu"]
@@ -283,7 +298,7 @@ def test_resume_with_router_jitter_and_a_blend_is_exact(data, second_corpus, tmp
     rc, out = run(base_args(blend, iters=6, save=save, exit_interval=3, **jitter))
     assert rc == 0, out[-4000:]
     state = ckpt.read_state(save / "global_step3")
-    assert len(state["consumed_samples_per_dataset"]) == 2 and sum(state["consumed_samples_per_dataset"]) == 24
+    assert len(state.consumed_samples_per_dataset) == 2 and sum(state.consumed_samples_per_dataset) == 24
     rc, out = run(base_args(blend, iters=6, save=save, load=save, tensorboard_dir=tmp_path / "tb_resumed", **jitter))
     assert rc == 0, out[-4000:]
     resumed = scalars(tmp_path / "tb_resumed", "train/loss")
@@ -292,4 +307,5 @@ def test_resume_with_router_jitter_and_a_blend_is_exact(data, second_corpus, tmp
         assert v == pytest.approx(ref_losses[it], abs=1e-6), (it, v, ref_losses[it])
 
     rc, out = run(base_args(f"0.5 {data} 0.5 {second_corpus}", iters=6, load=save, **jitter))
-    assert rc != 0 and "the data blend changed" in out, out[-3000:]
+    assert rc != 0 and "data_path: ['0.7 " in out and "--allow-resume-change data_path" in out, out[-3000:]
+    assert "pretrain: error: " in out and "raise ConfigConflict" not in out   # the message, no traceback

@@ -2,6 +2,7 @@
 schedule, FLOPs per token, the checkpoint guard and `latest` handling, the shipped ds_configs."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import sys
@@ -13,14 +14,14 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 from megamoe import checkpoint as ckpt  # noqa: E402
-from megamoe import training
+from megamoe import schedule, train_config  # noqa: E402
 from megamoe.guard import LossGuard  # noqa: E402
 from megamoe.config import ModelConfig  # noqa: E402
 from megamoe.monitor import flops_per_token  # noqa: E402
 
 
 def args(*extra):
-    return training.parse_args(["--model-config", "tiny", "--data-path", "x", "--seq-length", "64",
+    return train_config.parse_args(["--model-config", "tiny", "--data-path", "x", "--seq-length", "64",
                                 "--train-iters", "10", "--deepspeed-config", "c.json", *extra])
 
 
@@ -33,9 +34,9 @@ def ds(**kw):
 
 
 def test_reconcile_fills_batch_triple_and_lr():
-    out = training.reconcile_ds_config(ds(), args("--lr", "1e-3"), world_size=2)
+    out = train_config.reconcile_ds_config(ds(), args("--lr", "1e-3"), world_size=2)
     assert out["train_batch_size"] == 16 and out["optimizer"]["params"]["lr"] == 1e-3
-    out = training.reconcile_ds_config(ds(train_batch_size=32, gradient_accumulation_steps=None,
+    out = train_config.reconcile_ds_config(ds(train_batch_size=32, gradient_accumulation_steps=None,
                                           train_micro_batch_size_per_gpu=None) | {"gradient_accumulation_steps": 4},
                                        args("--lr", "1e-3"), world_size=2)
     assert out["train_micro_batch_size_per_gpu"] == 4
@@ -54,32 +55,32 @@ def test_reconcile_fills_batch_triple_and_lr():
     (["--lr", "1e-3", "--min-lr", "1e-2"], {}, "min-lr"),
 ])
 def test_reconcile_refuses_contradictions(extra, cfg, match):
-    with pytest.raises(training.ConfigConflict, match=match):
-        training.reconcile_ds_config(ds(**cfg), args(*extra), world_size=2, source="c.json")
+    with pytest.raises(train_config.ConfigConflict, match=match):
+        train_config.reconcile_ds_config(ds(**cfg), args(*extra), world_size=2, source="c.json")
 
 
 def test_lr_schedules():
-    cos = training.LRSchedule("cosine", 1.0, 0.1, warmup_iters=4, train_iters=14)
+    cos = schedule.LRSchedule("cosine", 1.0, 0.1, warmup_iters=4, train_iters=14)
     assert [cos(n) for n in range(4)] == [0.25, 0.5, 0.75, 1.0]  # iteration 1 never trains at lr 0
     assert cos(13) == pytest.approx(0.1) and cos(100) == pytest.approx(0.1)
     assert cos(8) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.5)))
-    wsd = training.LRSchedule("wsd", 2.0, 0.0, warmup_iters=0, train_iters=10, wsd_decay_iters=4)
+    wsd = schedule.LRSchedule("wsd", 2.0, 0.0, warmup_iters=0, train_iters=10, wsd_decay_iters=4)
     assert [wsd(n) for n in range(10)] == pytest.approx([1, 1, 1, 1, 1, 1, 0.75, 0.5, 0.25, 0.0])
-    const = training.LRSchedule("constant", 1.0, 0.0, warmup_iters=2, train_iters=10)
+    const = schedule.LRSchedule("constant", 1.0, 0.0, warmup_iters=2, train_iters=10)
     assert [const(n) for n in range(4)] == [0.5, 1.0, 1.0, 1.0]
 
 
 def test_lambda_lr_state_roundtrip():
     import torch
     p = torch.nn.Parameter(torch.zeros(1))
-    sched_fn = training.LRSchedule("cosine", 1e-3, 1e-4, 2, 10)
+    sched_fn = schedule.LRSchedule("cosine", 1e-3, 1e-4, 2, 10)
     opt = torch.optim.AdamW([p], lr=1e-3)
-    s = training.lr_scheduler_factory(sched_fn)(opt)
+    s = schedule.lr_scheduler_factory(sched_fn)(opt)
     for _ in range(5):
         opt.step()
         s.step()
     opt2 = torch.optim.AdamW([p], lr=1e-3)
-    s2 = training.lr_scheduler_factory(sched_fn)(opt2)
+    s2 = schedule.lr_scheduler_factory(sched_fn)(opt2)
     s2.load_state_dict(s.state_dict())
     assert s2.get_last_lr() == s.get_last_lr() and s2.last_epoch == 5
 
@@ -101,8 +102,8 @@ def test_flops_per_token_counts_active_experts_and_mla_attention():
 def _fake_ckpt(root: Path, step: int, **state):
     d = root / ckpt.tag_for(step)
     d.mkdir(parents=True)
-    st = {"format": ckpt.FORMAT, "step": step, "ep_size": 2, "world_size": 2, "zero_stage": 2, **state}
-    (d / ckpt.STATE_FILE).write_text(json.dumps(st))
+    st = ckpt.TrainerState(step=step, model_config={}, ep_size=2, world_size=2, zero_stage=2, **state)
+    st.write(d)
     return st
 
 
@@ -121,7 +122,7 @@ def test_guard_and_latest(tmp_path):
         with pytest.raises(ckpt.CheckpointError, match=what) as e:
             ckpt.check_compatible(st, **layout)
         assert "tools/convert_checkpoint.py" in str(e.value)
-    assert ckpt.check_compatible(dict(st, universal=True), 1, 4, 3) == {"checkpoint": {"load_universal": True}}
+    assert ckpt.check_compatible(dataclasses.replace(st, universal=True), 1, 4, 3) == {"checkpoint": {"load_universal": True}}
     (tmp_path / "global_step6").mkdir()  # an interrupted save: no state file
     with pytest.raises(ckpt.CheckpointError, match="incomplete"):
         ckpt.find_checkpoint(tmp_path, "global_step6")
@@ -141,8 +142,8 @@ def test_loss_guard_spike_detection():
 
 @pytest.mark.parametrize("name", ["zero1", "zero2", "zero3", "zero2_offload", "muon"])
 def test_shipped_ds_configs_reconcile(name):
-    cfg = training.load_ds_config(str(ROOT / "ds_configs" / f"{name}.json"))
-    out = training.reconcile_ds_config(cfg, args("--lr", "1e-3"), world_size=2)
+    cfg = train_config.load_ds_config(str(ROOT / "ds_configs" / f"{name}.json"))
+    out = train_config.reconcile_ds_config(cfg, args("--lr", "1e-3"), world_size=2)
     assert out["bf16"]["enabled"] and out["optimizer"]["params"]["lr"] == 1e-3
     if name == "muon":
         assert out["gradient_clipping"] == 0 and "reduce_scatter" not in out["zero_optimization"]
@@ -152,15 +153,16 @@ def test_shipped_ds_configs_reconcile(name):
 def test_resume_refuses_a_different_model_but_allows_training_knobs():
     from megamoe.config import ModelConfig
     cfg = ModelConfig.load("tiny")
-    state = {"model_config": cfg.to_dict()}
+    state = ckpt.TrainerState(step=1, model_config=cfg.to_dict())
     ckpt.check_model_config(state, ModelConfig.load("tiny", aux_loss_alpha=0.5, bias_update_rate=0.0))
     with pytest.raises(ckpt.CheckpointError, match="num_experts_per_tok: 2 -> 3"):
         ckpt.check_model_config(state, ModelConfig.load("tiny", num_experts_per_tok=3))
-    assert ckpt.check_compatible({"weights_only": True}, ep_size=4, world_size=8, zero_stage=3) == {}
+    assert ckpt.check_compatible(dataclasses.replace(state, weights_only=True), ep_size=4, world_size=8, zero_stage=3) == {}
 
 
 def test_layout_change_of_a_muon_checkpoint_points_to_the_weights_only_route():
-    st = {"ep_size": 2, "world_size": 2, "zero_stage": 2, "ds_config": {"optimizer": {"type": "Muon"}}}
+    st = ckpt.TrainerState(step=1, model_config={}, ep_size=2, world_size=2, zero_stage=2,
+                           ds_config={"optimizer": {"type": "Muon"}})
     with pytest.raises(ckpt.CheckpointError, match="convert_from_hf") as e:
         ckpt.check_compatible(st, ep_size=1, world_size=2, zero_stage=2, where="ckpt")
     assert "muon" in str(e.value) and "convert_checkpoint" not in str(e.value)
