@@ -41,7 +41,7 @@ def _dtype(name) -> torch.dtype:
 
 def convert_to_hf(checkpoint, output, tag: Optional[str] = None, dtype="float32",
                   max_shard_bytes: int = 5 * 1024**3, tokenizer: Optional[str] = "auto",
-                  drop_mtp: bool = False) -> Path:
+                  drop_mtp: bool = False, trust: bool = False) -> Path:
     """Write a transformers `deepseek_v3` (or `deepseek_v2`) directory from a megamoe checkpoint.
 
     Weights come from the fp32 master copies, cast to `dtype` (the routing bias stays fp32).
@@ -50,6 +50,7 @@ def convert_to_hf(checkpoint, output, tag: Optional[str] = None, dtype="float32"
     exists at `output`. Raises CheckpointError / HFConversionError / FileExistsError.
     A model trained with multi-token-prediction modules exports only with `drop_mtp=True`
     (transformers has no place for them; they leave the main model's logits unchanged).
+    `trust`: unpickle checkpoint files that name classes beyond DeepSpeed's (checkpoint/pickles.py).
     """
     from megamoe.hf import check_exportable, save_hf_dir
     from megamoe.tokenizer_export import export_tokenizer
@@ -57,7 +58,7 @@ def convert_to_hf(checkpoint, output, tag: Optional[str] = None, dtype="float32"
     refuse_nonempty(output)
     ck = locate_checkpoint(checkpoint, tag)
     check_exportable(ck.config, drop_mtp=drop_mtp)  # refuse before the (slow) reconstruction
-    sd, ck = load_native_state_dict(checkpoint, tag)
+    sd, ck = load_native_state_dict(checkpoint, tag, trust=trust)
     check_exportable(ck.config, sd, drop_mtp=drop_mtp)
     tok_path = ck.tokenizer if tokenizer == "auto" else tokenizer
     tmp, stage = stage_dir(output)

@@ -6,10 +6,12 @@ read once, as JSON:
     MEGAMOE_FAULTS='{"nan_loss_iters": [3], "iteration_sleep_s": 0.5, "crash_in_save": {"step": 6, "rank": 1}}'
 
 - nan_loss_iters: these iterations' loss reads as NaN on rank 0 (the loss guard must catch it);
+- inf_grad_iters: these iterations' backward on rank 0 runs on loss x inf, so the gradients are
+  non-finite while the loss is not (DeepSpeed's overflow check must skip the step, the guard count it);
 - iteration_sleep_s: sleep after every iteration (time for a test to send a signal or a kill);
 - crash_in_save: rank `rank` (default 1) dies after writing its engine files for step `step`,
   before the checkpoint is complete.
-Production code calls the three functions below at those points and nothing else reads it.
+Production code calls the four functions below at those points and nothing else reads it.
 """
 from __future__ import annotations
 
@@ -19,7 +21,7 @@ import os
 import time
 
 ENV = "MEGAMOE_FAULTS"
-_KNOWN = ("nan_loss_iters", "iteration_sleep_s", "crash_in_save")
+_KNOWN = ("nan_loss_iters", "inf_grad_iters", "iteration_sleep_s", "crash_in_save")
 
 
 @functools.lru_cache(maxsize=None)
@@ -39,6 +41,10 @@ def plan() -> dict:
 
 def nan_loss(iteration: int, rank: int) -> bool:
     return rank == 0 and iteration in plan().get("nan_loss_iters", ())
+
+
+def grad_scale(iteration: int, rank: int) -> float:
+    return float("inf") if rank == 0 and iteration in plan().get("inf_grad_iters", ()) else 1.0
 
 
 def iteration_sleep() -> None:

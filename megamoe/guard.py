@@ -29,16 +29,22 @@ class LossGuard:
         if faults.nan_loss(iteration, dist.get_rank() if dist.is_initialized() else 0):
             v = torch.full_like(v, float("nan"))
         finite = bool(torch.isfinite(v))
+        # flags: any non-finite, NaN, +inf, -inf (summed over ranks), then the values to average;
+        # a non-finite loss enters the sum as 0 so the extras stay usable
+        flags = [float(not finite), float(bool(torch.isnan(v))), float(bool(v == float("inf"))),
+                 float(bool(v == float("-inf")))]
         vals = [v if finite else torch.zeros(())] + [torch.as_tensor(e, dtype=torch.float32).detach().cpu().reshape(())
                                                      for e in extras]
-        buf = torch.stack([torch.tensor(0.0 if finite else 1.0)] + vals)
+        buf = torch.stack([torch.tensor(flags[0])] + [torch.tensor(f) for f in flags[1:]] + vals)
         world = 1
         if dist.is_initialized():
             dist.all_reduce(buf)
             world = dist.get_world_size()
-        means = (buf[1:] / world).tolist()
+        means = (buf[4:] / world).tolist()
         if buf[0] > 0:
-            return "nan", means
+            # the global mean of the losses is what the message reports: NaN, or +-inf when only those
+            nan, pos, neg = (float(x) > 0 for x in buf[1:4])
+            return "nan", [float("nan") if nan or (pos and neg) else float("inf") if pos else float("-inf")] + means[1:]
         if (self.spike_factor > 0 and self.ema is not None and self.n >= self.min_history
                 and means[0] > self.spike_factor * self.ema):
             return "spike", means

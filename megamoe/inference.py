@@ -33,8 +33,9 @@ class LoadedModel:
 
 
 def load_model(path, tag: Optional[str] = None, dtype: torch.dtype = torch.float32,
-               tokenizer: Optional[str] = None, device: str = "cpu") -> LoadedModel:
-    """Native model + tokenizer from a megamoe checkpoint or an HF directory."""
+               tokenizer: Optional[str] = None, device: str = "cpu", trust: bool = False) -> LoadedModel:
+    """Native model + tokenizer from a megamoe checkpoint or an HF directory (`trust`: see
+    megamoe/checkpoint/pickles.py)."""
     from megamoe.data.tokenizer import load_tokenizer
 
     path = Path(path)
@@ -45,7 +46,7 @@ def load_model(path, tag: Optional[str] = None, dtype: torch.dtype = torch.float
         tok_path = tokenizer or next((str(path / n) for n in ("tokenizer.json", "tokenizer.model")
                                       if (path / n).exists()), None)
     else:
-        sd, ck = load_native_state_dict(path, tag)
+        sd, ck = load_native_state_dict(path, tag, trust=trust)
         cfg = ck.config
         tok_path = tokenizer or ck.tokenizer
     model = cfg.build(seed=0)

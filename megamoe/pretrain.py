@@ -23,6 +23,7 @@ if __name__ == "__main__" and not __package__:
 
 from megamoe.checkpoint import CheckpointError  # noqa: E402
 from megamoe.cli import report_errors  # noqa: E402
+from megamoe.data import DataError  # noqa: E402
 from megamoe.train_config import ConfigConflict, parse_args  # noqa: E402
 from megamoe.trainer import Trainer  # noqa: E402
 
@@ -33,11 +34,10 @@ warnings.filterwarnings("ignore", message=".*all_gather_into_tensor.*is deprecat
 def main(argv: Optional[list[str]] = None) -> int:
     config = parse_args(argv)
     # a contradiction between flags, DeepSpeed config and checkpoint: the message, not a traceback
-    with report_errors("pretrain", ConfigConflict, CheckpointError, code=2) as failed:
+    with report_errors("pretrain", ConfigConflict, CheckpointError, DataError, code=2) as failed:
         trainer = Trainer(config)
-    if failed:
-        return failed.code
-    return trainer.train()
+        return trainer.train()
+    return failed.code
 
 
 if __name__ == "__main__":

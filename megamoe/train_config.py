@@ -104,6 +104,7 @@ class CheckpointConfig:
     exit_interval: Optional[int] = _f(None)
     exit_duration_in_mins: Optional[float] = _f(None)
     allow_resume_change: list = _f(resume="ignore", factory=list)
+    trust_checkpoint: bool = _f(False, "ignore")
 
 
 @dataclass
@@ -264,6 +265,9 @@ def _checkpoint_and_logging_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--exit-duration-in-mins", type=float, default=None,
                    help="evaluate, save and exit 0 once the training loop has run this long (wall clock, "
                         "start-up excluded; agreed across ranks)")
+    g.add_argument("--trust-checkpoint", action="store_true",
+                   help="load --load files that name classes beyond DeepSpeed's checkpoint classes (unpickling "
+                        "can run code; see megamoe/checkpoint/pickles.py)")
     g.add_argument("--allow-resume-change", nargs="*", default=[], metavar="FIELD", choices=refusable_fields(),
                    help="resume although these settings differ from the checkpoint's (refused otherwise: "
                         f"{', '.join(refusable_fields())})")

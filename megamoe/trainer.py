@@ -51,18 +51,27 @@ def all_reduce(t: torch.Tensor, op=None) -> torch.Tensor:
 
 class StopRequest:
     """SIGTERM/SIGINT set a flag; the loop agrees on it across ranks at the next iteration end,
-    saves a checkpoint everywhere and exits 0 (a second signal falls back to the default)."""
+    saves a checkpoint everywhere and exits 0.
+
+    A rank often receives one request twice: a signal to the process group (SLURM, Ctrl-C, `kill --
+    -PGID`) reaches it directly and again through its launcher (torchrun and DeepSpeed's launch.py
+    forward what they receive). Repeats within `GRACE_S` of the first are the same request; a signal
+    after that falls back to the default action (an impatient second Ctrl-C still kills)."""
+    GRACE_S = 5.0
 
     def __init__(self):
         self.signum: Optional[int] = None
+        self.first_at = 0.0
         for s in (signal.SIGTERM, signal.SIGINT):
             signal.signal(s, self._handler)
 
     def _handler(self, signum, frame):
-        if self.signum is not None:
+        now = time.monotonic()
+        if self.signum is None:
+            self.signum, self.first_at = signum, now
+        elif now - self.first_at > self.GRACE_S:
             signal.signal(signum, signal.SIG_DFL)
             raise KeyboardInterrupt
-        self.signum = signum
 
     def agreed(self) -> bool:
         flag = torch.tensor([1.0 if self.signum is not None else 0.0])
@@ -74,6 +83,7 @@ class StepResult:
     status: Optional[str]               # None, "nan" or "spike"
     means: list = field(default_factory=list)   # [loss, aux, z, mtp], global means over micro-batches
     lr: float = 0.0
+    grad_norm: Optional[float] = None
     dropped_L: Optional[torch.Tensor] = None    # capacity-dropped share summed over micro-batches
 
 
@@ -98,14 +108,22 @@ def build_model_config(config: TrainConfig) -> ModelConfig:
 
 
 def build_data(data: DataConfig):
-    """(train, valid) datasets from --data-path / --valid-data-path / --split."""
-    from megamoe.data import build_pretraining_data
-    if data.valid_data_path:
-        train_ds, = build_pretraining_data(data.data_path, data.seq_length, data.seed, splits=(1.0,))
-        valid_ds, = build_pretraining_data(data.valid_data_path, data.seq_length, data.seed, splits=(1.0,))
-        return train_ds, valid_ds
-    splits = [float(x) for x in data.split.split(",")]
-    return build_pretraining_data(data.data_path, data.seq_length, data.seed, splits=splits)[:2]
+    """(train, valid) datasets from --data-path / --valid-data-path / --split; valid may be None."""
+    from megamoe.data import DataError, build_pretraining_data
+    try:
+        if data.valid_data_path:
+            train_ds, = build_pretraining_data(data.data_path, data.seq_length, data.seed, splits=(1.0,))
+            valid_ds, = build_pretraining_data(data.valid_data_path, data.seq_length, data.seed, splits=(1.0,))
+        else:
+            splits = [float(x) for x in data.split.split(",")]
+            train_ds, valid_ds = (list(build_pretraining_data(data.data_path, data.seq_length, data.seed,
+                                                              splits=splits)) + [None])[:2]
+    except ValueError as e:   # bad weights, unreadable files, a split that does not parse
+        raise DataError(f"--data-path {' '.join(data.data_path)}: {e}") from None
+    if train_ds is None:
+        raise DataError(f"--data-path {' '.join(data.data_path)} with --split {data.split} leaves no training "
+                        "documents (an empty dataset, or a train fraction of 0); check the data or the split")
+    return train_ds, valid_ds
 
 
 def routers_of(module) -> list:
@@ -138,12 +156,13 @@ def initialize_engine(model, cfg: ModelConfig, ds_config: dict, ep_size: int, lr
 
 
 @torch.no_grad()
-def evaluate(engine, valid_ds, micro: int, iters: int) -> Optional[float]:
+def evaluate(engine, valid_ds, micro: int, iters: int, vocab_size: Optional[int] = None) -> Optional[float]:
     """Mean LM loss over the first `iters` global validation batches (the same ones every time)."""
     if valid_ds is None or iters <= 0:
         return None
     from megamoe.data import DistributedBatchIterator
-    it = DistributedBatchIterator(valid_ds, micro, rank(), world_size(), consumed_samples=0)
+    it = DistributedBatchIterator(valid_ds, micro, rank(), world_size(), consumed_samples=0,
+                                  vocab_size=vocab_size)
     engine.eval()
     total = torch.zeros(2)
     for _ in range(iters):
@@ -185,8 +204,11 @@ class Trainer:
         """((tag, state) to resume from or None, (dir, tag) of weights-only initial weights or None).
         Refuses a checkpoint of another model or layout, or one whose run settings changed in a way
         that would corrupt the run; prints the settings that changed and apply."""
-        load = self.config.checkpoint.load
-        resume = ckpt.find_checkpoint(load) if load else None
+        load, save = self.config.checkpoint.load, self.config.checkpoint.save
+        ckpt.check_locations(load, save)   # every rank: each must see the directories
+        resume, note = ckpt.resume_point(load) if load and Path(load).exists() else (None, None)
+        if note:
+            log0(f"resume: {note}")
         if resume is None:
             return None, None
         tag, state = resume
@@ -230,11 +252,12 @@ class Trainer:
             tag, state = resume
             load = self.config.checkpoint.load
             with flag_schedule_kept(self.engine.lr_scheduler):
-                ckpt.load(self.engine, load, tag, state)
+                ckpt.load(self.engine, load, tag, state, trust=self.config.checkpoint.trust_checkpoint)
             self.step, consumed, self.skipped_total = state.step, state.consumed_samples, state.skipped_iters
             self.guard.load_state_dict(state.loss_guard)
             log0(f"resumed from {Path(load) / tag}: iteration {self.step}, consumed samples {consumed}")
-        train_it = DistributedBatchIterator(self.train_ds, self.micro, self.rank, self.world, consumed_samples=consumed)
+        train_it = DistributedBatchIterator(self.train_ds, self.micro, self.rank, self.world, consumed_samples=consumed,
+                                            vocab_size=self.model_config.vocab_size)
         if resume is not None and "data_path" not in self.config.checkpoint.allow_resume_change:
             ckpt.check_data_position(resume[1], consumed_per_dataset(train_it), where=str(Path(load) / tag))
         return train_it
@@ -286,7 +309,9 @@ class Trainer:
 
     def train_step(self, it: int) -> StepResult:
         """Forward/backward over the GAS micro-batches and the optimizer step, unless the guard
-        rejects the loss. A rejected micro-batch after others: DeepSpeed must drop the whole step."""
+        rejects the loss. A rejected micro-batch after others: DeepSpeed must drop the whole step.
+        A finite loss with non-finite gradients: DeepSpeed's overflow check drops the step, and it
+        counts as a bad iteration like a non-finite loss ("grad")."""
         engine, gas = self.engine, self.gas
         result = StepResult(None, lr=engine.get_lr()[0])  # the lr this iteration trains at
         sums = np.zeros(4)
@@ -303,7 +328,7 @@ class Trainer:
             result.status = result.status or bad
             if result.status is None:
                 sums += means
-                engine.backward(out.loss)
+                engine.backward(out.loss * faults.grad_scale(it, self.rank))
             elif gas == 1:
                 break  # nothing accumulated: skipping = not calling backward / step
             else:
@@ -312,34 +337,44 @@ class Trainer:
                 engine.backward(out.loss * float("nan"))
             engine.step()
         result.means = (sums / gas).tolist() if result.status is None else means
-        if result.status is not None and gas > 1 and engine.skipped_steps == skipped_before:
-            result.status = "unskippable " + result.status
+        stepped = result.status is None or gas > 1
+        if stepped:
+            norm = engine.get_global_grad_norm()
+            result.grad_norm = float(norm) if norm is not None else None
+        ds_skipped = engine.skipped_steps > skipped_before
+        if result.status is None and (ds_skipped or not np.isfinite(result.grad_norm or 0.0)):
+            result.status = "grad"
+        if result.status is not None and stepped and not ds_skipped:
+            result.status = "unskippable " + result.status   # the update was applied: the weights are suspect
         return result
 
     def skip_step(self, it: int, result: StepResult) -> bool:
-        """An iteration with a bad loss changed nothing. Returns True when the run must stop."""
+        """An iteration with a bad loss or non-finite gradients changed nothing. Returns True when
+        the run must stop."""
+        kind = result.status.split()[-1]
+        what = {"nan": f"non-finite loss {result.means[0]}",
+                "grad": f"non-finite gradient norm {result.grad_norm} (loss {result.means[0]:.4f})",
+                "spike": f"spiking loss {result.means[0]:.4f} (EMA {self.guard.ema})"}[kind]
         if result.status.startswith("unskippable"):
-            log0(f"iteration {it}: {result.status.split()[-1]} loss but DeepSpeed did not skip the step (no "
-                 "grad-overflow check in this configuration); stopping")
+            log0(f"iteration {it}: {what}, but DeepSpeed applied the update (no grad-overflow check in this "
+                 "configuration), so the weights are suspect: stopping without saving them (exit 1; the last "
+                 "good checkpoint stays `latest`)")
             self.exit_code = EXIT_BAD_LOSS
-            self.save("bad loss, step not skippable")
             return True
         if self.qk_clip is not None:
             self.qk_clip.discard()  # no step: these forwards' logits belong to no update
         update_routing_bias(self.engine, 0.0)  # rate 0: drop this iteration's counts, bias unchanged
         self.skipped_total += 1
         self.consecutive_skips += 1
-        policy = self.config.guard.on_nan if result.status == "nan" else self.config.guard.on_loss_spike
-        msg = (f"iteration {it}: {'non-finite' if result.status == 'nan' else 'spiking'} loss "
-               f"{result.means[0]:.4f} (EMA {self.guard.ema})")
+        policy = self.config.guard.on_loss_spike if kind == "spike" else self.config.guard.on_nan
         if policy == "stop" or self.consecutive_skips > self.config.guard.max_skipped_iters:
-            log0(msg + "; stopping with a checkpoint of the last good state (exit 1)")
+            log0(f"iteration {it}: {what}; stopping with a checkpoint of the last good state (exit 1)")
             self.exit_code = EXIT_BAD_LOSS
             self.step -= 1  # this iteration changed nothing: the checkpoint is the state before it
-            self.save(f"stopped on {result.status} loss at iteration {it}")
+            self.save(f"stopped on {kind} at iteration {it}")
             self.step += 1
             return True
-        log0(msg + "; iteration skipped (no optimizer step)")
+        log0(f"iteration {it}: {what}; iteration skipped (no optimizer step)")
         self.mon.scalars({"train/skipped_iters": self.skipped_total}, it)
         return False
 
@@ -351,8 +386,7 @@ class Trainer:
         if self.qk_clip is not None:
             self.qk_stats = self.qk_clip.step()  # after the optimizer step, on the fp32 masters and the module weights
         self.stats = update_routing_bias(self.engine, self.model_config.bias_update_rate) if self.layer_ids else {}
-        grad_norm = self.engine.get_global_grad_norm()
-        self.last_grad_norm = float(grad_norm) if grad_norm is not None else None
+        self.last_grad_norm = result.grad_norm
         self.window.add(loss=loss, aux=aux, z=z, mtp=mtp)
         scal = {"train/loss": loss, "train/aux_loss": aux, "train/z_loss": z, "train/lr": result.lr,
                 "train/grad_norm": self.last_grad_norm, "train/consumed_samples": self.train_it.consumed_samples,
@@ -423,7 +457,8 @@ class Trainer:
         if not (it % self.config.logging.eval_interval == 0 or it == self.train_iters or force):
             return
         t0 = time.perf_counter()
-        val = evaluate(self.engine, self.valid_ds, self.micro, self.config.logging.eval_iters)
+        val = evaluate(self.engine, self.valid_ds, self.micro, self.config.logging.eval_iters,
+                       self.model_config.vocab_size)
         if self.qk_clip is not None:
             self.qk_clip.discard()  # evaluation forwards are not part of the next step
         if val is not None:

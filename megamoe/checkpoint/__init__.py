@@ -13,11 +13,13 @@ from megamoe.checkpoint.consolidate import Checkpoint, check_state_dict, load_na
 from megamoe.checkpoint.engine import load, rng_state, save, set_rng_state
 from megamoe.checkpoint.format import (CONVERT_TOOL, FORMAT, LATEST, STATE_FILE, WEIGHTS_FILE, CheckpointError,
                                        TrainerState, atomic_write_text, find_checkpoint, optimizer_kind,
-                                       read_latest, read_state, resolve_tag_dir, tag_for, write_latest)
-from megamoe.checkpoint.guard import check_compatible, check_data_position, check_model_config
+                                       read_latest, read_state, resolve_tag_dir, resume_point, tag_for,
+                                       write_latest)
+from megamoe.checkpoint.guard import check_compatible, check_data_position, check_locations, check_model_config
 
 __all__ = ["CONVERT_TOOL", "FORMAT", "LATEST", "STATE_FILE", "WEIGHTS_FILE", "Checkpoint", "CheckpointError",
-           "TrainerState", "atomic_write_text", "check_compatible", "check_data_position", "check_model_config",
+           "TrainerState", "atomic_write_text", "check_compatible", "check_data_position", "check_locations",
+           "check_model_config",
            "check_state_dict", "find_checkpoint", "load", "load_native_state_dict", "locate_checkpoint",
-           "optimizer_kind", "read_latest", "read_state", "resolve_tag_dir", "rng_state", "save", "set_rng_state",
+           "optimizer_kind", "read_latest", "read_state", "resolve_tag_dir", "resume_point", "rng_state", "save", "set_rng_state",
            "tag_for", "write_latest"]

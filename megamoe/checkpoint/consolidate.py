@@ -47,6 +47,7 @@ from typing import Any, Optional
 
 import torch
 
+from megamoe.checkpoint.pickles import deepspeed_classes_allowed, trusted, vet_dir
 from megamoe.checkpoint.format import (STATE_FILE, WEIGHTS_FILE, CheckpointError, TrainerState, optimizer_kind,
                                        read_state, resolve_tag_dir)
 from megamoe.config import ModelConfig
@@ -61,6 +62,7 @@ class Checkpoint:
     state: TrainerState
     config: ModelConfig
     weights_only: bool = False
+    trust: bool = False     # --trust-checkpoint: unpickle whatever the files name (pickles.py)
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -125,9 +127,13 @@ def check_state_dict(sd: dict[str, torch.Tensor], cfg: ModelConfig, source: str)
 # ----------------------------------------------------------------------------------------------
 # rebuilding the fp32 state dict from DeepSpeed files
 # ----------------------------------------------------------------------------------------------
-def _torch_load(path) -> Any:
+def _torch_load(path, trust: bool = False) -> Any:
+    """torch.load of a vetted file: tensors and DeepSpeed's checkpoint classes only, unless trusted."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=False)
+        if trusted(trust):
+            return torch.load(path, map_location="cpu", weights_only=False)
+        with deepspeed_classes_allowed():
+            return torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise CheckpointError(f"{path} is missing") from None
     except Exception as e:  # truncated / corrupted zip or pickle
@@ -222,7 +228,7 @@ def _group_states(osd: dict) -> tuple[list, list[torch.Tensor], list[int]]:
                           f"fp32_flat_groups; keys {sorted(osd)[:8]})")
 
 
-def _adam_shaped_input(tag_dir: Path, work_dir: Path, step: int) -> tuple[Path, int]:
+def _adam_shaped_input(tag_dir: Path, work_dir: Path, step: int, trust: bool = False) -> tuple[Path, int]:
     """A view of `tag_dir` that ds_to_universal can read whatever the optimizer (see the module
     docstring): every file linked, the `*_optim_states.pt` rewritten with each group's missing
     exp_avg / exp_avg_sq set to one placeholder tensor shaped like the moment DeepSpeed expects
@@ -235,7 +241,7 @@ def _adam_shaped_input(tag_dir: Path, work_dir: Path, step: int) -> tuple[Path, 
         if not f.name.endswith("_optim_states.pt"):
             os.symlink(f.resolve(), view / f.name)
             continue
-        sd = _torch_load(f)
+        sd = _torch_load(f, trust)
         osd = sd.get("optimizer_state_dict")
         if not isinstance(osd, dict):
             raise CheckpointError(f"{f} has no optimizer_state_dict: not a DeepSpeed ZeRO optimizer partition")
@@ -268,7 +274,7 @@ def _from_universal(ck: Checkpoint, model_state: dict, work_dir: Path) -> dict[s
     optimizer = optimizer_kind(model_state.get("ds_config"))
     if optimizer not in ("adam", "adamw"):
         # Muon (or any optimizer without Adam's moments): DeepSpeed's converter on an Adam-shaped view
-        src, filled = _adam_shaped_input(ck.path, work_dir, int(model_state.get("global_steps") or 0))
+        src, filled = _adam_shaped_input(ck.path, work_dir, int(model_state.get("global_steps") or 0), ck.trust)
         ck.extra["placeholder_moment_groups"] = filled
     out = work_dir / ck.tag
     args = Namespace(input_folder=str(src), output_folder=str(out), num_extract_workers=1,
@@ -307,10 +313,13 @@ def _from_zero_to_fp32(ck: Checkpoint) -> dict[str, torch.Tensor]:
                       what=f"deepspeed zero_to_fp32 on {ck.path}")
 
 
-def load_native_state_dict(path, tag: Optional[str] = None) -> tuple[dict[str, torch.Tensor], Checkpoint]:
+def load_native_state_dict(path, tag: Optional[str] = None,
+                           trust: bool = False) -> tuple[dict[str, torch.Tensor], Checkpoint]:
     """The full fp32 native state dict of a megamoe checkpoint (any ZeRO stage, any EP size, or a
-    weights-only checkpoint from convert_from_hf), checked against its ModelConfig."""
+    weights-only checkpoint from convert_from_hf), checked against its ModelConfig. No file is
+    unpickled unless it names only tensors and DeepSpeed's checkpoint classes (or `trust`)."""
     ck = locate_checkpoint(path, tag)
+    ck.trust = trust
     if ck.weights_only:
         from safetensors import SafetensorError
         from safetensors.torch import load_file
@@ -325,11 +334,13 @@ def load_native_state_dict(path, tag: Optional[str] = None) -> tuple[dict[str, t
         return sd, ck
 
     files = _model_state_files(ck.path)
-    model_state = _torch_load(files[0])
+    for f in sorted(ck.path.glob("*.pt")):   # a damaged file anywhere gives a clear message, not a pickle trace
+        if f.stat().st_size == 0:
+            raise CheckpointError(f"{f} is empty (truncated write); use another checkpoint tag")
+        _check_readable(f)
+    vet_dir(ck.path, trust)                  # before DeepSpeed's own loaders (weights_only=False) see a file
+    model_state = _torch_load(files[0], trust)
     _preflight(ck, model_state)
-    for f in ck.path.glob("*.pt"):       # a damaged file anywhere gives a clear message, not a pickle trace
-        if f != files[0]:
-            _check_readable(f)
     buffers = {k: model_state["module"][k].float() for k in model_state.get("buffer_names") or []
                if k in (model_state.get("module") or {})}
     zero_stage = _zero_stage(ck)

@@ -16,6 +16,7 @@ import torch
 
 from megamoe import faults
 from megamoe.checkpoint.format import CheckpointError, TrainerState, tag_for, write_latest
+from megamoe.checkpoint.pickles import vet_dir
 
 
 def _barrier() -> None:
@@ -87,8 +88,10 @@ def save(engine, save_dir: str | Path, state: TrainerState) -> str:
     return tag
 
 
-def load(engine, load_dir: str | Path, tag: str, state: TrainerState) -> None:
-    """Load engine (module, optimizer, lr scheduler) + this rank's RNG states."""
+def load(engine, load_dir: str | Path, tag: str, state: TrainerState, trust: bool = False) -> None:
+    """Load engine (module, optimizer, lr scheduler) + this rank's RNG states, after vetting every
+    file of the tag directory (DeepSpeed unpickles with weights_only=False; see pickles.py)."""
+    vet_dir(Path(load_dir) / tag, trust)
     load_path, _ = engine.load_checkpoint(str(load_dir), tag=tag, load_module_strict=True,
                                           load_optimizer_states=True, load_lr_scheduler_states=True)
     if load_path is None:

@@ -109,7 +109,9 @@ def read_latest(load_dir: str | Path) -> Optional[str]:
 
 
 def tags(save_dir: Path) -> list[str]:
-    return sorted(p.name for p in Path(save_dir).glob("global_step*") if p.is_dir())
+    """The global_stepN directories, by step."""
+    found = [p.name for p in Path(save_dir).glob("global_step*") if p.is_dir()]
+    return sorted(found, key=lambda t: (int(t[len("global_step"):]) if t[len("global_step"):].isdigit() else -1, t))
 
 
 def resolve_tag_dir(save_dir: str | Path, tag: Optional[str] = None) -> Path:
@@ -167,6 +169,26 @@ def refuse_nonempty(output: Path | str) -> None:
     output = Path(output)
     if output.exists() and (not output.is_dir() or any(output.iterdir())):
         raise FileExistsError(f"{output} exists and is not empty; choose a new --output directory")
+
+
+def resume_point(load_dir: str | Path) -> tuple[Optional[tuple[str, TrainerState]], Optional[str]]:
+    """What `--load DIR` resumes from, and a note when it is not simply `latest`: without `latest`
+    (a run killed inside its first save, or `latest` deleted) the newest complete tag, or a fresh
+    start when no tag is complete. An explicit `latest` that is broken stays an error."""
+    load_dir = Path(load_dir)
+    if read_latest(load_dir) is not None:
+        return find_checkpoint(load_dir), None
+    all_tags = tags(load_dir)
+    complete = [t for t in all_tags if (load_dir / t / STATE_FILE).is_file()]
+    incomplete = [t for t in all_tags if t not in complete]
+    if not complete:
+        note = (f"{load_dir} holds only incomplete checkpoints ({', '.join(incomplete)}: no {STATE_FILE}, the save "
+                "was interrupted): starting from scratch") if incomplete else None
+        return None, note
+    tag = complete[-1]
+    note = (f"{load_dir} has no `{LATEST}` file; resuming from its newest complete checkpoint {tag}"
+            + (f" (incomplete, ignored: {', '.join(incomplete)})" if incomplete else ""))
+    return (tag, read_state(load_dir / tag)), note
 
 
 def stage_dir(output: Path) -> tuple[Path, Path]:

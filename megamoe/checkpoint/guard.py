@@ -10,7 +10,31 @@ it was saved with; otherwise it is converted to DeepSpeed's universal format
 """
 from __future__ import annotations
 
+import os
+from pathlib import Path
+from typing import Optional
+
 from megamoe.checkpoint.format import CONVERT_TOOL, CheckpointError, TrainerState
+
+
+def check_locations(load: Optional[str], save: Optional[str]) -> None:
+    """Before any work: --load must exist unless it is also --save (the auto-resume idiom, where an
+    empty or missing directory means a fresh start), and --save must be a directory this process
+    can write (created here), so a long run never fails at its first save."""
+    if load and not Path(load).exists() and not (save and Path(load).resolve() == Path(save).resolve()):
+        raise CheckpointError(f"--load {load} does not exist (misspelled?). To start fresh and resume there later, "
+                              f"pass --save {load} --load {load}; to start fresh, drop --load")
+    if not save:
+        return
+    try:
+        Path(save).mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise CheckpointError(f"--save {save}: a file is in the way ({save} or one of its parents is a regular "
+                              "file); choose a directory") from None
+    except OSError as e:
+        raise CheckpointError(f"--save {save}: cannot create it ({e.strerror})") from None
+    if not os.access(save, os.W_OK | os.X_OK):
+        raise CheckpointError(f"--save {save} is not writable by this user; choose another directory")
 
 
 def check_model_config(state: TrainerState, cfg, where: str = "") -> None:

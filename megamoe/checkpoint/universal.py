@@ -28,6 +28,7 @@ import sys
 from pathlib import Path
 
 from megamoe.checkpoint.format import CheckpointError, atomic_write_text, find_checkpoint, write_latest
+from megamoe.checkpoint.pickles import vet_dir
 
 
 def _muon_refusal(where, what: str = "was trained with DeepSpeed's Muon optimizer") -> str:
@@ -64,7 +65,7 @@ def _ds_to_universal(src: Path, tmp: Path, workers: int) -> None:
     raise CheckpointError(f"ds_to_universal failed ({' '.join(cmd)}):\n{res.stdout[-3000:]}\n{res.stderr[-3000:]}")
 
 
-def convert(input_dir: str, output_dir: str, tag: str | None = None, workers: int = 1) -> Path:
+def convert(input_dir: str, output_dir: str, tag: str | None = None, workers: int = 1, trust: bool = False) -> Path:
     """OUTPUT/tag, a universal copy of INPUT's checkpoint `tag` (default: its `latest`)."""
     found = find_checkpoint(input_dir, tag)
     if found is None:
@@ -72,6 +73,7 @@ def convert(input_dir: str, output_dir: str, tag: str | None = None, workers: in
     tag, state = found
     src = Path(input_dir) / tag
     _refuse_unconvertible(state, src)
+    vet_dir(src, trust)   # ds_to_universal unpickles with weights_only=False
     out = Path(output_dir)
     dst = out / tag
     if dst.exists():

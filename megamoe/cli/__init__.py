@@ -1,7 +1,14 @@
 """The command-line tools: `python tools/X.py` and the `megamoe-X` console scripts run main() here."""
 from __future__ import annotations
 
+import argparse
 import sys
+
+
+def add_trust_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--trust-checkpoint", action="store_true",
+                        help="load checkpoint files that name classes beyond DeepSpeed's checkpoint classes "
+                             "(unpickling can run code; see megamoe/checkpoint/pickles.py)")
 
 
 class report_errors:

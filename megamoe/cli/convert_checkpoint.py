@@ -14,7 +14,7 @@ import sys
 
 from megamoe.checkpoint import CheckpointError
 from megamoe.checkpoint.universal import convert
-from megamoe.cli import report_errors
+from megamoe.cli import add_trust_flag, report_errors
 
 
 def main(argv=None) -> int:
@@ -23,9 +23,10 @@ def main(argv=None) -> int:
     p.add_argument("--tag", default=None, help="checkpoint tag (default: the input's `latest`)")
     p.add_argument("--output", required=True, help="new directory; resume with --load OUTPUT")
     p.add_argument("--workers", type=int, default=1)
+    add_trust_flag(p)
     a = p.parse_args(argv)
     with report_errors("convert_checkpoint", CheckpointError, code=2) as failed:
-        dst = convert(a.input, a.output, a.tag, a.workers)
+        dst = convert(a.input, a.output, a.tag, a.workers, trust=a.trust_checkpoint)
     if failed:
         return failed.code
     print(f"universal checkpoint: {dst}\nresume with: --load {a.output} (any --expert-model-parallel-size / "

@@ -11,6 +11,8 @@ Nothing is written at --output unless the whole export succeeds.
 import argparse
 import sys
 
+from megamoe.cli import add_trust_flag
+
 
 def parse_size(s: str) -> int:
     units = {"KB": 1024, "MB": 1024**2, "GB": 1024**3, "TB": 1024**4, "B": 1}
@@ -36,6 +38,7 @@ def main(argv=None) -> int:
     tok = ap.add_mutually_exclusive_group()
     tok.add_argument("--tokenizer", default="auto", help="tokenizer file (default: the checkpoint's)")
     tok.add_argument("--no-tokenizer", action="store_true", help="export without a tokenizer")
+    add_trust_flag(ap)
     args = ap.parse_args(argv)
 
     from megamoe.checkpoint import CheckpointError
@@ -48,7 +51,8 @@ def main(argv=None) -> int:
                        FileExistsError) as failed:
         out = convert_to_hf(args.checkpoint, args.output, tag=args.tag, dtype=args.dtype,
                             max_shard_bytes=parse_size(args.max_shard_size),
-                            tokenizer=None if args.no_tokenizer else args.tokenizer, drop_mtp=args.drop_mtp)
+                            tokenizer=None if args.no_tokenizer else args.tokenizer, drop_mtp=args.drop_mtp,
+                            trust=args.trust_checkpoint)
     if failed:
         return failed.code
     print(f"wrote {out}")

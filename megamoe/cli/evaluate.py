@@ -11,6 +11,8 @@ import argparse
 import json
 import sys
 
+from megamoe.cli import add_trust_flag
+
 
 
 def main(argv=None) -> int:
@@ -24,6 +26,7 @@ def main(argv=None) -> int:
     ap.add_argument("--max-tokens", type=int, default=None, help="score at most this many tokens")
     ap.add_argument("--json", action="store_true", help="print the result as JSON")
     ap.add_argument("--no-progress", action="store_true")
+    add_trust_flag(ap)
     args = ap.parse_args(argv)
 
     from megamoe.checkpoint import CheckpointError
@@ -32,7 +35,7 @@ def main(argv=None) -> int:
     from megamoe.inference import evaluate_lm, load_model
 
     with report_errors("evaluate", CheckpointError, HFConversionError, FileNotFoundError, ValueError) as failed:
-        lm = load_model(args.model, tag=args.tag, tokenizer=args.tokenizer)
+        lm = load_model(args.model, tag=args.tag, tokenizer=args.tokenizer, trust=args.trust_checkpoint)
         res = evaluate_lm(lm, args.data, seq_len=args.seq_len, batch_size=args.batch_size,
                           max_tokens=args.max_tokens, progress=not args.no_progress)
     if failed:

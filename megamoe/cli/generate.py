@@ -10,6 +10,8 @@
 import argparse
 import sys
 
+from megamoe.cli import add_trust_flag
+
 
 
 def main(argv=None) -> int:
@@ -26,11 +28,18 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=None)
     ap.add_argument("--stream", action="store_true", help="print tokens as they are generated")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    add_trust_flag(ap)
     args = ap.parse_args(argv)
     if args.prompt is None and not args.interactive:
         ap.error("give --prompt TEXT or --interactive")
     if args.top_p is not None and not 0 < args.top_p <= 1:
         ap.error("--top-p must be in (0, 1]")
+    if not args.temperature >= 0:
+        ap.error("--temperature must be >= 0 (0: greedy)")
+    if args.top_k is not None and args.top_k < 1:
+        ap.error("--top-k must be >= 1")
+    if args.max_new_tokens < 0:
+        ap.error("--max-new-tokens must be >= 0")
 
     import torch
 
@@ -41,7 +50,8 @@ def main(argv=None) -> int:
 
     with report_errors("generate", CheckpointError, HFConversionError, FileNotFoundError) as failed:
         lm = load_model(args.model, tag=args.tag, tokenizer=args.tokenizer,
-                        dtype=torch.bfloat16 if args.dtype == "bfloat16" else torch.float32)
+                        dtype=torch.bfloat16 if args.dtype == "bfloat16" else torch.float32,
+                        trust=args.trust_checkpoint)
     if failed:
         return failed.code
     if lm.tokenizer is None:
@@ -60,10 +70,10 @@ def main(argv=None) -> int:
             print(prompt + generate_text(lm, prompt, **kw))
         sys.stdout.flush()
 
-    if args.prompt is not None:
-        run(args.prompt)
-    if args.interactive:
-        while True:
+    with report_errors("generate", ValueError) as failed:   # e.g. a prompt longer than the model's context
+        if args.prompt is not None:
+            run(args.prompt)
+        while args.interactive:
             try:
                 prompt = input("> ")
             except EOFError:
@@ -71,7 +81,7 @@ def main(argv=None) -> int:
             if not prompt:
                 break
             run(prompt)
-    return 0
+    return failed.code if failed else 0
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@
 import argparse
 import sys
 
+from megamoe.cli import report_errors
 
 
 def main(argv=None) -> int:
@@ -31,22 +32,21 @@ def main(argv=None) -> int:
     ap.add_argument("--verify", metavar="PREFIX", help="check a .bin/.idx pair and print statistics")
     args = ap.parse_args(argv)
 
-    try:
+    if not args.verify and not (args.input and args.tokenizer and args.output_prefix):
+        ap.error("--input, --tokenizer and --output-prefix are required (or use --verify PREFIX)")
+    # OSError: unreadable inputs, a full disk, an output directory that cannot be created
+    with report_errors("preprocess", BadInputError, IndexedDatasetError, ValueError, OSError) as failed:
         if args.verify:
             print(format_verify(verify_dataset(args.verify, args.tokenizer)))
             return 0
-        if not (args.input and args.tokenizer and args.output_prefix):
-            ap.error("--input, --tokenizer and --output-prefix are required (or use --verify PREFIX)")
         split = [float(x) for x in args.split.split(",")] if args.split else None
         stats = preprocess(args.input, args.tokenizer, args.output_prefix, json_key=args.json_key,
                            workers=args.workers, append_eod=args.append_eod, split=split,
                            input_format=args.input_format, txt_mode=args.txt_mode,
                            skip_bad=args.skip_bad, progress=not args.no_progress)
-    except (BadInputError, IndexedDatasetError, ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    print(stats.summary())
-    return 0
+        print(stats.summary())
+        return 0
+    return failed.code
 
 
 if __name__ == "__main__":

@@ -26,7 +26,8 @@ Sample semantics (all deterministic from ``seed``; nothing depends on the number
 """
 from __future__ import annotations
 
-import os
+import math
+
 import threading
 from collections import OrderedDict
 from typing import Iterator, Optional, Sequence, Union
@@ -142,7 +143,7 @@ class BlendedDataset:
         if len(datasets) != len(weights) or not datasets:
             raise ValueError("need one weight per dataset")
         w = np.asarray(weights, dtype=np.float64)
-        if np.any(w < 0) or w.sum() <= 0:
+        if not np.all(np.isfinite(w)) or np.any(w < 0) or w.sum() <= 0:
             raise ValueError(f"blend weights must be non-negative with a positive sum, got {list(weights)}")
         self.datasets = list(datasets)
         self.weights = w / w.sum()
@@ -202,7 +203,13 @@ def parse_data_path(data_path: Union[str, Sequence[str]]) -> tuple[list[float], 
 
     if len(items) % 2 or not all(is_number(items[k]) for k in range(0, len(items), 2)):
         raise ValueError(f"data path must be PATH or WEIGHT PATH [WEIGHT PATH ...], got {items}")
-    return [float(items[k]) for k in range(0, len(items), 2)], [items[k] for k in range(1, len(items), 2)]
+    weights, paths = [float(items[k]) for k in range(0, len(items), 2)], [items[k] for k in range(1, len(items), 2)]
+    bad = [f"{items[2 * k]} (for {p})" for k, (w, p) in enumerate(zip(weights, paths)) if not (math.isfinite(w) and w >= 0)]
+    if bad:
+        raise ValueError(f"data path weights must be finite numbers >= 0; got {', '.join(bad)}")
+    if sum(weights) <= 0:
+        raise ValueError(f"data path weights must have a positive sum, got {weights}")
+    return weights, paths
 
 
 def split_documents(num_documents: int, splits: Sequence[float]) -> list[np.ndarray]:
@@ -265,6 +272,18 @@ def build_pretraining_data(data_path: Union[str, Sequence[str]], seq_length: int
     return tuple(out)
 
 
+class DataError(ValueError):
+    """Training data the model cannot use; the message names the dataset and the fix."""
+
+
+def sample_source(dataset, i: int) -> str:
+    """The dataset (by its name: prefix and split) that global sample `i` comes from."""
+    if isinstance(dataset, BlendedDataset):
+        c, j = dataset.dataset_index(i)
+        return sample_source(dataset.datasets[c], j)
+    return getattr(dataset, "name", "") or repr(dataset)
+
+
 class DistributedBatchIterator:
     """Yields ``{"input_ids": LongTensor[B, S], "labels": LongTensor[B, S]}`` for one DP rank.
 
@@ -278,7 +297,7 @@ class DistributedBatchIterator:
     """
 
     def __init__(self, dataset, micro_batch_size: int, dp_rank: int = 0, dp_world_size: int = 1,
-                 consumed_samples: int = 0, num_samples: Optional[int] = None):
+                 consumed_samples: int = 0, num_samples: Optional[int] = None, vocab_size: Optional[int] = None):
         if not 0 <= dp_rank < dp_world_size:
             raise ValueError(f"dp_rank {dp_rank} not in [0, {dp_world_size})")
         self.dataset = dataset
@@ -287,6 +306,7 @@ class DistributedBatchIterator:
         self.dp_world_size = int(dp_world_size)
         self.consumed_samples = int(consumed_samples)
         self.num_samples = num_samples
+        self.vocab_size = vocab_size   # token ids at or above it are refused (an IndexError on CPU, a device assert on GPU)
 
     @property
     def global_batch_size(self) -> int:
@@ -311,6 +331,12 @@ class DistributedBatchIterator:
             raise StopIteration
         first = start + self.dp_rank * self.micro_batch_size
         batch = np.stack([self.dataset[first + b] for b in range(self.micro_batch_size)])  # [B, S+1]
+        if self.vocab_size is not None and batch.size and int(batch.max()) >= self.vocab_size:
+            b = int(np.argmax(batch.max(axis=1)))
+            raise DataError(f"token id {int(batch[b].max())} >= the model's vocab_size {self.vocab_size} in global sample "
+                            f"{first + b} ({sample_source(self.dataset, first + b)}): the data was tokenized with a "
+                            "larger vocabulary than the model has; re-preprocess with the model's tokenizer or raise "
+                            "vocab_size (--model-override vocab_size=N)")
         self.consumed_samples = start + self.global_batch_size
         tokens = torch.from_numpy(batch)
         return {"input_ids": tokens[:, :-1].contiguous(), "labels": tokens[:, 1:].contiguous()}

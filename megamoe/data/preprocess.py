@@ -19,6 +19,7 @@ import itertools
 import multiprocessing as mp
 import os
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
@@ -239,6 +240,11 @@ def preprocess(inputs: Sequence[str], tokenizer: str, output_prefix: str, *, jso
     names = [SPLIT_NAMES[i] for i in range(len(prefixes))] if split else ["all"]
     stats.outputs = {n: {"prefix": p, "documents": d, "tokens": t}
                      for n, p, (d, t) in zip(names, prefixes, write.per_split)}
+    empty = [o["prefix"] for o in stats.outputs.values() if o["documents"] == 0]
+    if empty:
+        warnings.warn(f"{', '.join(empty)}: 0 documents written ({stats.skipped_empty} empty and {stats.skipped_bad} "
+                      f"bad records skipped, of {stats.files} input file(s)); training cannot use "
+                      f"{'it' if len(empty) == 1 else 'them'}")
     return stats
 
 

@@ -295,3 +295,46 @@ def test_a_source_too_small_for_validation_leaves_the_others(tmp_path):
     assert [d.name for d in valid.datasets] == [f"{big}[valid]"]
     with pytest.raises(ValueError, match="not enough"):
         build_pretraining_data(["0.5", str(big), "0.5", str(_write(tmp_path / "tiny", [[1, 2]]))], 4, 1, (1.0, 0.0))
+
+
+@pytest.mark.parametrize("weight", ["nan", "inf", "-inf", "-1"])
+def test_blend_weights_must_be_finite_and_non_negative(weight):
+    from megamoe.data.dataset import BlendedDataset, parse_data_path
+    with pytest.raises(ValueError, match=f"finite numbers >= 0; got {weight} \\(for b\\)"):
+        parse_data_path(["1", "a", weight, "b"])
+    with pytest.raises(ValueError, match="positive sum"):
+        parse_data_path(["0", "a", "0", "b"])
+    with pytest.raises(ValueError, match="non-negative"):
+        BlendedDataset([[0], [1]], [1.0, float(weight)])
+
+
+def test_batches_with_token_ids_beyond_the_vocabulary_are_refused(tmp_path):
+    from megamoe.data import DataError, DistributedBatchIterator, IndexedDatasetWriter, build_pretraining_data
+    for name, hi in (("ok", 100), ("wide", 5000)):
+        with IndexedDatasetWriter(str(tmp_path / name), np.uint16) as w:
+            for d in range(20):
+                w.add_document(list(range(d, d + 30)) + [hi - 1])
+    blend, = build_pretraining_data(["1", str(tmp_path / "ok"), "1", str(tmp_path / "wide")], 16, splits=(1.0,))
+    it = DistributedBatchIterator(blend, 4, vocab_size=4096)
+    with pytest.raises(DataError, match=r"token id 4999 >= the model's vocab_size 4096 in global sample \d+ \(.*wide"):
+        for _ in range(10):
+            next(it)
+    ok, = build_pretraining_data([str(tmp_path / "ok")], 16, splits=(1.0,))
+    it = DistributedBatchIterator(ok, 4, vocab_size=100)
+    for _ in range(5):
+        next(it)   # ids up to 99 < 100: fine
+
+
+def test_an_empty_train_split_is_a_clear_error(tmp_path):
+    from megamoe.data import DataError, IndexedDatasetWriter
+    from megamoe.trainer import build_data
+    from megamoe.train_config import DataConfig
+    with IndexedDatasetWriter(str(tmp_path / "d"), np.uint16) as w:
+        for d in range(10):
+            w.add_document(list(range(40)))
+    with pytest.raises(DataError, match="--split 0,1 leaves no training documents"):
+        build_data(DataConfig(data_path=[str(tmp_path / "d")], split="0,1", seq_length=16))
+    with pytest.raises(DataError, match="finite numbers >= 0"):
+        build_data(DataConfig(data_path=["nan", str(tmp_path / "d")], seq_length=16))
+    train, valid = build_data(DataConfig(data_path=[str(tmp_path / "d")], split="1,0", seq_length=16))
+    assert train is not None and valid is None

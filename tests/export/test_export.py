@@ -217,3 +217,42 @@ def test_cli_convert_generate_evaluate(checkpoints, tmp_path, tokenizer_file):
     res = json.loads(r.stdout.strip().splitlines()[-1])
     assert res["bytes"] == len(text.read_text().encode()) and 1 < res["perplexity"] < 2 * 512
     assert "evaluate" in r.stderr   # tqdm progress bar
+
+
+class _Payload:
+    """Unpickling this runs a shell command (what a crafted checkpoint file can do)."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+        return os.system, (f"touch {self.marker}",)
+
+
+@pytest.mark.parametrize("victim", ["mp_rank_00_model_states.pt", "zero_pp_rank_1_mp_rank_00_optim_states.pt",
+                                    "layer_0_expert_3_mp_rank_00_model_states.pt"])
+def test_a_checkpoint_file_that_would_run_code_is_never_unpickled(checkpoints, tmp_path, victim):
+    """Every reader (export, generate/evaluate, universal conversion, resume) vets every file of the
+    tag before megamoe or DeepSpeed unpickles one; the payload never runs."""
+    from megamoe.checkpoint import pickles
+    from megamoe.checkpoint.universal import convert
+    from megamoe.inference import load_model
+    bad = _copy(checkpoints[2], tmp_path / "crafted")
+    marker = tmp_path / "payload_ran"
+    f = bad / "global_step3" / victim
+    sd = torch.load(f, weights_only=False)   # the real file, plus a payload (this test's own file: trusted)
+    sd["extra"] = _Payload(marker)
+    torch.save(sd, f)
+    assert "posix.system" in pickles.unsafe_globals(f)
+    _assert_refused(bad, tmp_path / "out", rf"{victim} would import posix.system.*--trust-checkpoint")
+    with pytest.raises(CheckpointError, match="would import posix.system"):
+        load_model(bad)
+    with pytest.raises(CheckpointError, match="would import posix.system"):
+        convert(str(bad), str(tmp_path / "universal"))
+    with pytest.raises(CheckpointError, match="MEGAMOE_TRUST_CHECKPOINT"):
+        pickles.vet_dir(bad / "global_step3")          # what checkpoint.load runs before DeepSpeed's loader
+    assert not marker.exists()
+    pickles.vet_dir(bad / "global_step3", trust=True)  # the escape hatch lets it through
+    pickles.vet_dir(checkpoints[2] / "global_step3")  # a real checkpoint names only DeepSpeed's classes
+    assert not marker.exists()

@@ -167,3 +167,29 @@ def test_generate_stream_seed_and_greedy(small):
     g1 = generate_text(lm_ck, "All:", max_new_tokens=8, temperature=0)
     g2 = generate_text(lm_ck, "All:", max_new_tokens=8, temperature=0, seed=123)
     assert g1 == g2                                   # greedy ignores the seed
+
+
+def test_generate_cli_validates_arguments_and_reports_errors(small, capsys):
+    from megamoe.cli.generate import main
+    cfg, model, hf_dir, ck = small
+    for bad, msg in ((["--temperature", "-1"], "--temperature must be >= 0"), (["--top-k", "0"], "--top-k must be")):
+        with pytest.raises(SystemExit):
+            main(["--model", str(hf_dir), "--prompt", "x", *bad])
+        assert msg in capsys.readouterr().err
+    long_prompt = "First Citizen: " * (cfg.max_position_embeddings + 10)
+    assert main(["--model", str(hf_dir), "--prompt", long_prompt, "--max-new-tokens", "2"]) == 1
+    err = capsys.readouterr().err
+    assert "generate: error: prompt is" in err and "context" in err and "Traceback" not in err
+
+
+def test_preprocess_cli_reports_os_errors_and_warns_on_zero_documents(sp_file, tmp_path, capsys):
+    from megamoe.cli.preprocess import main
+    (tmp_path / "blocker").write_text("a file where a directory should be")
+    (tmp_path / "in.txt").write_text(TEXT)
+    assert main(["--input", str(tmp_path / "in.txt"), "--tokenizer", sp_file, "--output-prefix",
+                 str(tmp_path / "blocker" / "out"), "--no-progress"]) == 1
+    assert "preprocess: error:" in capsys.readouterr().err
+    (tmp_path / "empty.txt").write_text("  \n\n")
+    with pytest.warns(UserWarning, match="0 documents written"):
+        assert main(["--input", str(tmp_path / "empty.txt"), "--tokenizer", sp_file, "--output-prefix",
+                     str(tmp_path / "empty"), "--no-progress"]) == 0

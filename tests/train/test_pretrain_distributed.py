@@ -163,6 +163,35 @@ def test_sigterm_on_one_rank_saves_everywhere_and_exits_zero(data, tmp_path):
     assert (save / tag / "megamoe_rng_rank1.pt").is_file()
 
 
+@pytest.mark.parametrize("launcher", ["deepspeed", "torchrun"])
+def test_sigterm_to_the_process_group_saves_and_stops_every_rank(data, tmp_path, launcher):
+    """What SLURM and `kill -TERM -- -PGID` do: every process of the job gets SIGTERM, so each rank
+    gets it twice (directly, and forwarded by DeepSpeed's launch.py or torchrun). The ranks save
+    once and exit; no rank is left running. (DeepSpeed 0.19.8's top-level `deepspeed` runner does not
+    forward a signal on one node: signalled alone it dies and leaves the ranks running, which is
+    why the README says to signal the group.)"""
+    import os
+    save = tmp_path / "ckpt"
+    args = base_args(data, iters=200, save=save)
+    cmd = ([str(Path(sys.executable).with_name("deepspeed")), "--num_gpus", "2", "megamoe/pretrain.py", *args]
+           if launcher == "deepspeed" else multirank.command(["-m", "megamoe.pretrain", *args]))
+    p = subprocess.Popen(cmd, cwd=ROOT, env=multirank.rank_env(**faults.env(iteration_sleep_s=0.3)),
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    lines = Lines(p)
+    lines.wait_for("iteration      2/")
+    procs = psutil.Process(p.pid).children(recursive=True)
+    os.killpg(p.pid, signal.SIGTERM)
+    _, alive = psutil.wait_procs(procs, timeout=120)
+    p.wait(timeout=60)
+    out = lines.text()
+    assert not alive, out[-3000:]
+    tag = ckpt.read_latest(save)
+    assert tag is not None, out[-3000:]
+    state = ckpt.read_state(save / tag)
+    assert state.reason == "signal" and 2 <= state.step < 200, out[-3000:]
+    assert out.count("saved checkpoint") == 1, out[-3000:]
+
+
 def test_crash_inside_save_leaves_latest_on_the_previous_checkpoint(data, tmp_path):
     save = tmp_path / "ckpt"
     rc, out = run(base_args(data, iters=7, save=save, save_interval=3), **faults.env(crash_in_save={"step": 6}))
@@ -224,7 +253,7 @@ def test_nan_loss_skip_and_stop(data, tmp_path):
     rc, out = run(base_args(data, iters=5, on_nan="skip", tensorboard_dir=tmp_path / "tb"),
                   **faults.env(nan_loss_iters=[3]))
     assert rc == 0, out[-4000:]
-    assert "iteration 3: non-finite loss" in out and "skipped" in out
+    assert "iteration 3: non-finite loss nan;" in out and "skipped" in out   # the real value
     assert sorted(scalars(tmp_path / "tb", "train/loss")) == [1, 2, 4, 5]
     assert scalars(tmp_path / "tb", "train/skipped_iters")[5] == 1
 
@@ -234,6 +263,22 @@ def test_nan_loss_skip_and_stop(data, tmp_path):
     assert "stopping with a checkpoint" in out
     state = ckpt.read_state(save / ckpt.read_latest(save))
     assert state.step == 2 and state.reason.startswith("stopped on nan")
+
+
+def test_non_finite_gradients_count_as_bad_iterations(data, tmp_path):
+    """A finite loss with non-finite gradients: DeepSpeed's overflow check drops the step, and the
+    guard counts it under --on-nan / --max-skipped-iters like a non-finite loss. With --lr 1e6 (the
+    loss may stay finite while the gradients overflow) --on-nan stop must stop, not exit 0."""
+    rc, out = run(base_args(data, iters=5, on_nan="skip", tensorboard_dir=tmp_path / "tb"),
+                  **faults.env(inf_grad_iters=[3]))
+    assert rc == 0, out[-4000:]
+    assert "iteration 3: non-finite gradient norm" in out and "iteration skipped" in out
+    assert sorted(scalars(tmp_path / "tb", "train/loss")) == [1, 2, 4, 5]
+    assert scalars(tmp_path / "tb", "train/skipped_iters")[5] == 1
+
+    rc, out = run(base_args(data, iters=6, lr="1e6", min_lr="0", on_nan="stop", max_skipped_iters=0))
+    assert rc == 1, out[-4000:]
+    assert "stopping with a checkpoint" in out and ("non-finite gradient norm" in out or "non-finite loss" in out)
 
 
 def test_continue_pretraining_from_a_converted_hf_model(data, tmp_path):

@@ -143,3 +143,59 @@ def test_rng_states_load_without_unpickling(tmp_path):
     ckpt.set_rng_state(torch.load(tmp_path / "rng.pt", weights_only=True))
     got = (random.random(), np.random.normal(), torch.rand(3))
     assert got[0] == want[0] and got[1] == want[1] and torch.equal(got[2], want[2])
+
+
+def test_resume_point_without_latest_takes_the_newest_complete_tag(tmp_path):
+    def tag(step, complete=True):
+        d = tmp_path / ckpt.tag_for(step)
+        d.mkdir()
+        if complete:
+            ckpt.TrainerState(step=step, model_config={}).write(d)
+    assert ckpt.resume_point(tmp_path) == (None, None)            # empty: a fresh start, nothing to say
+    tag(3, complete=False)                                         # killed inside its first save
+    found, note = ckpt.resume_point(tmp_path)
+    assert found is None and "only incomplete checkpoints (global_step3" in note and "from scratch" in note
+    tag(2), tag(10), tag(9), tag(12, complete=False)
+    (found_tag, state), note = ckpt.resume_point(tmp_path)
+    assert found_tag == "global_step10" and state.step == 10   # by step, not by name (global_step9 > ..10)
+    assert "no `latest`" in note and "global_step3, global_step12" in note
+    ckpt.write_latest(tmp_path, "global_step2")
+    assert ckpt.resume_point(tmp_path) == (("global_step2", ckpt.read_state(tmp_path / "global_step2")), None)
+
+
+def test_load_and_save_locations_are_checked_before_any_work(tmp_path):
+    ckpt.check_locations(None, None)
+    with pytest.raises(ckpt.CheckpointError, match="--load .*ckpt_typo does not exist.*--save .*--load"):
+        ckpt.check_locations(str(tmp_path / "ckpt_typo"), str(tmp_path / "ckpt"))
+    ckpt.check_locations(str(tmp_path / "new"), str(tmp_path / "new"))   # auto-resume idiom: created
+    assert (tmp_path / "new").is_dir()
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ckpt.CheckpointError, match="a file is in the way"):
+        ckpt.check_locations(None, str(tmp_path / "file" / "ckpt"))
+    with pytest.raises(ckpt.CheckpointError, match="a file is in the way"):
+        ckpt.check_locations(None, str(tmp_path / "file"))
+    ro = tmp_path / "ro"
+    ro.mkdir(mode=0o500)
+    import os
+    if os.geteuid() != 0:   # root writes anywhere: the mode check means nothing there
+        with pytest.raises(ckpt.CheckpointError, match="not writable"):
+            ckpt.check_locations(None, str(ro))
+
+
+def test_a_repeated_stop_signal_is_one_request_until_the_grace_period_ends():
+    import signal
+    from megamoe.trainer import StopRequest
+    saved = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        stop = StopRequest()
+        stop._handler(signal.SIGTERM, None)
+        stop._handler(signal.SIGTERM, None)   # the launcher's forwarded copy: same request
+        assert stop.signum == signal.SIGTERM and stop.agreed()
+        assert signal.getsignal(signal.SIGTERM) == stop._handler
+        stop.first_at -= StopRequest.GRACE_S + 1
+        with pytest.raises(KeyboardInterrupt):
+            stop._handler(signal.SIGINT, None)   # a second request later: the default action
+        assert signal.getsignal(signal.SIGINT) == signal.SIG_DFL
+    finally:
+        for s, h in saved.items():
+            signal.signal(s, h)
