@@ -15,7 +15,8 @@ the value the run uses (the batch triple, lr, clipping, precision, optimizer, Ze
 
 Resume: the config is saved in every checkpoint and `resume_changes` compares it with this run's,
 field by field, by each field's `resume` policy:
-* "apply"  may change (length, schedule, intervals, logging, guards, batch size): applied, printed;
+* "apply"  may change (length, schedule, intervals, logging, guards, batch size, the weights of
+  the same data files for a curriculum): applied, printed;
 * "refuse" would silently corrupt the run (data, split, seed, sequence length, tokenizer,
   optimizer, precision, parameter groups): an error listing every difference, unless named in
   --allow-resume-change;
@@ -185,13 +186,25 @@ class TrainConfig:
                 if f.name not in old or _same(old[f.name], new) or f.metadata["resume"] == "ignore":
                     continue
                 change = f"{f.name}: {old[f.name]!r} -> {new!r}"
-                (refused if f.metadata["resume"] == "refuse" and f.name not in allowed else applied).append(change)
+                policy = f.metadata["resume"]
+                if f.name == "data_path" and _same_files(old[f.name], new):
+                    policy, change = "apply", change + " (blend weights only: a curriculum step)"
+                (refused if policy == "refuse" and f.name not in allowed else applied).append(change)
         if refused:
             raise ConfigConflict(
                 f"resuming {where} with settings that would silently change the run: {'; '.join(refused)}. Resume "
                 f"with the checkpoint's values, or accept the change explicitly with --allow-resume-change "
                 f"{' '.join(c.split(':')[0] for c in refused)}")
         return applied
+
+
+def _same_files(old: list, new: list) -> bool:
+    """Two --data-path values naming the same files (in order), whatever their weights."""
+    from megamoe.data.dataset import parse_data_path
+    try:
+        return parse_data_path(old)[1] == parse_data_path(new)[1]
+    except ValueError:
+        return False
 
 
 def _same(a, b) -> bool:

@@ -178,6 +178,7 @@ class Trainer:
     def __init__(self, config: TrainConfig):
         init_distributed()
         self.world, self.rank = world_size(), rank()
+        self.data_changed = False
         self.config = config.resolve(self.world) if config.ds_config is None else config
         log0(self.config.describe())
         seed_everything(config.data.seed)
@@ -219,8 +220,11 @@ class Trainer:
             # converted weights (e.g. tools/convert_from_hf.py): continue pretraining from them
             # with a fresh optimizer at iteration 0, as Megatron's --finetune / torchtitan's seed load
             return None, (load, tag)
-        for change in self.config.resume_changes(state.config, where=where):
+        changes = self.config.resume_changes(state.config, where=where)
+        for change in changes:
             log0(f"resume: {change} (applied)")
+        # a new blend (a curriculum step, or new files allowed explicitly) serves other samples by design
+        self.data_changed = any(c.startswith("data_path:") for c in changes)
         return resume, None
 
     def _build_engine(self, initial_weights):
@@ -258,7 +262,7 @@ class Trainer:
             log0(f"resumed from {Path(load) / tag}: iteration {self.step}, consumed samples {consumed}")
         train_it = DistributedBatchIterator(self.train_ds, self.micro, self.rank, self.world, consumed_samples=consumed,
                                             vocab_size=self.model_config.vocab_size)
-        if resume is not None and "data_path" not in self.config.checkpoint.allow_resume_change:
+        if resume is not None and not self.data_changed:
             ckpt.check_data_position(resume[1], consumed_per_dataset(train_it), where=str(Path(load) / tag))
         return train_it
 

@@ -333,7 +333,8 @@ def second_corpus(tmp_path_factory):
 def test_resume_with_router_jitter_and_a_blend_is_exact(data, second_corpus, tmp_path):
     """Randomness inside the step (router jitter draws from each rank's torch RNG) and a two-dataset
     blend: a run stopped at iteration 3 and resumed reproduces the uninterrupted losses only if every
-    rank's RNG state and each dataset's position come back. A changed blend is refused."""
+    rank's RNG state and each dataset's position come back. New weights for the same files are a
+    curriculum step (applied); other files are refused."""
     blend = f"0.7 {data} 0.3 {second_corpus}"
     jitter = dict(model_override="router_jitter_noise=0.3")
     rc, out = run(base_args(blend, iters=6, tensorboard_dir=tmp_path / "tb_ref", **jitter))
@@ -351,6 +352,9 @@ def test_resume_with_router_jitter_and_a_blend_is_exact(data, second_corpus, tmp
     for it, v in resumed.items():
         assert v == pytest.approx(ref_losses[it], abs=1e-6), (it, v, ref_losses[it])
 
+    # new weights for the same files: a curriculum step, applied and said; other files: refused
     rc, out = run(base_args(f"0.5 {data} 0.5 {second_corpus}", iters=6, load=save, **jitter))
+    assert rc == 0 and "resume: data_path: ['0.7 " in out and "a curriculum step) (applied)" in out, out[-3000:]
+    rc, out = run(base_args(str(data), iters=6, load=save, **jitter))
     assert rc != 0 and "data_path: ['0.7 " in out and "--allow-resume-change data_path" in out, out[-3000:]
     assert "pretrain: error: " in out and "raise ConfigConflict" not in out   # the message, no traceback

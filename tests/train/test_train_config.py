@@ -76,6 +76,11 @@ def test_resume_applies_schedule_changes_and_refuses_corrupting_ones():
         assert part in msg, (part, msg)
     ok = resolved("--seq-length", "128", "--allow-resume-change", "seq_length")
     assert ok.resume_changes(saved) == ["seq_length: 64 -> 128"]
+    blend = json.loads(json.dumps(resolved("--data-path", "0.7", "a", "0.3", "b").to_dict()))
+    assert resolved("--data-path", "0.5", "a", "0.5", "b").resume_changes(blend) == [
+        "data_path: ['0.7', 'a', '0.3', 'b'] -> ['0.5', 'a', '0.5', 'b'] (blend weights only: a curriculum step)"]
+    with pytest.raises(ConfigConflict, match="data_path"):
+        resolved("--data-path", "0.5", "a", "0.5", "c").resume_changes(blend)
     muon = dict(DS, optimizer={"type": "Muon", "params": {}}, gradient_clipping=0.0)
     with pytest.raises(ConfigConflict, match="optimizer: 'adamw' -> 'muon'"):
         resolved(ds=muon).resume_changes(saved)
