@@ -2,6 +2,12 @@
 
 `init_distributed()` is the only place that starts torch.distributed. It works under the
 `deepspeed` launcher, torchrun, or a plain `python` (then as a single rank, without mpi4py).
+
+One place decides the device: DeepSpeed's accelerator (`device()`; cuda:LOCAL_RANK on GPUs, the
+CPU otherwise), which also names the communication backend (NCCL or gloo). Under NCCL the default
+group takes device tensors only, so the host-side scalars of the training loop (stop flags,
+timers, the loss guard's flags, evaluation sums, QK-clip maxima) go through `all_reduce_host`, on a
+gloo group over the same ranks that never waits on the GPU stream.
 """
 from __future__ import annotations
 
@@ -28,14 +34,61 @@ def init_distributed(timeout_minutes: int = 30) -> None:
         # Plain `python`: a world of one. Without these DeepSpeed goes looking for mpi4py.
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
                           MASTER_PORT=os.environ.get("MASTER_PORT", str(free_port())))
-    if not torch.cuda.is_available():
+    from deepspeed.accelerator import get_accelerator
+    acc = get_accelerator()
+    if acc.device_name() == "cpu":
         # The shared-memory comm op is an inference-only CPU optimisation that DeepSpeed JIT-builds
         # on first init (about two minutes); gloo needs none of it.
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
-    deepspeed.init_distributed(dist_backend=backend, timeout=datetime.timedelta(minutes=timeout_minutes))
-    if torch.cuda.is_available():
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    else:
+        acc.set_device(int(os.environ.get("LOCAL_RANK", 0)))   # before the group: NCCL binds to this device
+    deepspeed.init_distributed(dist_backend=acc.communication_backend_name(),
+                               timeout=datetime.timedelta(minutes=timeout_minutes))
+    _make_host_group()
+
+
+_HOST_GROUP = None
+
+
+def _make_host_group() -> None:
+    """Every rank, right after init (new_group is collective)."""
+    global _HOST_GROUP
+    import torch.distributed as dist
+    if dist.get_backend() != "gloo":
+        _HOST_GROUP = dist.new_group(backend="gloo")
+
+
+def host_group():
+    """The group for CPU tensors: the default one when it is gloo, else a gloo group over all ranks."""
+    return _HOST_GROUP
+
+
+def all_reduce_host(t, op=None):
+    """All-reduce a CPU tensor over all ranks (in place; returns it). A no-op without a process group."""
+    import torch.distributed as dist
+    if t.device.type != "cpu":
+        raise ValueError(f"all_reduce_host takes CPU tensors, got one on {t.device}")
+    if dist.is_initialized():
+        dist.all_reduce(t, group=host_group(), **({"op": op} if op is not None else {}))
+    return t
+
+
+def device():
+    """The device this rank computes on: DeepSpeed's accelerator's current device."""
+    import torch
+    from deepspeed.accelerator import get_accelerator
+    return torch.device(get_accelerator().current_device_name())
+
+
+def to_device(batch: dict) -> dict:
+    """A batch of CPU tensors on `device()`: pinned and copied without blocking the host (the
+    copy is ordered before the forward on the same stream)."""
+    dev = device()
+    if dev.type == "cpu":
+        return batch
+    if dev.type == "cuda":
+        return {k: v.pin_memory().to(dev, non_blocking=True) for k, v in batch.items()}
+    return {k: v.to(dev) for k, v in batch.items()}
 
 
 def rank() -> int:

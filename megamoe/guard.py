@@ -36,10 +36,9 @@ class LossGuard:
         vals = [v if finite else torch.zeros(())] + [torch.as_tensor(e, dtype=torch.float32).detach().cpu().reshape(())
                                                      for e in extras]
         buf = torch.stack([torch.tensor(flags[0])] + [torch.tensor(f) for f in flags[1:]] + vals)
-        world = 1
-        if dist.is_initialized():
-            dist.all_reduce(buf)
-            world = dist.get_world_size()
+        from megamoe.distributed import all_reduce_host
+        all_reduce_host(buf)
+        world = dist.get_world_size() if dist.is_initialized() else 1
         means = (buf[4:] / world).tolist()
         if buf[0] > 0:
             # the global mean of the losses is what the message reports: NaN, or +-inf when only those

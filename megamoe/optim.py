@@ -280,10 +280,12 @@ class QKClip:
 
     def global_max_logits(self) -> torch.Tensor:
         """[L_attn, N] max logits since the last call, MAX-reduced over all ranks."""
-        m = self.model.pop_max_logits().float().cpu()
         import torch.distributed as dist
+
+        from megamoe.distributed import all_reduce_host
+        m = self.model.pop_max_logits().float().cpu()
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            dist.all_reduce(m, op=dist.ReduceOp.MAX)
+            all_reduce_host(m, op=dist.ReduceOp.MAX)
         return m
 
     @torch.no_grad()

@@ -25,7 +25,7 @@ import torch
 from megamoe import checkpoint as ckpt
 from megamoe import faults
 from megamoe.config import ModelConfig
-from megamoe.distributed import init_distributed, rank, world_size
+from megamoe.distributed import all_reduce_host, init_distributed, rank, to_device, world_size
 from megamoe.guard import LossGuard
 from megamoe.monitor import (MetricsWindow, Monitor, console_line, device_peak_flops, flops_per_token, memory_gb,
                              moe_scalars)
@@ -41,12 +41,6 @@ EXIT_BAD_LOSS = 1
 def log0(*a) -> None:
     if rank() == 0:
         print(*a, flush=True)
-
-
-def all_reduce(t: torch.Tensor, op=None) -> torch.Tensor:
-    if torch.distributed.is_initialized():
-        torch.distributed.all_reduce(t, **({"op": op} if op is not None else {}))
-    return t
 
 
 class StopRequest:
@@ -75,7 +69,7 @@ class StopRequest:
 
     def agreed(self) -> bool:
         flag = torch.tensor([1.0 if self.signum is not None else 0.0])
-        return bool(all_reduce(flag).item() > 0)
+        return bool(all_reduce_host(flag).item() > 0)
 
 
 @dataclass
@@ -166,11 +160,11 @@ def evaluate(engine, valid_ds, micro: int, iters: int, vocab_size: Optional[int]
     engine.eval()
     total = torch.zeros(2)
     for _ in range(iters):
-        b = next(it)
+        b = to_device(next(it))
         out = engine(b["input_ids"], labels=b["labels"])
         total += torch.tensor([out.loss.float().item(), 1.0])
     engine.train()
-    all_reduce(total)
+    all_reduce_host(total)
     return float(total[0] / total[1])
 
 
@@ -323,7 +317,7 @@ class Trainer:
         skipped_before = engine.skipped_steps
         zero = torch.zeros(())
         for _ in range(gas):
-            b = next(self.train_it)
+            b = to_device(next(self.train_it))
             out = engine(b["input_ids"], labels=b["labels"])
             extras = tuple(v if v is not None else zero for v in (out.aux_loss, out.z_loss, out.mtp_loss))
             if self.model_config.capacity_factor is not None and out.dropped_fraction is not None:
@@ -411,7 +405,7 @@ class Trainer:
         # per MoE layer, averaged over micro-batches and ranks (0 when dropless)
         track_drops = self.model_config.capacity_factor is not None
         if track_drops:
-            all_reduce(dropped_L)
+            all_reduce_host(dropped_L)
         self.drop_frac_L = dropped_L / (self.gas * (self.world if track_drops else 1))
         bias_LE = torch.stack([r.e_score_correction_bias.float() for _, r in routers_of(self.engine)])
         routed = self.global_batch * self.config.data.seq_length * self.model_config.num_experts_per_tok
@@ -453,7 +447,7 @@ class Trainer:
         """--exit-duration-in-mins reached on any rank (agreed across ranks)."""
         if self.config.checkpoint.exit_duration_in_mins is None:
             return False
-        elapsed = all_reduce(torch.tensor([time.perf_counter() - loop_start], dtype=torch.float64),
+        elapsed = all_reduce_host(torch.tensor([time.perf_counter() - loop_start], dtype=torch.float64),
                              op=torch.distributed.ReduceOp.MAX)
         return float(elapsed) >= 60.0 * self.config.checkpoint.exit_duration_in_mins
 
