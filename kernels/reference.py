@@ -66,6 +66,8 @@ def route(logits_TE: torch.Tensor, bias_E: Optional[torch.Tensor], top_k: int, s
         raise ValueError(f"score_func must be 'softmax' or 'sigmoid', got {score_func!r}")
     with torch.no_grad():
         choice = scores if bias_E is None else scores + bias_E.to(scores.dtype)
+        # a NaN score never wins (torch.topk ranks NaN highest): -inf, as in the kernel
+        choice = choice.masked_fill(choice.isnan(), float("-inf"))
         if n_group > 1:
             grouped = choice.view(T, n_group, E // n_group)
             group_scores = grouped.topk(2, dim=-1).values.sum(dim=-1)          # [T, G]

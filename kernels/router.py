@@ -89,7 +89,9 @@ def _router_fwd_kernel(logits_ptr, bias_ptr, weights_ptr, indices_ptr, scores_pt
     if HAS_BIAS:
         bias_E = tl.load(bias_ptr + cols_E, mask=col_ok_E, other=0.0).to(tl.float32)
         choice = choice + bias_E[None, :]
-    choice = tl.where(col_ok_E[None, :], choice, neg_inf)
+    # NaN scores (a NaN logit) never win: they become -inf, so every row picks K in-range,
+    # distinct experts and the EP split sizes agree across ranks (the loss guard sees the NaN)
+    choice = tl.where(col_ok_E[None, :] & (choice == choice), choice, neg_inf)
 
     if N_GROUP > 1:
         group_E = cols_E // GROUP_SIZE
@@ -116,8 +118,10 @@ def _router_fwd_kernel(logits_ptr, bias_ptr, weights_ptr, indices_ptr, scores_pt
     indices_TK = tl.zeros([BLOCK_T, BLOCK_K], dtype=tl.int32)
     chosen_TE = tl.zeros([BLOCK_T, BLOCK_E], dtype=tl.int1)
     for i in tl.static_range(K):
-        best_T = tl.max(choice, axis=1)
-        arg_T = tl.min(tl.where(choice == best_T[:, None], cols_E[None, :], BLOCK_E), axis=1)
+        best_T = tl.max(tl.where(chosen_TE, neg_inf, choice), axis=1)
+        # lowest unchosen valid index reaching the max (a row of -inf still picks distinct experts)
+        free_TE = (choice == best_T[:, None]) & (chosen_TE == 0) & col_ok_E[None, :]
+        arg_T = tl.minimum(tl.min(tl.where(free_TE, cols_E[None, :], BLOCK_E), axis=1), E - 1)
         sel_TE = cols_E[None, :] == arg_T[:, None]
         w_T = tl.sum(tl.where(sel_TE, scores, 0.0), axis=1)      # unbiased score of the pick
         weights_TK = tl.where(kcols_K[None, :] == i, w_T[:, None], weights_TK)

@@ -257,6 +257,29 @@ def test_route_ties_pick_a_valid_distinct_set():
     assert counts.tolist() == [0, 4, 0, 0, 0, 4, 4, 0]
 
 
+@pytest.mark.parametrize("score_func, n_group, topk_group", [("sigmoid", 8, 4), ("softmax", 1, 1)])
+def test_route_nan_rows_pick_distinct_in_range_experts(score_func, n_group, topk_group):
+    """A token whose router logits are NaN (all, or some) must still pick k distinct experts in
+    [0, E) in the kernel and the reference: an out-of-range index (BLOCK_E) would make the EP
+    split sizes disagree across ranks and hang them. The other rows are unaffected."""
+    from megamoe.kernels import reference
+    E, k = 64, 6
+    torch.manual_seed(11)
+    logits = torch.randn(16, E)
+    logits[3] = float("nan")                  # a whole row
+    logits[7, ::3] = float("nan")             # some experts of a row
+    bias = torch.randn(E) * 0.01
+    for route in (router_mod.route, reference.route):
+        w, idx, _, counts = route(logits, bias, k, score_func, n_group, topk_group, True, 1.0)
+        assert idx.min() >= 0 and idx.max() < E
+        assert all(len(set(row.tolist())) == k for row in idx), idx
+        assert int(counts.sum()) == 16 * k and torch.equal(counts, torch.bincount(idx.flatten(), minlength=E).int())
+        if score_func == "sigmoid":   # (one NaN logit makes a whole softmax row NaN)
+            assert not set(idx[7].tolist()) & set(range(0, E, 3))   # NaN experts never win over finite ones
+        clean = reference.route(logits[[0, 1, 2]], bias, k, score_func, n_group, topk_group, True, 1.0)[1]
+        assert torch.equal(idx[[0, 1, 2]].sort(-1).values, clean.sort(-1).values)
+
+
 def test_route_rejects_unsupported_shapes():
     x = torch.randn(4, 300)
     with pytest.raises(ValueError, match="E must be"):
