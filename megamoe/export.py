@@ -69,6 +69,7 @@ def convert_to_hf(checkpoint, output, tag: Optional[str] = None, dtype="float32"
         else:
             warnings.warn(f"{ck.path}: the checkpoint names no tokenizer; the export has none "
                           "(pass --tokenizer PATH to include one)")
+        (stage / "README.md").write_text(model_card(ck, _dtype(dtype), drop_mtp))
         (stage / "megamoe_export.json").write_text(json.dumps({
             "source": str(ck.path.resolve()), "tag": ck.tag, "step": ck.state.step,
             "dtype": str(_dtype(dtype)).replace("torch.", ""), "reconstruction": ck.extra.get("reconstruction"),
@@ -78,6 +79,44 @@ def convert_to_hf(checkpoint, output, tag: Optional[str] = None, dtype="float32"
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return Path(output)
+
+
+def model_card(ck, dtype: torch.dtype, drop_mtp: bool) -> str:
+    """The export's README.md, from the checkpoint's own state: what the model is, what trained it,
+    on what, for how long, to which losses."""
+    cfg, st = ck.config, ck.state
+    n = cfg.num_params()
+    run = st.config or {}
+    data, optim = run.get("data") or {}, run.get("optim") or {}
+    seq = data.get("seq_length")
+    tokens = st.consumed_samples * seq if seq else None
+
+    def fmt(v, spec=""):
+        return "unknown" if v is None else format(v, spec)
+    routed = (f"{cfg.n_routed_experts} routed experts (top-{cfg.num_experts_per_tok}, {cfg.scoring_func}), "
+              f"{cfg.n_shared_experts} shared, first {cfg.first_k_dense_replace} layer(s) dense"
+              if cfg.n_routed_experts else "dense (no experts)")
+    rows = [("architecture", f"DeepSeek-V3-style, {cfg.num_hidden_layers} layers, hidden {cfg.hidden_size}, "
+                             f"{cfg.num_attention_heads} MLA heads, {routed}"),
+            ("parameters", f"{n['total']:,} total, {n['active']:,} active per token"),
+            ("vocabulary / context", f"{cfg.vocab_size} / {cfg.max_position_embeddings}"),
+            ("trained for", f"{st.step} steps, {fmt(tokens, ',')} tokens ({st.consumed_samples:,} samples of "
+                            f"{fmt(seq)} tokens)"),
+            ("data (--data-path)", " ".join(map(str, data.get("data_path") or [])) or "unknown"),
+            ("optimizer", f"{fmt(optim.get('optimizer'))}, peak lr {fmt(optim.get('lr'))}, "
+                          f"{fmt(optim.get('lr_decay_style'))} decay"),
+            ("final train loss", fmt(st.train_loss, ".4f")), ("final validation loss", fmt(st.val_loss, ".4f")),
+            ("tokenizer", str(st.tokenizer or "none")),
+            ("weights", f"{str(dtype).replace('torch.', '')} from the fp32 masters of {ck.path.name}"
+                        + (f"; {cfg.num_nextn_predict_layers} MTP module(s) left out" if drop_mtp else "")),
+            ("megamoe", fmt(st.megamoe_version))]
+    table = "\n".join(f"| {k} | {v} |" for k, v in rows)
+    command = " ".join(st.command) if st.command else "unknown"
+    return (f"---\nlibrary_name: transformers\ntags: [megamoe, deepseek_v3, moe]\n---\n\n"
+            f"# {Path(str(ck.path.parent)).name or 'megamoe model'}\n\n"
+            f"Trained with megamoe and exported by `convert_to_hf`; every number below comes from the "
+            f"checkpoint's `megamoe_state.json`.\n\n| | |\n|---|---|\n{table}\n\n"
+            f"Training command:\n\n```\n{command}\n```\n")
 
 
 # ----------------------------------------------------------------------------------------------

@@ -32,6 +32,31 @@ class LoadedModel:
     source: str
 
 
+def resolve_device(name: str = "auto") -> torch.device:
+    """auto: the GPU when there is one, else the CPU; an unavailable device is a clear error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"--device {name}: not a device name (auto, cpu, cuda, cuda:N)") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: no CUDA device is available here; use --device cpu (or auto)")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ValueError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) here")
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device {name}: use auto, cpu, cuda or cuda:N")
+    return dev
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """auto: bf16 on a GPU, fp32 on the CPU."""
+    table = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return table[name]
+
+
 def load_model(path, tag: Optional[str] = None, dtype: torch.dtype = torch.float32,
                tokenizer: Optional[str] = None, device: str = "cpu", trust: bool = False) -> LoadedModel:
     """Native model + tokenizer from a megamoe checkpoint or an HF directory (`trust`: see

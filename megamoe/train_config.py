@@ -53,6 +53,7 @@ def _f(default: Any = None, resume: str = "apply", factory=None):
 class ModelSection:
     model_config: str = _f("", "ignore")          # checkpoint.check_model_config compares the model itself
     model_override: dict = _f(resume="ignore", factory=dict)
+    make_vocab_size_divisible_by: int = _f(128, "ignore")   # the model it gives is compared
     recompute_activations: bool = _f(False)
 
 
@@ -229,7 +230,11 @@ def _model_and_data_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--split", default="99,1", help="train,valid document split of each data path (Megatron)")
     g.add_argument("--valid-data-path", nargs="+", default=None,
                    help="separate validation data (then --split is not applied to --data-path)")
-    g.add_argument("--tokenizer", default=None, help="tokenizer file/dir; recorded in checkpoints, vocab checked")
+    g.add_argument("--tokenizer", default=None,
+                   help="tokenizer file/dir; recorded in checkpoints; the model's vocab_size becomes its size, "
+                        "padded (Megatron)")
+    g.add_argument("--make-vocab-size-divisible-by", type=int, default=128,
+                   help="pad the tokenizer's vocabulary to a multiple of this (aligned embedding and head GEMMs)")
     g.add_argument("--seq-length", type=int, required=True)
     g.add_argument("--seed", type=int, default=1234)
     g.add_argument("--recompute-activations", action="store_true", help="activation checkpointing per block")
@@ -324,7 +329,7 @@ def parse_args(argv: Optional[list[str]] = None) -> TrainConfig:
         p.error("--save-interval needs --save")
     if args.expert_model_parallel_size < 1:
         p.error("--expert-model-parallel-size must be >= 1")
-    for name in ("seq_length", "log_interval", "eval_interval"):
+    for name in ("seq_length", "log_interval", "eval_interval", "make_vocab_size_divisible_by"):
         if getattr(args, name) <= 0:
             p.error(f"--{name.replace('_', '-')} must be positive")
     try:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import random
 import signal
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,9 +34,17 @@ from megamoe.optim import GroupSpec, QKClip, describe_optimizer_groups, format_g
     param_groups, qk_clip_scalars
 from megamoe.parallel.balance import update_routing_bias
 from megamoe.schedule import LRSchedule, flag_schedule_kept, lr_scheduler_factory
-from megamoe.train_config import DataConfig, TrainConfig
+from megamoe.train_config import ConfigConflict, DataConfig, TrainConfig
 
 EXIT_BAD_LOSS = 1
+
+
+def megamoe_version() -> Optional[str]:
+    from importlib.metadata import PackageNotFoundError, version
+    try:
+        return version("megamoe")
+    except PackageNotFoundError:
+        return None
 
 
 def log0(*a) -> None:
@@ -88,16 +97,26 @@ def seed_everything(seed: int) -> None:
 
 
 def build_model_config(config: TrainConfig) -> ModelConfig:
-    cfg = ModelConfig.load(config.model.model_config, **config.model.model_override)
-    data = config.data
+    """The preset (or file) with --model-override applied; with --tokenizer, the vocabulary is the
+    tokenizer's, padded to --make-vocab-size-divisible-by (Megatron), unless vocab_size is
+    overridden to at least the tokenizer's size."""
+    overrides, data = dict(config.model.model_override), config.data
     if data.tokenizer:
         from megamoe.data import load_tokenizer
-        tok = load_tokenizer(data.tokenizer)
-        if tok.vocab_size > cfg.vocab_size:
-            raise SystemExit(f"--tokenizer {data.tokenizer} has {tok.vocab_size} tokens but the model's vocab_size "
-                             f"is {cfg.vocab_size}; use --model-override vocab_size={tok.vocab_size}")
+        n = load_tokenizer(data.tokenizer).vocab_size
+        div = config.model.make_vocab_size_divisible_by
+        if "vocab_size" not in overrides:
+            overrides["vocab_size"] = -(-n // div) * div
+            log0(f"vocabulary: {n} tokens in {data.tokenizer}, padded to {overrides['vocab_size']} "
+                 f"(a multiple of {div})")
+        elif int(overrides["vocab_size"]) < n:
+            raise ConfigConflict(f"--model-override vocab_size={overrides['vocab_size']} is smaller than the "
+                                 f"{n} tokens of --tokenizer {data.tokenizer}; drop the override (the vocabulary "
+                                 "then comes from the tokenizer) or raise it")
+    cfg = ModelConfig.load(config.model.model_config, **overrides)
     if data.seq_length > cfg.max_position_embeddings:
-        raise SystemExit(f"--seq-length {data.seq_length} exceeds max_position_embeddings {cfg.max_position_embeddings}")
+        raise ConfigConflict(f"--seq-length {data.seq_length} exceeds max_position_embeddings "
+                             f"{cfg.max_position_embeddings}")
     return cfg
 
 
@@ -190,6 +209,7 @@ class Trainer:
             log0(f"QK-clip: tau {config.optim.qk_clip_tau} (per-head q/k rescale after every step)")
         self.guard = LossGuard(config.guard.loss_spike_factor)
         self.step, self.skipped_total, self.consecutive_skips, self.exit_code = 0, 0, 0, 0
+        self.last_loss, self.last_val = None, None
         self.train_it = self._restore(resume)
         self._start_monitoring()
         self.stop = StopRequest()
@@ -253,6 +273,7 @@ class Trainer:
                 ckpt.load(self.engine, load, tag, state, trust=self.config.checkpoint.trust_checkpoint)
             self.step, consumed, self.skipped_total = state.step, state.consumed_samples, state.skipped_iters
             self.guard.load_state_dict(state.loss_guard)
+            self.last_loss, self.last_val = state.train_loss, state.val_loss
             log0(f"resumed from {Path(load) / tag}: iteration {self.step}, consumed samples {consumed}")
         train_it = DistributedBatchIterator(self.train_ds, self.micro, self.rank, self.world, consumed_samples=consumed,
                                             vocab_size=self.model_config.vocab_size)
@@ -380,6 +401,7 @@ class Trainer:
         """Bookkeeping of an optimizer step: QK-clip, routing bias, metrics and scalars."""
         self.consecutive_skips = 0
         loss, aux, z, mtp = result.means
+        self.last_loss = loss
         self.guard.accept(loss)
         if self.qk_clip is not None:
             self.qk_stats = self.qk_clip.step()  # after the optimizer step, on the fp32 masters and the module weights
@@ -460,6 +482,7 @@ class Trainer:
         if self.qk_clip is not None:
             self.qk_clip.discard()  # evaluation forwards are not part of the next step
         if val is not None:
+            self.last_val = val
             log0(f"validation at iteration {it}: loss {val:.4f} | ppl {np.exp(min(val, 50)):.2f} "
                  f"({time.perf_counter() - t0:.1f} s)")
             self.mon.scalars({"val/loss": val, "val/ppl": float(np.exp(min(val, 50)))}, it)
@@ -497,7 +520,8 @@ class Trainer:
             consumed_samples_per_dataset=consumed_per_dataset(self.train_it), tokenizer=config.data.tokenizer,
             ep_size=self.ep, world_size=self.world, zero_stage=self.stage, autoep=self.use_autoep,
             ds_config=self.ds_config, config=self.config.to_dict(), train_iters=self.train_iters,
-            skipped_iters=self.skipped_total, loss_guard=self.guard.state_dict(), reason=reason))
+            skipped_iters=self.skipped_total, loss_guard=self.guard.state_dict(), train_loss=self.last_loss,
+            val_loss=self.last_val, command=list(sys.argv), megamoe_version=megamoe_version(), reason=reason))
         log0(f"saved checkpoint {Path(config.checkpoint.save) / tag} ({reason}, {time.perf_counter() - t0:.1f} s)")
 
     def finish(self) -> None:

@@ -50,6 +50,10 @@ class TrainerState:
     train_iters: Optional[int] = None
     skipped_iters: int = 0
     loss_guard: dict = field(default_factory=dict)
+    train_loss: Optional[float] = None    # the last optimizer step's loss, and the last validation loss
+    val_loss: Optional[float] = None
+    command: list = field(default_factory=list)   # the command line that wrote it (sys.argv)
+    megamoe_version: Optional[str] = None
     reason: str = ""
     weights_only: bool = False            # model.safetensors instead of engine files (HF import)
     universal: bool = False               # DeepSpeed universal format (tools/convert_checkpoint.py)

@@ -5,6 +5,12 @@ import argparse
 import sys
 
 
+def add_device_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--device", default="auto", help="auto (a GPU when present), cpu, cuda or cuda:N")
+    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+                        help="weights and compute dtype (auto: bfloat16 on a GPU, float32 on the CPU)")
+
+
 def add_trust_flag(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--trust-checkpoint", action="store_true",
                         help="load checkpoint files that name classes beyond DeepSpeed's checkpoint classes "

@@ -11,7 +11,7 @@ import argparse
 import json
 import sys
 
-from megamoe.cli import add_trust_flag
+from megamoe.cli import add_device_flags, add_trust_flag
 
 
 
@@ -26,16 +26,19 @@ def main(argv=None) -> int:
     ap.add_argument("--max-tokens", type=int, default=None, help="score at most this many tokens")
     ap.add_argument("--json", action="store_true", help="print the result as JSON")
     ap.add_argument("--no-progress", action="store_true")
+    add_device_flags(ap)
     add_trust_flag(ap)
     args = ap.parse_args(argv)
 
     from megamoe.checkpoint import CheckpointError
     from megamoe.cli import report_errors
     from megamoe.hf import HFConversionError
-    from megamoe.inference import evaluate_lm, load_model
+    from megamoe.inference import evaluate_lm, load_model, resolve_device, resolve_dtype
 
     with report_errors("evaluate", CheckpointError, HFConversionError, FileNotFoundError, ValueError) as failed:
-        lm = load_model(args.model, tag=args.tag, tokenizer=args.tokenizer, trust=args.trust_checkpoint)
+        device = resolve_device(args.device)
+        lm = load_model(args.model, tag=args.tag, tokenizer=args.tokenizer, device=device,
+                        dtype=resolve_dtype(args.dtype, device), trust=args.trust_checkpoint)
         res = evaluate_lm(lm, args.data, seq_len=args.seq_len, batch_size=args.batch_size,
                           max_tokens=args.max_tokens, progress=not args.no_progress)
     if failed:

@@ -10,7 +10,7 @@
 import argparse
 import sys
 
-from megamoe.cli import add_trust_flag
+from megamoe.cli import add_device_flags, add_trust_flag
 
 
 
@@ -27,7 +27,7 @@ def main(argv=None) -> int:
     ap.add_argument("--top-p", type=float, default=None)
     ap.add_argument("--seed", type=int, default=None)
     ap.add_argument("--stream", action="store_true", help="print tokens as they are generated")
-    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    add_device_flags(ap)
     add_trust_flag(ap)
     args = ap.parse_args(argv)
     if args.prompt is None and not args.interactive:
@@ -41,17 +41,15 @@ def main(argv=None) -> int:
     if args.max_new_tokens < 0:
         ap.error("--max-new-tokens must be >= 0")
 
-    import torch
-
     from megamoe.checkpoint import CheckpointError
     from megamoe.cli import report_errors
     from megamoe.hf import HFConversionError
-    from megamoe.inference import generate_text, load_model
+    from megamoe.inference import generate_text, load_model, resolve_device, resolve_dtype
 
-    with report_errors("generate", CheckpointError, HFConversionError, FileNotFoundError) as failed:
-        lm = load_model(args.model, tag=args.tag, tokenizer=args.tokenizer,
-                        dtype=torch.bfloat16 if args.dtype == "bfloat16" else torch.float32,
-                        trust=args.trust_checkpoint)
+    with report_errors("generate", CheckpointError, HFConversionError, FileNotFoundError, ValueError) as failed:
+        device = resolve_device(args.device)
+        lm = load_model(args.model, tag=args.tag, tokenizer=args.tokenizer, device=device,
+                        dtype=resolve_dtype(args.dtype, device), trust=args.trust_checkpoint)
     if failed:
         return failed.code
     if lm.tokenizer is None:

@@ -193,3 +193,31 @@ def test_preprocess_cli_reports_os_errors_and_warns_on_zero_documents(sp_file, t
     with pytest.warns(UserWarning, match="0 documents written"):
         assert main(["--input", str(tmp_path / "empty.txt"), "--tokenizer", sp_file, "--output-prefix",
                      str(tmp_path / "empty"), "--no-progress"]) == 0
+
+
+def test_evaluate_and_generate_take_a_device_and_refuse_an_unavailable_one(small, tmp_path, capsys):
+    import json as _json
+
+    import torch
+
+    from megamoe.cli.evaluate import main as evaluate_main
+    from megamoe.cli.generate import main as generate_main
+    from megamoe.inference import resolve_device, resolve_dtype
+    cfg, model, hf_dir, ck = small
+    assert resolve_device("cpu") == torch.device("cpu") and resolve_dtype("auto", torch.device("cpu")) == torch.float32
+    assert resolve_dtype("auto", torch.device("cuda")) == torch.bfloat16
+    assert resolve_device("auto") == torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    text = tmp_path / "t.txt"
+    text.write_text(TEXT[:400])
+    assert evaluate_main(["--model", str(ck), "--data", str(text), "--device", "cpu", "--json", "--no-progress"]) == 0
+    res = _json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert res["tokens"] > 0 and math.isfinite(res["loss"])
+    assert generate_main(["--model", str(hf_dir), "--prompt", "All:", "--max-new-tokens", "3", "--device", "cpu",
+                          "--dtype", "bfloat16", "--temperature", "0"]) == 0
+    capsys.readouterr()
+    if not torch.cuda.is_available():
+        for main, extra in ((evaluate_main, ["--data", str(text)]), (generate_main, ["--prompt", "x"])):
+            assert main(["--model", str(ck), "--device", "cuda", *extra]) == 1
+            assert "no CUDA device is available here; use --device cpu" in capsys.readouterr().err
+    assert generate_main(["--model", str(ck), "--device", "tpu", "--prompt", "x"]) == 1
+    assert "--device tpu" in capsys.readouterr().err

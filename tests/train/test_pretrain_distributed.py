@@ -126,6 +126,23 @@ def test_reference_run_learns_and_logs_everything(ref):
     assert "MFU" in ref["out"] and "consumed samples" in ref["out"]
 
 
+def test_export_of_a_trained_run_carries_a_model_card(ref, data, tmp_path):
+    """convert_to_hf writes README.md from the checkpoint's own state: every number matches it."""
+    from megamoe.config import ModelConfig
+    from megamoe.export import convert_to_hf
+    state = ckpt.read_state(ref["dir"] / "ckpt" / f"global_step{ITERS}")
+    card = (convert_to_hf(ref["dir"] / "ckpt", tmp_path / "hf") / "README.md").read_text()
+    n = ModelConfig.from_dict(state.model_config).num_params()
+    assert state.val_loss is not None and state.train_loss is not None
+    for fact in (f"{n['total']:,} total, {n['active']:,} active per token", f"{ITERS} steps",
+                 f"{state.consumed_samples * 64:,} tokens", str(data), f"| final train loss | {state.train_loss:.4f} |",
+                 f"| final validation loss | {state.val_loss:.4f} |", "adamw, peak lr 0.003, cosine decay",
+                 "megamoe.pretrain" if "megamoe.pretrain" in " ".join(state.command) else "pretrain"):
+        assert fact in card, (fact, card)
+    losses = ref["losses"]
+    assert state.train_loss == pytest.approx(losses[ITERS], abs=1e-6)   # the last step's logged loss
+
+
 def test_sigkill_then_resume_reproduces_losses(ref, data, tmp_path):
     save = tmp_path / "ckpt"
     p = popen(base_args(data, save=save, save_interval=3, tensorboard_dir=tmp_path / "tb_killed"),
@@ -190,6 +207,31 @@ def test_sigterm_to_the_process_group_saves_and_stops_every_rank(data, tmp_path,
     state = ckpt.read_state(save / tag)
     assert state.reason == "signal" and 2 <= state.step < 200, out[-3000:]
     assert out.count("saved checkpoint") == 1, out[-3000:]
+
+
+def test_two_nodes_through_the_deepspeed_launcher_match_one_node(ref, data, tmp_path):
+    """The README's multi-node path without ssh: one `deepspeed --hostfile H --no_ssh --node_rank R`
+    per node, rendezvous at --master_addr. Two "nodes" of one rank each on this host, EP 2, give
+    the single-node 2-rank run's losses."""
+    from megamoe.distributed import free_port
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("node-a slots=1\nnode-b slots=1\n")
+    port = str(free_port())
+    tb = tmp_path / "tb"
+    procs = []
+    for node in (0, 1):
+        cmd = [str(Path(sys.executable).with_name("deepspeed")), "--hostfile", str(hostfile), "--no_ssh",
+               "--node_rank", str(node), "--master_addr", "127.0.0.1", "--master_port", port,
+               "megamoe/pretrain.py", *base_args(data, exit_interval=4, tensorboard_dir=tb)]
+        procs.append(subprocess.Popen(cmd, cwd=ROOT, env=multirank.rank_env(), stdout=subprocess.PIPE,
+                                      stderr=subprocess.STDOUT, text=True))
+    outs = [p.communicate(timeout=300)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs[0][-3000:] + outs[1][-3000:]
+    assert "world 2, ep 2" in outs[0]
+    losses = scalars(tb, "train/loss")
+    assert sorted(losses) == [1, 2, 3, 4]
+    for it, v in losses.items():
+        assert v == pytest.approx(ref["losses"][it], abs=1e-6), (it, v, ref["losses"][it])
 
 
 def test_crash_inside_save_leaves_latest_on_the_previous_checkpoint(data, tmp_path):

@@ -204,3 +204,22 @@ def test_a_repeated_stop_signal_is_one_request_until_the_grace_period_ends():
     finally:
         for s, h in saved.items():
             signal.signal(s, h)
+
+
+def test_vocabulary_comes_from_the_tokenizer_padded_like_megatron(tmp_path):
+    from megamoe.data.tokenizer import train_sentencepiece
+    from megamoe.trainer import build_model_config
+    text = "First Citizen: Before we proceed any further, hear me speak. All: Speak, speak. " * 50
+    tok = str(train_sentencepiece([text], tmp_path, vocab_size=300, num_threads=1))
+
+    def model(*extra):
+        return build_model_config(parse_args(["--model-config", "tiny", "--data-path", "d", "--seq-length", "64",
+                                              "--train-iters", "1", "--deepspeed-config", "c.json",
+                                              "--tokenizer", tok, *extra]))
+    assert model().vocab_size == 384                                       # 300 -> a multiple of 128
+    assert model("--make-vocab-size-divisible-by", "64").vocab_size == 320
+    assert model("--model-override", "vocab_size=1000").vocab_size == 1000  # larger: kept
+    with pytest.raises(ConfigConflict, match="vocab_size=256 is smaller than the 300 tokens"):
+        model("--model-override", "vocab_size=256")
+    with pytest.raises(SystemExit):
+        model("--make-vocab-size-divisible-by", "0")
