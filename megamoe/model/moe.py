@@ -185,16 +185,21 @@ class GroupedExperts(nn.Module):
         self.down_proj = nn.Parameter(torch.empty(n_experts, hidden_size, intermediate_size))
 
     def forward(self, x_TH: torch.Tensor, weights_TK: torch.Tensor, indices_TK: torch.Tensor,
-                kept_TK: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """Each (token, slot) pair runs through its expert; pairs with kept_TK False are skipped."""
+                kept_TK: Optional[torch.Tensor] = None, counts_E: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Each (token, slot) pair runs through its expert; pairs with kept_TK False are skipped.
+        `counts_E`: the router's per-expert counts of `indices_TK` (dropless), reused as they are."""
         T, K = indices_TK.shape
         flat_expert = indices_TK.reshape(-1)
         order = flat_expert.argsort(stable=True)       # (token, slot) pairs grouped by expert
         if kept_TK is not None:
-            order = order[kept_TK.reshape(-1)[order]]
+            order = order[kept_TK.reshape(-1)[order]]   # a host sync on GPUs: capacity dropping only
             flat_expert = torch.where(kept_TK.reshape(-1), flat_expert, self.n_experts)  # out of range: not counted
+            counts_E = None
+        if counts_E is None:
+            # scatter_add, not bincount: bincount reads the maximum back to the host on CUDA
+            counts_E = torch.zeros(self.n_experts + 1, dtype=torch.int64, device=flat_expert.device).scatter_add_(
+                0, flat_expert, torch.ones_like(flat_expert))[:self.n_experts]
         token_of = order // K
-        counts_E = torch.bincount(flat_expert, minlength=self.n_experts + 1)[:self.n_experts]
         offs_E = counts_E.cumsum(0).to(torch.int32)
         x_sorted = x_TH[token_of]
         gate, up = kernels.grouped_mm(x_sorted, self.gate_up_proj, counts_E, offs_E).chunk(2, dim=-1)
@@ -216,7 +221,7 @@ class MoE(nn.Module):
         B, S, H = x_BSH.shape
         x_TH = x_BSH.reshape(B * S, H)
         r = self.router.route(x_TH)
-        y_TH = self.experts(x_TH, r.weights_TK, r.indices_TK, r.kept_TK)
+        y_TH = self.experts(x_TH, r.weights_TK, r.indices_TK, r.kept_TK, r.counts_E)
         if self.shared_experts is not None:
             y_TH = y_TH + self.shared_experts(x_TH)
         return y_TH.view(B, S, H)

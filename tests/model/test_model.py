@@ -254,3 +254,36 @@ def test_max_logit_tracking_equals_explicit_attention_logits():
     assert maxes.shape == (TINY.num_hidden_layers, TINY.num_attention_heads)
     torch.testing.assert_close(maxes[0], expected.detach(), rtol=1e-5, atol=1e-6)
     assert torch.isinf(model.pop_max_logits()).all()   # reset by the pop
+
+
+def test_dropless_moe_layer_never_waits_on_the_device():
+    """Forward and backward of a dropless MoE layer issue none of the ops that read a device value
+    back to the host on a GPU (the router's counts are reused: no bincount)."""
+    import collections
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+    syncing = {"aten::_local_scalar_dense", "aten::nonzero", "aten::bincount", "aten::item", "aten::masked_select"}
+
+    class Count(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.seen = collections.Counter()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            name = func._schema.name
+            bool_index = name == "aten::index" and any(
+                isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in (args[1] or []))
+            if name in syncing or bool_index:
+                self.seen[name] += 1
+            return func(*args, **(kwargs or {}))
+
+    cfg = ModelConfig.load("tiny")
+    model = cfg.build(seed=0).train()
+    ids = torch.randint(0, cfg.vocab_size, (2, 17), generator=torch.Generator().manual_seed(0))
+    with Count() as c:
+        model(ids[:, :-1], labels=ids[:, 1:]).loss.backward()
+    assert not c.seen, dict(c.seen)
+    capacity = ModelConfig.load("tiny", capacity_factor=1.0).build(seed=0).train()
+    with Count() as c:
+        capacity(ids[:, :-1], labels=ids[:, 1:]).loss.backward()
+    assert c.seen, "the counter sees the capacity path's boolean-mask indexing"
