@@ -140,6 +140,7 @@ class TrainConfig:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     guard: GuardConfig = field(default_factory=GuardConfig)
     ds_config: Optional[dict] = None   # the reconciled DeepSpeed config (what the engine gets), after resolve
+    adapted: list = field(default_factory=list)   # changes made to it for the accelerator
 
     @classmethod
     def from_flags(cls, args: argparse.Namespace) -> "TrainConfig":
@@ -148,10 +149,12 @@ class TrainConfig:
         return cls(**{name: sec(**{f.name: flags[f.name] for f in dataclasses.fields(sec) if f.name in flags})
                       for name, sec in SECTIONS.items()})
 
-    def resolve(self, world_size: int) -> "TrainConfig":
-        """Load the DeepSpeed JSON and reconcile it with the flags (raises ConfigConflict)."""
+    def resolve(self, world_size: int, device_type: str = "cpu") -> "TrainConfig":
+        """Load the DeepSpeed JSON, reconcile it with the flags (raises ConfigConflict) and adapt it
+        to the accelerator (`adapted`: what was changed, for the start-up log)."""
         path = self.parallel.deepspeed_config
         self.ds_config = reconcile_ds_config(load_ds_config(path), self, world_size, source=path)
+        self.adapted = adapt_to_accelerator(self.ds_config, device_type)
         return self
 
     @property
@@ -497,6 +500,25 @@ def _reconcile_qk_clip(ds: dict, o: OptimConfig, conflict) -> None:
     if not (tau > 0 and math.isfinite(tau)):
         conflict(f"qk_clip.tau must be a positive number, got {qk['tau']!r}")
     o.qk_clip_tau = tau
+
+
+def adapt_to_accelerator(ds: dict, device_type: str) -> list[str]:
+    """The shipped configs are what a GPU run should use; on the CPU accelerator, turn off (in
+    place) what needs CUDA: communication overlap (CUDA streams) and pinned offload buffers.
+    Returns the changes, for the start-up log."""
+    if device_type != "cpu":
+        return []
+    changes = []
+    zero = ds.get("zero_optimization") or {}
+    if zero.get("overlap_comm"):
+        zero["overlap_comm"] = False
+        changes.append("zero_optimization.overlap_comm: true -> false (no CUDA streams to overlap on the CPU)")
+    for key in ("offload_optimizer", "offload_param"):
+        off = zero.get(key)
+        if isinstance(off, dict) and off.get("pin_memory"):
+            off["pin_memory"] = False
+            changes.append(f"zero_optimization.{key}.pin_memory: true -> false (pinned memory is for GPU copies)")
+    return changes
 
 
 def zero_stage(ds: dict) -> int:

@@ -26,7 +26,7 @@ import torch
 from megamoe import checkpoint as ckpt
 from megamoe import faults
 from megamoe.config import ModelConfig
-from megamoe.distributed import all_reduce_host, init_distributed, rank, to_device, world_size
+from megamoe.distributed import all_reduce_host, device, init_distributed, rank, to_device, world_size
 from megamoe.guard import LossGuard
 from megamoe.monitor import (MetricsWindow, Monitor, console_line, device_peak_flops, flops_per_token, memory_gb,
                              moe_scalars)
@@ -192,8 +192,10 @@ class Trainer:
         init_distributed()
         self.world, self.rank = world_size(), rank()
         self.data_changed = False
-        self.config = config.resolve(self.world) if config.ds_config is None else config
+        self.config = config.resolve(self.world, device().type) if config.ds_config is None else config
         log0(self.config.describe())
+        for change in self.config.adapted:
+            log0(f"DeepSpeed config for the {device().type} accelerator: {change}")
         seed_everything(config.data.seed)
         self.model_config = build_model_config(config)
         self.ds_config = config.ds_config

@@ -223,3 +223,25 @@ def test_vocabulary_comes_from_the_tokenizer_padded_like_megatron(tmp_path):
         model("--model-override", "vocab_size=256")
     with pytest.raises(SystemExit):
         model("--make-vocab-size-divisible-by", "0")
+
+
+def test_shipped_configs_are_gpu_right_and_the_cpu_adaptation_is_said():
+    from pathlib import Path
+
+    from megamoe.train_config import adapt_to_accelerator, load_ds_config
+    root = Path(__file__).resolve().parents[2] / "ds_configs"
+    for name in ("zero1", "zero2", "zero3", "zero2_offload"):
+        ds = load_ds_config(str(root / f"{name}.json"))
+        zero = ds["zero_optimization"]
+        if zero["stage"] >= 2:
+            assert zero["overlap_comm"] is True, name
+        if name != "zero2_offload":
+            assert ds["optimizer"]["params"]["fused"] is True and ds["optimizer"]["params"]["torch_adam"]
+        gpu = json.loads(json.dumps(ds))
+        assert adapt_to_accelerator(gpu, "cuda") == [] and gpu == ds        # a GPU run gets the file as is
+        changes = adapt_to_accelerator(ds, "cpu")
+        assert ("zero_optimization.overlap_comm: true -> false" in " ".join(changes)) == (zero["stage"] >= 2)
+        assert not ds["zero_optimization"].get("overlap_comm")
+    off = load_ds_config(str(root / "zero2_offload.json"))
+    assert off["zero_optimization"]["offload_optimizer"]["pin_memory"] is True
+    assert any("pin_memory: true -> false" in c for c in adapt_to_accelerator(off, "cpu"))
