@@ -74,9 +74,11 @@ def main() -> int:
     if not args.report:
         t0 = time.time()
         # mutmut keeps each mutant's result until its function changes: new and changed mutants run
-        # here; then the survivors run again by name, against the tests as they are now.
+        # here; then the survivors of EARLIER runs (cached, so not run against today's tests) run
+        # again by name. A clean run (no mutants/ yet) has nothing cached to re-run.
+        before = {n for n, s in results().items() if s != "killed"} if (ROOT / "mutants").exists() else set()
         run_mutmut()
-        again = [n for n, s in results().items() if s != "killed"]
+        again = [n for n, s in results().items() if s != "killed" and n in before]
         if again:
             run_mutmut(*again)
         print(f"mutmut: {time.time() - t0:.0f} s ({len(again)} earlier survivors re-run)")

@@ -319,3 +319,20 @@ def test_route_gpu_tiles(gpu_tiles, E, k, score_func, G, TG):
     T = 300
     assert router_mod.router_config(E, k, G)["BLOCK_T"] < T  # several programs
     check_route(T, E, k, score_func, G, TG, True, 2.5, torch.float32, seed=E)
+
+
+def test_reference_route_defaults_and_dtype_promotion():
+    """The reference's defaults are DeepSeek-V3's (one group, renormalised, scale 1) and bf16
+    logits are scored in fp32 (float64 stays float64: the oracle)."""
+    from megamoe.kernels import reference
+    torch.manual_seed(3)
+    logits = torch.randn(12, 16)
+    explicit = reference.route(logits, None, 4, "sigmoid", 1, 1, True, 1.0)
+    for a, b in zip(reference.route(logits, None, 4, "sigmoid"), explicit):
+        assert torch.equal(a, b)
+    assert torch.allclose(explicit[0].sum(-1), torch.ones(12))          # renormalised, scale 1
+    w, _, s, _ = reference.route(logits.bfloat16(), None, 4, "softmax")
+    assert w.dtype == s.dtype == torch.float32
+    torch.testing.assert_close(s, torch.softmax(logits.bfloat16().float(), dim=-1))
+    w64, _, s64, _ = reference.route(logits.double(), None, 4, "softmax")
+    assert w64.dtype == s64.dtype == torch.float64

@@ -70,3 +70,10 @@ def test_state_round_trip_restores_the_decision():
     fresh.load_state_dict({})
     assert (fresh.ema, fresh.n) == (None, 0)
     assert fresh.check(torch.tensor(100.0), 1)[0] is None
+
+
+def test_spike_factor_is_the_multiple_of_the_moving_average():
+    """A factor below 1 is legal (an aggressive guard): the threshold is factor x EMA, whatever F."""
+    g = LossGuard(spike_factor=0.9, min_history=1)
+    g.accept(2.0)
+    assert g.check(torch.tensor(1.85), 2)[0] == "spike" and g.check(torch.tensor(1.75), 2)[0] is None
