@@ -293,6 +293,10 @@ class Trainer:
         log0(f"model {config.model.model_config}: {n['total'] / 1e6:.2f}M params, {n['active'] / 1e6:.2f}M active; "
              f"{self.fpt['total'] / 1e6:.2f} MFLOP/token (matmul {self.fpt['matmul'] / 1e6:.2f}, "
              f"attention {self.fpt['attention'] / 1e6:.2f})")
+        from megamoe.kernels.attention import resolve_attention_backend
+        backend, why = resolve_attention_backend(cfg.attention_backend, device(), dtype,
+                                                 max(cfg.qk_head_dim, cfg.v_head_dim))
+        log0(f"attention backend: {backend} ({why})")
         log0(f"world {self.world}, ep {self.ep}, ZeRO-{self.stage}, micro batch {self.micro} x GAS {self.gas} x "
              f"{self.world} ranks = global batch {self.global_batch} ({self.global_batch * config.data.seq_length} tokens); "
              f"{self.train_iters} iterations; {peak_note}")
