@@ -113,7 +113,7 @@ def model_card(ck, dtype: torch.dtype, drop_mtp: bool) -> str:
     table = "\n".join(f"| {k} | {v} |" for k, v in rows)
     command = " ".join(st.command) if st.command else "unknown"
     return (f"---\nlibrary_name: transformers\ntags: [megamoe, deepseek_v3, moe]\n---\n\n"
-            f"# {Path(str(ck.path.parent)).name or 'megamoe model'}\n\n"
+            f"# {ck.path.parent.name or 'megamoe model'}\n\n"
             f"Trained with megamoe and exported by `convert_to_hf`; every number below comes from the "
             f"checkpoint's `megamoe_state.json`.\n\n| | |\n|---|---|\n{table}\n\n"
             f"Training command:\n\n```\n{command}\n```\n")

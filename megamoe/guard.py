@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Optional
 
 from megamoe import faults
+from megamoe.distributed import all_reduce_host
 
 
 class LossGuard:
@@ -35,8 +36,7 @@ class LossGuard:
                  float(bool(v == float("-inf")))]
         vals = [v if finite else torch.zeros(())] + [torch.as_tensor(e, dtype=torch.float32).detach().cpu().reshape(())
                                                      for e in extras]
-        buf = torch.stack([torch.tensor(flags[0])] + [torch.tensor(f) for f in flags[1:]] + vals)
-        from megamoe.distributed import all_reduce_host
+        buf = torch.stack([torch.tensor(f) for f in flags] + vals)
         all_reduce_host(buf)
         world = dist.get_world_size() if dist.is_initialized() else 1
         means = (buf[4:] / world).tolist()
