@@ -12,7 +12,7 @@ export TRANSFORMERS_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: venv demo test test-fast bench mutate clean
+.PHONY: venv demo test test-fast bench mutate gpu-check gpu-wheels clean
 
 $(VENV)/.installed: setup.py requirements-data.txt
 	$(PYTHON) -m venv $(VENV)
@@ -41,8 +41,23 @@ test-fast: venv
 mutate: venv
 	$(PY) tests/mutation.py
 
+# The one-GPU acceptance check (bench/gpu_check.py). On the GPU machine there is no registry, so
+# it never builds .venv: it runs that machine's python3 (GPU_PY) with DeepSpeed and its pure-Python
+# dependencies installed from .whl/ (made here by `make gpu-wheels`) into .gpu-site/.
+GPU_PY ?= $(if $(wildcard $(PY)),$(PY),python3)
+gpu-check:
+	@if [ -d .whl ] && ! $(GPU_PY) -c "import deepspeed" 2>/dev/null; then \
+		$(GPU_PY) -m pip install -q --no-index --no-deps --target .gpu-site .whl/*.whl; fi
+	env -u DS_ACCELERATOR PYTHONPATH="$(CURDIR):$(CURDIR)/.gpu-site:$$PYTHONPATH" $(GPU_PY) bench/gpu_check.py
+
+gpu-wheels: venv
+	rm -rf .whl && $(PY) -m pip wheel -q --no-deps --no-build-isolation -w .whl deepspeed==0.19.8
+	$(PY) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+		--platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .whl \
+		hjson pydantic pydantic-core annotated-types typing-inspection
+
 bench: venv
 	for f in bench/*.py; do $(PY) $$f || exit 1; done
 
 clean:
-	rm -rf $(VENV) runs mutants
+	rm -rf $(VENV) runs mutants .whl .gpu-site

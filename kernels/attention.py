@@ -3,16 +3,21 @@
 Layout everywhere: q, k [B, S, H, Dqk], v [B, S, H, Dv] -> out [B, S, H, Dv].
 
 Backends (the model config's `attention_backend`, or the `backend=` argument):
-  flash : `flash_attn.flash_attn_func`. It needs CUDA, sm_80+, fp16/bf16 and one head dim for
-          q, k and v, while MLA has Dqk = nope + rope (e.g. 192) != Dv (128): v is zero-padded
-          to Dqk and the output sliced back to Dv (the padded columns of P @ V are exactly 0,
-          and the slice's backward drops their gradient). If Dv > Dqk, q and k are padded
-          instead (zeros do not change q.k). Requested explicitly but unusable -> RuntimeError
-          naming the reason (never a silent fallback).
+  fa3   : FlashAttention-3, `flash_attn_interface.flash_attn_func` (the `hopper/` build of the
+          flash-attention repository). Hopper (sm_90) only, fp16/bf16, and it takes MLA's head
+          dims natively: Dqk 192 with Dv 128 (DeepSeek-V3's shape), no padding.
+  flash : FlashAttention-2, `flash_attn.flash_attn_func`. CUDA sm_80+, fp16/bf16 and one head dim
+          for q, k and v, while MLA has Dqk = nope + rope (e.g. 192) != Dv (128): v is zero-padded
+          to Dqk and the output sliced back to Dv (the padded columns of P @ V are exactly 0, and
+          the slice's backward drops their gradient), which costs 1.5x the P.V work at 192/128.
+          If Dv > Dqk, q and k are padded instead (zeros do not change q.k).
   sdpa  : torch.nn.functional.scaled_dot_product_attention (any device, any dtype).
   eager : kernels.reference.attention (fp32 math; the oracle).
-  auto  : flash when usable for these tensors, else sdpa. The choice and its reason are logged
-          once per distinct outcome (logger "megamoe.kernels").
+  auto  : the first of fa3, flash, sdpa that can run these tensors. The choice and its reason are
+          logged once per distinct outcome (logger "megamoe.kernels"); the trainer prints it.
+An explicitly requested backend that cannot run raises a RuntimeError naming the reason (never a
+silent fallback). `set_deterministic(True)` asks FlashAttention for its deterministic backward
+and, under auto, prefers it.
 
 Causal masking with Sq < Sk (a KV prefix) is bottom-right aligned in every backend, which is
 flash_attn's convention since 2.1.
@@ -27,72 +32,114 @@ import torch.nn.functional as F
 
 from . import reference
 
-BACKENDS = ("auto", "flash", "sdpa", "eager")
+BACKENDS = ("auto", "fa3", "flash", "sdpa", "eager")
 FLASH_MAX_HEAD_DIM = 256
 FLASH_DTYPES = (torch.float16, torch.bfloat16)
+# FlashAttention flavours: (import module, function, oldest compute capability, newest, Dqk/Dv pairs
+# taken as they are; None = equal dims only, others are padded to equal)
+_FLAVOURS = {
+    "fa3": ("flash_attn_interface", "flash_attn_func", (9, 0), (9, 9), {(192, 128)}),
+    "flash": ("flash_attn", "flash_attn_func", (8, 0), None, None),
+}
 
 logger = logging.getLogger("megamoe.kernels")
 _logged: set = set()
-_flash_fn: Optional[Callable] = None
-_flash_import_error: Optional[str] = None
-_flash_probed = False
+_probed: dict = {}
+_deterministic = False
+
+
+def set_deterministic(on: bool) -> None:
+    """FlashAttention's deterministic backward (a little slower); SDPA follows torch's switch."""
+    global _deterministic
+    _deterministic = bool(on)
+
+
+def _flash_fn(name: str) -> Tuple[Optional[Callable], Optional[str]]:
+    """(flavour's function if importable, else None and why not); probed once per flavour."""
+    if name not in _probed:
+        module, func = _FLAVOURS[name][:2]
+        try:
+            _probed[name] = (getattr(__import__(module), func), None)
+        except Exception as exc:  # ImportError, or a broken CUDA build raising at import
+            _probed[name] = (None, f"{module} is not importable ({type(exc).__name__}: {exc})")
+    return _probed[name]
 
 
 def _flash_attn_func() -> Tuple[Optional[Callable], Optional[str]]:
-    """flash_attn_func if importable (probed once), else (None, why not)."""
-    global _flash_fn, _flash_import_error, _flash_probed
-    if not _flash_probed:
-        _flash_probed = True
-        try:
-            from flash_attn import flash_attn_func
-            _flash_fn = flash_attn_func
-        except Exception as exc:  # ImportError, or a broken CUDA build raising at import
-            _flash_import_error = f"flash_attn is not importable ({type(exc).__name__}: {exc})"
-    return _flash_fn, _flash_import_error
+    return _flash_fn("flash")
 
 
-def flash_unusable_reason(device: torch.device, dtype: Optional[torch.dtype] = None,
-                          head_dim: Optional[int] = None) -> Optional[str]:
-    """None if flash_attn can run on this device/dtype/head dim, else a sentence saying why not."""
-    fn, err = _flash_attn_func()
+def _device_capability(device: torch.device) -> Tuple[int, int]:
+    return torch.cuda.get_device_capability(device)
+
+
+def takes_natively(name: str, qk_dim: int, v_dim: int) -> bool:
+    """Whether the FlashAttention flavour runs these head dims without padding."""
+    native = _FLAVOURS[name][4] or set()
+    return qk_dim == v_dim or (qk_dim, v_dim) in native
+
+
+def unusable_reason(name: str, device: torch.device, dtype: Optional[torch.dtype] = None,
+                    qk_dim: Optional[int] = None, v_dim: Optional[int] = None) -> Optional[str]:
+    """None if backend `name` can run on this device/dtype/head dims, else a sentence saying why not."""
+    if name in ("sdpa", "eager"):
+        return None
+    fn, err = (_flash_attn_func() if name == "flash" else _flash_fn(name))
     if fn is None:
         return err
     device = torch.device(device)
     if device.type != "cuda":
-        return f"tensors are on {device.type}; flash_attn needs CUDA"
-    major, minor = torch.cuda.get_device_capability(device)
-    if major < 8:
-        return f"GPU is sm_{major}{minor}; flash_attn needs sm_80 or newer"
+        return f"tensors are on {device.type}; {name} needs CUDA"
+    lo, hi = _FLAVOURS[name][2:4]
+    cc = _device_capability(device)
+    if cc < lo or (hi is not None and cc > hi):
+        need = f"sm_{lo[0]}{lo[1]}" + (" (Hopper)" if hi else " or newer")
+        return f"GPU is sm_{cc[0]}{cc[1]}; {name} needs {need}"
     if dtype is not None and dtype not in FLASH_DTYPES:
-        return f"dtype is {dtype}; flash_attn needs fp16 or bf16"
-    if head_dim is not None and head_dim > FLASH_MAX_HEAD_DIM:
-        return f"head dim {head_dim} (after padding v) exceeds flash_attn's {FLASH_MAX_HEAD_DIM}"
+        return f"dtype is {dtype}; {name} needs fp16 or bf16"
+    if qk_dim is not None:
+        v_dim = qk_dim if v_dim is None else v_dim
+        dim = max(qk_dim, v_dim)
+        if dim > FLASH_MAX_HEAD_DIM:
+            return f"head dim {dim} (after padding) exceeds {name}'s {FLASH_MAX_HEAD_DIM}"
     return None
 
 
-def resolve_attention_backend(requested: str, device: torch.device,
-                              dtype: Optional[torch.dtype] = None,
-                              head_dim: Optional[int] = None) -> Tuple[str, str]:
-    """(backend that runs, why). Raises if 'flash' is requested but cannot run."""
+def resolve_attention_backend(requested: str, device: torch.device, dtype: Optional[torch.dtype] = None,
+                              qk_dim: Optional[int] = None, v_dim: Optional[int] = None) -> Tuple[str, str]:
+    """(backend that runs, why). Raises if an explicitly requested backend cannot run."""
     if requested not in BACKENDS:
         raise ValueError(f"attention backend must be one of {BACKENDS}, got {requested!r}")
-    if requested in ("sdpa", "eager"):
-        return requested, "requested explicitly"
-    reason = flash_unusable_reason(device, dtype, head_dim)
-    if requested == "flash":
+    if requested != "auto":
+        reason = unusable_reason(requested, device, dtype, qk_dim, v_dim)
         if reason is not None:
-            raise RuntimeError(f"attention backend 'flash' was requested but cannot run: {reason}."
-                               " Use 'auto' (falls back to PyTorch SDPA) or 'sdpa'.")
-        return "flash", "requested explicitly"
-    if reason is None:
-        return "flash", "auto: flash_attn is installed and supports this device/dtype"
-    return "sdpa", f"auto: {reason}, using PyTorch SDPA"
+            raise RuntimeError(f"attention backend '{requested}' was requested but cannot run: {reason}."
+                               " Use 'auto' (the best one that runs) or 'sdpa'.")
+        return requested, "requested explicitly"
+    skipped = []
+    for name in ("fa3", "flash"):
+        reason = unusable_reason(name, device, dtype, qk_dim, v_dim)
+        if reason is None:
+            note = f" (v padded {v_dim} -> {qk_dim})" if name == "flash" and qk_dim and v_dim and qk_dim != v_dim else ""
+            return name, f"auto: {name} is installed and supports this device/dtype/head dims{note}" + (
+                f"; not {'; not '.join(skipped)}" if skipped else "")
+        skipped.append(f"{name}: {reason}")
+    return "sdpa", f"auto: {'; '.join(skipped)}; using PyTorch SDPA"
 
 
 def attention_backend(requested: str, device: torch.device, dtype: Optional[torch.dtype] = None,
-                      head_dim: Optional[int] = None) -> str:
-    """Resolve 'auto' to a concrete backend for this device (and dtype/head dim if given)."""
-    return resolve_attention_backend(requested, device, dtype, head_dim)[0]
+                      qk_dim: Optional[int] = None, v_dim: Optional[int] = None) -> str:
+    """Resolve 'auto' to a concrete backend for this device (and dtype/head dims if given)."""
+    return resolve_attention_backend(requested, device, dtype, qk_dim, v_dim)[0]
+
+
+def available_backends(device, dtype, qk_dim: int, v_dim: int) -> list[str]:
+    """Every concrete backend that can run these tensors, best first."""
+    return [n for n in BACKENDS[1:] if unusable_reason(n, device, dtype, qk_dim, v_dim) is None]
+
+
+def unavailable_backends(device, dtype, qk_dim: int, v_dim: int) -> dict[str, str]:
+    return {n: r for n in BACKENDS[1:] if (r := unusable_reason(n, device, dtype, qk_dim, v_dim)) is not None}
 
 
 def _log_choice(requested: str, name: str, why: str) -> None:
@@ -102,16 +149,22 @@ def _log_choice(requested: str, name: str, why: str) -> None:
         logger.info("attention backend: %s (requested %r; %s)", name, requested, why)
 
 
-def _flash(q_BSHD, k_BSHD, v_BSHE, scale, causal):
-    fn, _ = _flash_attn_func()
+def _flash(q_BSHD, k_BSHD, v_BSHE, scale, causal, name: str = "flash"):
+    fn, _ = _flash_attn_func() if name == "flash" else _flash_fn(name)
     Dqk, Dv = q_BSHD.shape[-1], v_BSHE.shape[-1]
-    D = max(Dqk, Dv)
-    if Dv < D:
-        v_BSHE = F.pad(v_BSHE, (0, D - Dv))
-    if Dqk < D:
-        q_BSHD = F.pad(q_BSHD, (0, D - Dqk))
-        k_BSHD = F.pad(k_BSHD, (0, D - Dqk))
-    out_BSHD = fn(q_BSHD, k_BSHD, v_BSHE, dropout_p=0.0, softmax_scale=scale, causal=causal)
+    if not takes_natively(name, Dqk, Dv):
+        D = max(Dqk, Dv)
+        if Dv < D:
+            v_BSHE = F.pad(v_BSHE, (0, D - Dv))
+        if Dqk < D:
+            q_BSHD = F.pad(q_BSHD, (0, D - Dqk))
+            k_BSHD = F.pad(k_BSHD, (0, D - Dqk))
+    kwargs = {"softmax_scale": scale, "causal": causal, "deterministic": _deterministic}
+    if name == "flash":
+        kwargs["dropout_p"] = 0.0
+    out_BSHD = fn(q_BSHD, k_BSHD, v_BSHE, **kwargs)
+    if isinstance(out_BSHD, tuple):   # FA3 releases before 3.0 also return the log-sum-exp
+        out_BSHD = out_BSHD[0]
     return out_BSHD[..., :Dv]
 
 
@@ -129,11 +182,11 @@ def _sdpa(q_BSHD, k_BSHD, v_BSHE, scale, causal):
 
 def attention(q_BSHD: torch.Tensor, k_BSHD: torch.Tensor, v_BSHE: torch.Tensor, scale: float,
               causal: bool = True, backend: str = "auto") -> torch.Tensor:
-    head_dim = max(q_BSHD.shape[-1], v_BSHE.shape[-1])
-    name, why = resolve_attention_backend(backend, q_BSHD.device, q_BSHD.dtype, head_dim)
+    """`scale` is the model's softmax scale (YaRN's mscale included): passed to every backend as is."""
+    name, why = resolve_attention_backend(backend, q_BSHD.device, q_BSHD.dtype, q_BSHD.shape[-1], v_BSHE.shape[-1])
     _log_choice(backend, name, why)
     if name == "eager":
         return reference.attention(q_BSHD, k_BSHD, v_BSHE, scale, causal)
     if name == "sdpa":
         return _sdpa(q_BSHD, k_BSHD, v_BSHE, scale, causal)
-    return _flash(q_BSHD, k_BSHD, v_BSHE, scale, causal)
+    return _flash(q_BSHD, k_BSHD, v_BSHE, scale, causal, name)

@@ -74,8 +74,9 @@ def route(logits_TE: torch.Tensor, bias_E: Optional[torch.Tensor], top_k: int, s
             group_idx = group_scores.topk(topk_group, dim=-1, sorted=False).indices
             dropped = torch.ones_like(group_scores, dtype=torch.bool).scatter_(1, group_idx, False)
             choice = grouped.masked_fill(dropped.unsqueeze(-1), float("-inf")).view(T, E)
-        # sorted: picks in descending `choice` order (a defined order, the one the kernel uses)
-        indices = choice.topk(top_k, dim=-1, sorted=True).indices
+        # picks in descending `choice` order, ties to the lower expert id (the kernel's order; torch.topk
+        # leaves ties unspecified, and an all-NaN row is all ties)
+        indices = choice.sort(dim=-1, descending=True, stable=True).indices[:, :top_k].contiguous()
     weights = scores.gather(1, indices)
     if norm_topk_prob:
         weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)

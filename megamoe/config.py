@@ -20,7 +20,7 @@ from typing import Any, Optional
 PRESET_DIR = Path(__file__).parent / "presets"
 
 SCORING_FUNCS = ("softmax", "sigmoid")
-ATTENTION_BACKENDS = ("auto", "sdpa", "flash", "eager")
+ATTENTION_BACKENDS = ("auto", "fa3", "flash", "sdpa", "eager")
 
 
 class ConfigError(ValueError):
@@ -66,7 +66,7 @@ class ModelConfig:
     rope_theta: float = 10000.0
     rope_interleave: bool = True          # DeepSeek's interleaved pairs (x0,x1),(x2,x3),...
     rope_scaling: Optional[RopeScaling] = None
-    attention_backend: str = "auto"       # auto: flash-attn where usable, else PyTorch SDPA
+    attention_backend: str = "auto"       # auto: FlashAttention-3, then -2, where usable, else PyTorch SDPA
     # --- Mixture of Experts ------------------------------------------------------------------
     n_routed_experts: int = 0             # 0: dense model (every layer a SwiGLU MLP)
     n_shared_experts: int = 0

@@ -109,18 +109,19 @@ def heatmap_figure(load_LE, layer_ids: list[int], title: str = "expert load / me
 
 
 def moe_scalars(layer_ids: list[int], max_over_mean_L: torch.Tensor, dropped_fraction_L: torch.Tensor,
-                bias_LE: torch.Tensor, routed_per_layer: float) -> dict[str, float]:
+                bias_LE: torch.Tensor, routed_per_layer: float) -> dict[str, torch.Tensor]:
     """TensorBoard scalars of one optimizer step's expert load (all ranks' tokens):
     max/mean load per layer, capacity-dropped share per layer and in tokens, routing-bias size.
-    `routed_per_layer` = (token, slot) assignments per MoE layer in the step."""
-    out = {"moe/max_over_mean_max": float(max_over_mean_L.max()),
-           "moe/dropped_tokens": float((dropped_fraction_L * routed_per_layer).sum()),
-           "moe/dropped_fraction_max": float(dropped_fraction_L.max()),
-           "moe/bias_abs_mean": float(bias_LE.abs().mean()),
-           "moe/bias_abs_max": float(bias_LE.abs().max())}
-    for li, mom, drop in zip(layer_ids, max_over_mean_L.tolist(), dropped_fraction_L.tolist()):
-        out[f"moe/max_over_mean/layer_{li}"] = mom
-        out[f"moe/dropped_fraction/layer_{li}"] = drop
+    `routed_per_layer` = (token, slot) assignments per MoE layer in the step. Values stay 0-d
+    tensors on their device (the trainer reads them once per log interval)."""
+    out = {"moe/max_over_mean_max": max_over_mean_L.max(),
+           "moe/dropped_tokens": (dropped_fraction_L * routed_per_layer).sum(),
+           "moe/dropped_fraction_max": dropped_fraction_L.max(),
+           "moe/bias_abs_mean": bias_LE.abs().mean(),
+           "moe/bias_abs_max": bias_LE.abs().max()}
+    for i, li in enumerate(layer_ids):
+        out[f"moe/max_over_mean/layer_{li}"] = max_over_mean_L[i]
+        out[f"moe/dropped_fraction/layer_{li}"] = dropped_fraction_L[i]
     return out
 
 

@@ -283,7 +283,8 @@ class QKClip:
         import torch.distributed as dist
 
         from megamoe.distributed import all_reduce_host
-        m = self.model.pop_max_logits().float().cpu()
+        from megamoe.syncs import to_host
+        m = to_host(self.model.pop_max_logits().float())   # QK-clip's one host read per step
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             all_reduce_host(m, op=dist.ReduceOp.MAX)
         return m
@@ -295,8 +296,9 @@ class QKClip:
         max_LN = self.global_max_logits()
         gamma_LN = torch.where(max_LN > self.tau, self.tau / max_LN, torch.ones_like(max_LN))
         clipped_LN = gamma_LN < 1.0
+        clipped_layers = clipped_LN.numpy().any(axis=1)   # host tensors: no device read
         for li, attn in enumerate(self.model.attention_modules()):
-            if not bool(clipped_LN[li].any()):
+            if not clipped_layers[li]:
                 continue
             q_R, kv_R = qk_row_scales(attn, gamma_LN[li])
             wq = attn.wq if getattr(attn, "wq", None) is not None else attn.wq_b
@@ -307,7 +309,7 @@ class QKClip:
 
 def qk_clip_scalars(stats: dict) -> dict[str, float]:
     """TensorBoard scalars of one QK-clip step: global and per-layer max logit, clipped head counts."""
-    m, c = stats["max_logits"], stats["clipped"]
+    m, c = stats["max_logits"].numpy(), stats["clipped"].numpy()   # host tensors (global_max_logits)
     out = {"qk_clip/max_logit": float(m.max()), "qk_clip/clipped_heads": int(c.sum())}
     for li in range(m.shape[0]):
         out[f"qk_clip/max_logit/layer_{li}"] = float(m[li].max())

@@ -16,9 +16,9 @@ import random
 import signal
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import numpy as np
 import torch
@@ -32,7 +32,9 @@ from megamoe.monitor import (MetricsWindow, Monitor, console_line, device_peak_f
                              moe_scalars)
 from megamoe.optim import GroupSpec, QKClip, describe_optimizer_groups, format_groups, muon_assignment, \
     param_groups, qk_clip_scalars
+from megamoe.parallel import deepspeed_compat
 from megamoe.parallel.balance import update_routing_bias
+from megamoe.syncs import to_host
 from megamoe.schedule import LRSchedule, flag_schedule_kept, lr_scheduler_factory
 from megamoe.train_config import ConfigConflict, DataConfig, TrainConfig
 
@@ -78,16 +80,24 @@ class StopRequest:
 
     def agreed(self) -> bool:
         flag = torch.tensor([1.0 if self.signum is not None else 0.0])
-        return bool(all_reduce_host(flag).item() > 0)
+        return bool(all_reduce_host(flag).numpy()[0] > 0)   # a host tensor: .numpy(), no device involved
 
 
 @dataclass
 class StepResult:
-    status: Optional[str]               # None, "nan" or "spike"
-    means: list = field(default_factory=list)   # [loss, aux, z, mtp], global means over micro-batches
+    status: Optional[str]               # None, "nan", "spike" or "grad" (with "unskippable " in front: applied)
+    means: Any = None                   # [loss, aux, z, mtp] global means over micro-batches: a device
+    #                                     tensor for an accepted step, host floats for a rejected one
     lr: float = 0.0
-    grad_norm: Optional[float] = None
-    dropped_L: Optional[torch.Tensor] = None    # capacity-dropped share summed over micro-batches
+    grad_norm: Any = None               # DeepSpeed's global norm (a device tensor, or a float)
+    dropped_L: Optional[torch.Tensor] = None    # capacity-dropped share summed over micro-batches (device)
+
+
+def host_float(x) -> Optional[float]:
+    """A device scalar (one host read), a float or None, as a float or None."""
+    if x is None:
+        return None
+    return float(to_host(x)) if torch.is_tensor(x) else float(x)
 
 
 def seed_everything(seed: int) -> None:
@@ -177,14 +187,13 @@ def evaluate(engine, valid_ds, micro: int, iters: int, vocab_size: Optional[int]
     it = DistributedBatchIterator(valid_ds, micro, rank(), world_size(), consumed_samples=0,
                                   vocab_size=vocab_size)
     engine.eval()
-    total = torch.zeros(2)
+    total = torch.zeros((), device=device(), dtype=torch.float64)
     for _ in range(iters):
         b = to_device(next(it))
-        out = engine(b["input_ids"], labels=b["labels"])
-        total += torch.tensor([out.loss.float().item(), 1.0])
+        total += engine(b["input_ids"], labels=b["labels"]).loss.detach().double()
     engine.train()
-    all_reduce_host(total)
-    return float(total[0] / total[1])
+    sums = all_reduce_host(torch.stack([to_host(total), torch.tensor(float(iters), dtype=torch.float64)])).numpy()
+    return float(sums[0] / sums[1])
 
 
 class Trainer:
@@ -210,6 +219,10 @@ class Trainer:
         if self.qk_clip is not None:
             log0(f"QK-clip: tau {config.optim.qk_clip_tau} (per-head q/k rescale after every step)")
         self.guard = LossGuard(config.guard.loss_spike_factor)
+        self.host_guard = not deepspeed_compat.checks_grad_overflow(self.engine)
+        if self.host_guard:
+            log0("loss guard: DeepSpeed does not check gradients for overflow in this configuration, so the guard "
+                 "reads the loss before backward (one more host sync per iteration)")
         self.step, self.skipped_total, self.consecutive_skips, self.exit_code = 0, 0, 0, 0
         self.last_loss, self.last_val = None, None
         self.train_it = self._restore(resume)
@@ -294,8 +307,8 @@ class Trainer:
              f"{self.fpt['total'] / 1e6:.2f} MFLOP/token (matmul {self.fpt['matmul'] / 1e6:.2f}, "
              f"attention {self.fpt['attention'] / 1e6:.2f})")
         from megamoe.kernels.attention import resolve_attention_backend
-        backend, why = resolve_attention_backend(cfg.attention_backend, device(), dtype,
-                                                 max(cfg.qk_head_dim, cfg.v_head_dim))
+        backend, why = resolve_attention_backend(cfg.attention_backend, device(), dtype, cfg.qk_head_dim,
+                                                 cfg.v_head_dim)
         log0(f"attention backend: {backend} ({why})")
         log0(f"world {self.world}, ep {self.ep}, ZeRO-{self.stage}, micro batch {self.micro} x GAS {self.gas} x "
              f"{self.world} ranks = global batch {self.global_batch} ({self.global_batch * config.data.seq_length} tokens); "
@@ -304,8 +317,8 @@ class Trainer:
                                                       "model": cfg.to_dict()}, indent=2, default=str) + "\n```")
         self.layer_ids = [i for i, _ in routers_of(self.engine)]
         self.window = MetricsWindow()
-        self.qk_stats, self.stats, self.mom, self.load_acc_LE, self.last_grad_norm = None, {}, None, None, None
-        self.drop_frac_L, self.lr = None, None
+        self.qk_stats, self.stats, self.load_acc_LE, self.lr = None, {}, None, None
+        self.pending, self.last_logged = [], {}   # per-step device metrics until the next log step
 
     # -- the loop -------------------------------------------------------------------------------
     def train(self) -> int:
@@ -333,41 +346,44 @@ class Trainer:
         return self.exit_code
 
     def train_step(self, it: int) -> StepResult:
-        """Forward/backward over the GAS micro-batches and the optimizer step, unless the guard
-        rejects the loss. A rejected micro-batch after others: DeepSpeed must drop the whole step.
-        A finite loss with non-finite gradients: DeepSpeed's overflow check drops the step, and it
-        counts as a bad iteration like a non-finite loss ("grad")."""
+        """Forward/backward over the GAS micro-batches and the optimizer step. The loss guard's
+        verdict scales the last micro-batch's loss by 1 (good) or NaN (bad), so a bad iteration
+        reaches DeepSpeed with NaN gradients and its overflow check drops the whole step: the
+        host learns of it from DeepSpeed's one read and only then asks the verdict why. A finite
+        loss with non-finite gradients is dropped the same way ("grad"). Without an overflow
+        check in DeepSpeed (`host_guard`), the verdict is read before backward instead."""
         engine, gas = self.engine, self.gas
         result = StepResult(None, lr=engine.get_lr()[0])  # the lr this iteration trains at
-        sums = np.zeros(4)
-        result.dropped_L = torch.zeros(len(self.layer_ids))
+        result.dropped_L = torch.zeros(len(self.layer_ids), device=device())
         skipped_before = engine.skipped_steps
-        zero = torch.zeros(())
-        for _ in range(gas):
+        rows = []
+        for m in range(gas):
             b = to_device(next(self.train_it))
             out = engine(b["input_ids"], labels=b["labels"])
-            extras = tuple(v if v is not None else zero for v in (out.aux_loss, out.z_loss, out.mtp_loss))
+            rows.append(torch.stack([(v if v is not None else out.loss.new_zeros(())).detach().float().reshape(())
+                                     for v in (out.loss, out.aux_loss, out.z_loss, out.mtp_loss)]))
             if self.model_config.capacity_factor is not None and out.dropped_fraction is not None:
-                result.dropped_L += out.dropped_fraction.detach().float().cpu()
-            bad, means = self.guard.check(out.loss, it, extras=extras)
-            result.status = result.status or bad
-            if result.status is None:
-                sums += means
-                engine.backward(out.loss * faults.grad_scale(it, self.rank))
-            elif gas == 1:
-                break  # nothing accumulated: skipping = not calling backward / step
-            else:
-                # Gradients of earlier micro-batches are already inside ZeRO's buffers. Poison them so
-                # DeepSpeed's own grad-overflow check (bf16.check_grad_overflow) drops the whole step.
-                engine.backward(out.loss * float("nan"))
+                result.dropped_L += out.dropped_fraction.detach().float()
+            scale = faults.grad_scale(it, self.rank)
+            if m == gas - 1:
+                verdict = self.guard.judge(torch.stack(rows), it)
+                result.means = verdict.means
+                if self.host_guard:
+                    result.status, result.means = verdict.read()   # one more host read per iteration
+                    if result.status is not None and gas == 1:
+                        break   # nothing accumulated: skipping = not calling backward / step
+                scale = verdict.scale * scale
+            engine.backward(out.loss * scale)
             engine.step()
-        result.means = (sums / gas).tolist() if result.status is None else means
-        stepped = result.status is None or gas > 1
-        if stepped:
-            norm = engine.get_global_grad_norm()
-            result.grad_norm = float(norm) if norm is not None else None
+        stepped = not (self.host_guard and result.status is not None and gas == 1)
+        result.grad_norm = engine.get_global_grad_norm() if stepped else None
         ds_skipped = engine.skipped_steps > skipped_before
-        if result.status is None and (ds_skipped or not np.isfinite(result.grad_norm or 0.0)):
+        if not self.host_guard:
+            if ds_skipped:   # rare: read why
+                result.status, result.means = verdict.read()
+                result.status = result.status or "grad"
+            return result
+        if result.status is None and (ds_skipped or not np.isfinite(host_float(result.grad_norm) or 0.0)):
             result.status = "grad"
         if result.status is not None and stepped and not ds_skipped:
             result.status = "unskippable " + result.status   # the update was applied: the weights are suspect
@@ -378,8 +394,8 @@ class Trainer:
         the run must stop."""
         kind = result.status.split()[-1]
         what = {"nan": f"non-finite loss {result.means[0]}",
-                "grad": f"non-finite gradient norm {result.grad_norm} (loss {result.means[0]:.4f})",
-                "spike": f"spiking loss {result.means[0]:.4f} (EMA {self.guard.ema})"}[kind]
+                "grad": f"non-finite gradient norm {host_float(result.grad_norm)} (loss {result.means[0]:.4f})",
+                "spike": f"spiking loss {result.means[0]:.4f} (EMA {self.guard.state_dict()['ema']})"}[kind]
         if result.status.startswith("unskippable"):
             log0(f"iteration {it}: {what}, but DeepSpeed applied the update (no grad-overflow check in this "
                  "configuration), so the weights are suspect: stopping without saving them (exit 1; the last "
@@ -404,45 +420,67 @@ class Trainer:
         return False
 
     def after_step(self, it: int, result: StepResult) -> None:
-        """Bookkeeping of an optimizer step: QK-clip, routing bias, metrics and scalars."""
+        """Bookkeeping of an optimizer step: QK-clip, routing bias, metrics. Device values wait
+        in `pending` for the next log step (`flush_metrics`): no host read here."""
         self.consecutive_skips = 0
-        loss, aux, z, mtp = result.means
-        self.last_loss = loss
-        self.guard.accept(loss)
+        means = result.means
+        self.last_loss = means[0]
+        self.guard.accept(means[0])
         if self.qk_clip is not None:
             self.qk_stats = self.qk_clip.step()  # after the optimizer step, on the fp32 masters and the module weights
         self.stats = update_routing_bias(self.engine, self.model_config.bias_update_rate) if self.layer_ids else {}
-        self.last_grad_norm = result.grad_norm
-        self.window.add(loss=loss, aux=aux, z=z, mtp=mtp)
-        scal = {"train/loss": loss, "train/aux_loss": aux, "train/z_loss": z, "train/lr": result.lr,
-                "train/grad_norm": self.last_grad_norm, "train/consumed_samples": self.train_it.consumed_samples,
-                "train/skipped_iters": self.skipped_total}
+        values = {"train/loss": means[0], "train/aux_loss": means[1], "train/z_loss": means[2],
+                  "train/grad_norm": result.grad_norm}
         if self.model_config.num_nextn_predict_layers > 0:
-            scal["train/mtp_loss"] = mtp
+            values["train/mtp_loss"] = means[3]
         if self.qk_stats is not None:
-            scal.update(qk_clip_scalars(self.qk_stats))
+            values.update(qk_clip_scalars(self.qk_stats))
         if self.stats:
-            scal.update(self._moe_scalars(result.dropped_L))
-        self.mon.scalars(scal, it)
+            values.update(self._moe_scalars(result.dropped_L))
+        self.pending.append((it, values))
+        self.mon.scalars({"train/lr": result.lr, "train/consumed_samples": self.train_it.consumed_samples,
+                          "train/skipped_iters": self.skipped_total}, it)
 
     def _moe_scalars(self, dropped_L: torch.Tensor) -> dict:
-        counts_LE = self.stats["tokens_per_expert"].float().cpu()
-        self.mom = self.stats["max_over_mean"].float().cpu()
+        counts_LE = self.stats["tokens_per_expert"].float()
         self.load_acc_LE = counts_LE if self.load_acc_LE is None else self.load_acc_LE + counts_LE
         # capacity dropping (capacity_factor): share of this iteration's assignments dropped,
         # per MoE layer, averaged over micro-batches and ranks (0 when dropless)
         track_drops = self.model_config.capacity_factor is not None
-        if track_drops:
-            all_reduce_host(dropped_L)
-        self.drop_frac_L = dropped_L / (self.gas * (self.world if track_drops else 1))
+        if track_drops and self.world > 1:
+            torch.distributed.all_reduce(dropped_L)   # a device tensor: the default group
+        drop_frac_L = dropped_L / (self.gas * (self.world if track_drops else 1))
         bias_LE = torch.stack([r.e_score_correction_bias.float() for _, r in routers_of(self.engine)])
         routed = self.global_batch * self.config.data.seq_length * self.model_config.num_experts_per_tok
-        return moe_scalars(self.layer_ids, self.mom, self.drop_frac_L, bias_LE, routed)
+        return moe_scalars(self.layer_ids, self.stats["max_over_mean"].float(), drop_frac_L, bias_LE, routed)
+
+    def flush_metrics(self) -> dict:
+        """The pending steps' metrics to the host in one copy, then to TensorBoard and the console
+        window. Returns the last step's values (empty when none was pending)."""
+        if not self.pending:
+            return {}
+        at = [(i, k) for i, (_, vals) in enumerate(self.pending) for k, v in vals.items() if torch.is_tensor(v)]
+        if at:
+            dev = device()
+            stacked = torch.stack([self.pending[i][1][k].detach().reshape(()).to(dev, torch.float64) for i, k in at])
+            for (i, k), x in zip(at, to_host(stacked).tolist()):
+                self.pending[i][1][k] = x
+        for it, vals in self.pending:
+            self.mon.scalars(vals, it)
+            self.window.add(loss=vals["train/loss"], aux=vals["train/aux_loss"], z=vals["train/z_loss"],
+                            mtp=vals.get("train/mtp_loss", 0.0))
+        last = self.pending[-1][1]
+        self.pending = []
+        self.last_logged = last
+        return last
 
     def maybe_log(self, it: int) -> None:
-        """Console line and throughput scalars every --log-interval; the expert-load heatmap."""
-        config, win = self.config, self.window
+        """Console line and throughput scalars every --log-interval (the one host read of the
+        window's metrics); the expert-load heatmap."""
+        config = self.config
         if it % config.logging.log_interval == 0 or it == self.train_iters:
+            last = self.flush_metrics() or self.last_logged
+            win = self.window
             dt = win.elapsed()
             tok_s = win.iters * self.global_batch * config.data.seq_length / max(dt, 1e-9)
             flops_rank = tok_s * self.fpt["total"] / self.world
@@ -450,25 +488,26 @@ class Trainer:
             mem = memory_gb()
             means = win.means()
             log0(console_line(it, self.train_iters, self.train_it.consumed_samples, self.lr, means["loss"],
-                              means["aux"], means["z"], self.last_grad_norm, tok_s, flops_rank / 1e12, mfu,
-                              float(self.mom.max()) if self.mom is not None else None, mem,
-                              1000 * dt / max(win.iters, 1), self.skipped_total, extra=self._console_extra(means)))
+                              means["aux"], means["z"], last.get("train/grad_norm"), tok_s, flops_rank / 1e12, mfu,
+                              last.get("moe/max_over_mean_max"), mem,
+                              1000 * dt / max(win.iters, 1), self.skipped_total, extra=self._console_extra(means, last)))
             self.mon.scalars({"perf/tokens_per_s": tok_s, "perf/tflops_per_rank": flops_rank / 1e12, "perf/mfu": mfu,
                               **{f"mem/{k}_gb": v for k, v in mem.items()}}, it)
             self.window = MetricsWindow()
         if self.load_acc_LE is not None and it % (config.logging.heatmap_interval or config.logging.eval_interval) == 0:
-            self.mon.heatmap("moe/expert_load", self.load_acc_LE, self.layer_ids, it)
+            self.mon.heatmap("moe/expert_load", to_host(self.load_acc_LE), self.layer_ids, it)
             self.load_acc_LE = None
 
-    def _console_extra(self, means: dict) -> dict:
+    def _console_extra(self, means: dict, last: dict) -> dict:
         extra = {}
         if self.model_config.num_nextn_predict_layers > 0:
             extra["mtp"] = f"{means['mtp']:.4f}"
-        if self.model_config.capacity_factor is not None and self.stats:
-            extra["dropped"] = f"{100 * float(self.drop_frac_L.mean()):.2f}%"
-        if self.qk_stats is not None:
-            extra["max logit"] = f"{float(self.qk_stats['max_logits'].max()):.1f}"
-            extra["clipped heads"] = str(int(self.qk_stats["clipped"].sum()))
+        drops = [v for k, v in last.items() if k.startswith("moe/dropped_fraction/layer_")]
+        if self.model_config.capacity_factor is not None and drops:
+            extra["dropped"] = f"{100 * sum(drops) / len(drops):.2f}%"
+        if "qk_clip/max_logit" in last:
+            extra["max logit"] = f"{last['qk_clip/max_logit']:.1f}"
+            extra["clipped heads"] = str(last["qk_clip/clipped_heads"])
         return extra
 
     def out_of_time(self, loop_start: float) -> bool:
@@ -526,11 +565,12 @@ class Trainer:
             consumed_samples_per_dataset=consumed_per_dataset(self.train_it), tokenizer=config.data.tokenizer,
             ep_size=self.ep, world_size=self.world, zero_stage=self.stage, autoep=self.use_autoep,
             ds_config=self.ds_config, config=self.config.to_dict(), train_iters=self.train_iters,
-            skipped_iters=self.skipped_total, loss_guard=self.guard.state_dict(), train_loss=self.last_loss,
+            skipped_iters=self.skipped_total, loss_guard=self.guard.state_dict(), train_loss=host_float(self.last_loss),
             val_loss=self.last_val, command=list(sys.argv), megamoe_version=megamoe_version(), reason=reason))
         log0(f"saved checkpoint {Path(config.checkpoint.save) / tag} ({reason}, {time.perf_counter() - t0:.1f} s)")
 
     def finish(self) -> None:
+        self.flush_metrics()   # the steps since the last log line still reach TensorBoard
         self.mon.close()
         if self.config.checkpoint.save and self.rank == 0:
             print(f"checkpoints: {Path(self.config.checkpoint.save).resolve()} (latest: {ckpt.read_latest(self.config.checkpoint.save)})",

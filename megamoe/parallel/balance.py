@@ -42,7 +42,7 @@ def update_routing_bias(model: nn.Module, rate: float, group=None) -> dict:
     group: process group over which tokens were routed (default: the whole world, i.e. the
     data-parallel world when there is no tensor/pipeline parallelism).
 
-    Returns stats of the step's global load, identical on every rank:
+    Returns stats of the step's global load, identical on every rank, on the routers' device:
       "tokens_per_expert" [L_moe, E] float (summed over ranks and micro-batches),
       "max_over_mean" [L_moe] (1.0 = perfectly balanced; 0 for a layer that routed nothing),
       "bias_abs_mean" [L_moe] (mean |bias| after the update), "layers": module names.
@@ -67,8 +67,9 @@ def update_routing_bias(model: nn.Module, rate: float, group=None) -> dict:
                                   counts_LE.max(dim=-1).values / mean_L1.squeeze(-1).clamp_min(1e-12),
                                   torch.zeros_like(mean_L1.squeeze(-1)))
     bias_abs_mean_L = torch.stack([r.e_score_correction_bias.abs().mean() for _, r in found])
-    return {"tokens_per_expert": counts_LE.cpu(), "max_over_mean": max_over_mean_L.cpu(),
-            "bias_abs_mean": bias_abs_mean_L.float().cpu(), "layers": names}
+    # on the device: the trainer reads them once per log interval, not once per step
+    return {"tokens_per_expert": counts_LE, "max_over_mean": max_over_mean_L,
+            "bias_abs_mean": bias_abs_mean_L.float(), "layers": names}
 
 
 def _reset_autoep_counters(model: nn.Module) -> None:

@@ -4,12 +4,20 @@ Two module-level names are swapped while `deepspeed.initialize` runs (and restor
 - `deepspeed.module_inject.auto_ep_layer.TokenChoiceTopKRouter`: AutoEP builds megamoe's router
   inside each expert-parallel layer (megamoe.parallel.expert);
 - `deepspeed.set_optimizer_flags`: Muon goes on exactly the hidden matrices (megamoe.optim).
-Both are internals with no stability promise, so each patch first checks that the installed
+And two methods of the ZeRO-1/2 optimizer object (one instance, after initialize) lose host
+syncs that cost a GPU stall each per step without changing a result (`sync_free_zero_step`):
+- `unscale_and_clip_grads` asks `is_invalid_grad_norm(norm)` (a `.item()`) once per parameter
+  group to turn an invalid norm into +inf; `torch.where` does the same on the device;
+- with the norm check on (it always is when DeepSpeed computes the norm), `check_overflow` first
+  scans every gradient for inf/NaN and reads the all-reduced flag back (a second `.item()`),
+  though a non-finite gradient makes the norm invalid and the norm check skips the step as well.
+All are internals with no stability promise, so each patch first checks that the installed
 DeepSpeed is the one they were written and tested against.
 """
 from __future__ import annotations
 
 import contextlib
+import math
 from typing import Any, Callable, Iterator
 
 SUPPORTED_DEEPSPEED = "0.19.8"
@@ -64,4 +72,84 @@ def optimizer_flags_hook(after: Callable[[Any], None]) -> Iterator[None]:
         after(model)
 
     with _swap(deepspeed, "set_optimizer_flags", set_flags) as original:
+        yield
+
+
+def checks_grad_overflow(engine) -> bool:
+    """Whether DeepSpeed skips the optimizer step itself when a gradient is non-finite (ZeRO-1/2
+    check the global norm unless bf16's check_grad_overflow is off; ZeRO-3 and DeepSpeed's bf16 and
+    fp16 optimizers always do). Without it, a poisoned step would be applied."""
+    stage = engine.zero_optimization_stage()
+    if engine.bfloat16_enabled():
+        return stage == 3 or bool(engine._config.bfloat16_config.check_grad_overflow)
+    return stage > 0 or engine.fp16_enabled()
+
+
+def sync_free_zero_step(engine) -> bool:
+    """Patch the engine's ZeRO-1/2 optimizer as the module docstring says. Returns whether it did
+    (other stages and optimizers are left as they are)."""
+    from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
+    opt = engine.optimizer
+    if not isinstance(opt, DeepSpeedZeroOptimizer):
+        return False
+    check_version()
+    import types
+
+    import torch
+
+    def unscale_and_clip_grads(self, grad_groups_flat, total_norm):
+        if self.clip_grad == 0.0 and self.loss_scale == 1.0:
+            return
+        combined_scale = self.loss_scale
+        if self.clip_grad > 0.:
+            clip_norm = total_norm
+            if torch.is_tensor(total_norm):   # invalid (non-finite, or the -1 sentinel) -> +inf, on the device
+                clip_norm = torch.where(torch.isfinite(total_norm) & (total_norm >= 0), total_norm,
+                                        torch.full_like(total_norm, float("inf")))
+            elif not (math.isfinite(float(total_norm)) and total_norm >= 0):
+                clip_norm = float("inf")
+            clip = ((clip_norm / self.loss_scale) + 1e-6) / self.clip_grad
+            combined_scale = torch.clamp(torch.as_tensor(clip), min=1.0) * self.loss_scale
+        for grad in grad_groups_flat:
+            for g in (grad if isinstance(grad, list) else [grad]):
+                g.data.mul_(1. / combined_scale)
+
+    original_check = opt.check_overflow
+
+    def check_overflow(self, partition_gradients=True):
+        # step() checks the norm right after this whenever it computes one (compute_grad_norm), for
+        # every dtype but bf16 without check_grad_overflow, where check_overflow is not called at all
+        if self.compute_grad_norm and not self.cpu_offload:
+            self.overflow = False
+            return
+        original_check(partition_gradients)
+
+    opt.unscale_and_clip_grads = types.MethodType(unscale_and_clip_grads, opt)
+    opt.check_overflow = types.MethodType(check_overflow, opt)
+    return True
+
+
+@contextlib.contextmanager
+def autoep_syncs_as_on_gpu(note_split_plan_read: Callable[[], None],
+                           paused: Callable[[], contextlib.AbstractContextManager]) -> Iterator[None]:
+    """For counting AutoEP's host syncs on a CPU run as a CUDA run has them (megamoe.syncs):
+    - `_split_plan_from_expert_counts` ends in `.cpu().tolist()` (the all-to-all sizes), a
+      device-to-host copy on CUDA that dispatches nothing on the CPU: `note_split_plan_read()`
+      is called once per plan;
+    - `fill_indices_cpu` is the CPU stand-in for the Triton permutation kernel a CUDA run launches
+      instead; its per-expert `.item()` reads do not exist there, so it runs inside `paused()`."""
+    import deepspeed.module_inject.auto_ep_layer as auto_ep_layer
+    import deepspeed.moe.ep_kernels as ep_kernels
+    plan, fill = auto_ep_layer._split_plan_from_expert_counts, ep_kernels.fill_indices_cpu
+
+    def counted_plan(*args, **kwargs):
+        note_split_plan_read()
+        return plan(*args, **kwargs)
+
+    def quiet_fill(*args, **kwargs):
+        with paused():
+            return fill(*args, **kwargs)
+
+    with _swap(auto_ep_layer, "_split_plan_from_expert_counts", counted_plan), \
+            _swap(ep_kernels, "fill_indices_cpu", quiet_fill):
         yield

@@ -217,6 +217,25 @@ def expert_parallel_config(model_cfg: ModelConfig, ep_size: int) -> dict:
     return block
 
 
+def accelerator_tuning() -> dict:
+    """AutoEP keys that pay off on CUDA only (a user's block still wins):
+    async_split_plan: the all-to-all sizes are copied to the host on a side stream right after
+        routing, and the host waits on an event just before the all-to-all, instead of stalling
+        the stream at the split plan;
+    gate_up_impl fused: gate and up projections as one grouped GEMM (torch._grouped_mm, sm_90+;
+        older GPUs take DeepSpeed's Triton grouped GEMM, which does not fuse them)."""
+    import torch
+
+    from megamoe.distributed import device
+    dev = device()
+    if dev.type != "cuda":
+        return {}
+    tuning = {"async_split_plan": True}
+    if torch.cuda.get_device_capability(dev) >= (9, 0):
+        tuning["gate_up_impl"] = "fused"
+    return tuning
+
+
 def _merge_user_block(derived: dict, user: Optional[dict]) -> dict:
     if not user:
         return derived
@@ -302,7 +321,8 @@ def initialize(model: nn.Module, model_cfg: ModelConfig, ds_config: dict, ep_siz
             f"ds_config has an enabled 'expert_parallel' block but {EP_FLAG}={ep_size}: set the EP size "
             f"with {EP_FLAG} and leave the block out (megamoe derives it)")
     if use_autoep:
-        ds_config["expert_parallel"] = _merge_user_block(expert_parallel_config(model_cfg, ep_size), user_block)
+        derived = {**expert_parallel_config(model_cfg, ep_size), **accelerator_tuning()}
+        ds_config["expert_parallel"] = _merge_user_block(derived, user_block)
         with megamoe_router_in_autoep(model_cfg):
             out = deepspeed.initialize(model=model, config=ds_config, **deepspeed_initialize_kwargs)
         n = verify_megamoe_routers(out[0], model_cfg)
@@ -313,6 +333,7 @@ def initialize(model: nn.Module, model_cfg: ModelConfig, ds_config: dict, ep_siz
     else:
         out = deepspeed.initialize(model=model, config=ds_config, **deepspeed_initialize_kwargs)
     _broadcast_router_biases(_unwrap(out[0]))
+    deepspeed_compat.sync_free_zero_step(out[0])   # no host read per parameter group in the step
     return out
 
 
