@@ -1,17 +1,19 @@
 """One rank of the sync-budget check (tests/train/test_sync_budget.py), run as a plain process or
 under torchrun: trains `tiny` in-process under megamoe.syncs.HostSyncCounter and prints the
-host-syncing ops of every iteration as one JSON line (`--where`: also where each came from)."""
+host-syncing ops of every iteration to OUT_DIR/rank{r}.json (`--where`: also prints where each
+came from)."""
 from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 
 from megamoe import trainer
 from megamoe.syncs import HostSyncCounter, loop_syncs
 from megamoe.train_config import parse_args
 
 
-def main(data: str, ds_config: str, ep: str, iters: str, where: bool) -> None:
+def main(data: str, ds_config: str, ep: str, iters: str, out_dir: str, where: bool) -> None:
     cfg = parse_args(["--model-config", "tiny", "--data-path", data, "--seq-length", "32", "--train-iters", iters,
                       "--lr", "1e-3", "--log-interval", "5", "--eval-interval", "1000", "--eval-iters", "0",
                       "--deepspeed-config", ds_config, "--expert-model-parallel-size", ep])
@@ -21,7 +23,8 @@ def main(data: str, ds_config: str, ep: str, iters: str, where: bool) -> None:
     if where and t.rank == 0:
         for site, n in counter.sites.most_common():
             print(f"SITE {n:5d} {site}", file=sys.stderr)
-    print(f"SYNCS {t.rank} " + json.dumps({"rc": rc, "per_iteration": per_iteration}), flush=True)
+    # a file per rank: the ranks' stdout lines interleave
+    (Path(out_dir) / f"rank{t.rank}.json").write_text(json.dumps({"rc": rc, "per_iteration": per_iteration}))
 
 
 if __name__ == "__main__":
