@@ -29,6 +29,7 @@ import torch
 
 from . import reference
 from .attention import attention, attention_backend  # noqa: F401
+from .attention import set_deterministic as set_attention_deterministic  # noqa: F401
 
 _BACKENDS = ("auto", "triton", "reference")
 ROUTER_MAX_EXPERTS = 256  # the router kernel keeps a token's E scores in one register tile

@@ -169,6 +169,15 @@ def _flash(q_BSHD, k_BSHD, v_BSHE, scale, causal, name: str = "flash"):
 
 
 def _sdpa(q_BSHD, k_BSHD, v_BSHE, scale, causal):
+    if _deterministic and q_BSHD.is_cuda:
+        # the flash and memory-efficient SDPA kernels accumulate dq with atomics in backward
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+        with sdpa_kernel(SDPBackend.MATH):
+            return _sdpa_call(q_BSHD, k_BSHD, v_BSHE, scale, causal)
+    return _sdpa_call(q_BSHD, k_BSHD, v_BSHE, scale, causal)
+
+
+def _sdpa_call(q_BSHD, k_BSHD, v_BSHE, scale, causal):
     q, k, v = (t.transpose(1, 2) for t in (q_BSHD, k_BSHD, v_BSHE))
     # is_causal aligns the mask top-left; with a KV prefix (Sq < Sk) we need bottom-right.
     Sq, Sk = q.shape[-2], k.shape[-2]

@@ -21,6 +21,23 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def set_deterministic(on: bool) -> list[str]:
+    """--deterministic: what a GPU run needs to repeat itself bit for bit (a CPU run already does).
+    Returns what it changed, for the start-up log. Call before the first CUDA matmul (cuBLAS reads
+    CUBLAS_WORKSPACE_CONFIG when it creates its handle)."""
+    import torch
+
+    from megamoe.kernels import set_attention_deterministic
+    if not on:
+        return []
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.benchmark = False
+    set_attention_deterministic(True)
+    return ["torch.use_deterministic_algorithms(True)", f"CUBLAS_WORKSPACE_CONFIG={os.environ['CUBLAS_WORKSPACE_CONFIG']}",
+            "FlashAttention deterministic backward; SDPA on CUDA through its math kernel"]
+
+
 def init_distributed(timeout_minutes: int = 30) -> None:
     import datetime
 

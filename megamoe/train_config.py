@@ -55,6 +55,7 @@ class ModelSection:
     model_override: dict = _f(resume="ignore", factory=dict)
     make_vocab_size_divisible_by: int = _f(128, "ignore")   # the model it gives is compared
     recompute_activations: bool = _f(False)
+    deterministic: bool = _f(False)                 # megamoe.distributed.set_deterministic
 
 
 @dataclass
@@ -241,6 +242,9 @@ def _model_and_data_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--seq-length", type=int, required=True)
     g.add_argument("--seed", type=int, default=1234)
     g.add_argument("--recompute-activations", action="store_true", help="activation checkpointing per block")
+    g.add_argument("--deterministic", action="store_true",
+                   help="bitwise-reproducible GPU runs: torch's deterministic algorithms, cuBLAS workspace config, "
+                        "FlashAttention's deterministic backward, SDPA's math kernel on CUDA (slower)")
 
 
 def _schedule_flags(p: argparse.ArgumentParser) -> None:

@@ -26,7 +26,8 @@ import torch
 from megamoe import checkpoint as ckpt
 from megamoe import faults
 from megamoe.config import ModelConfig
-from megamoe.distributed import all_reduce_host, device, init_distributed, rank, to_device, world_size
+from megamoe.distributed import all_reduce_host, device, init_distributed, rank, set_deterministic, to_device, \
+    world_size
 from megamoe.guard import LossGuard
 from megamoe.monitor import (MetricsWindow, Monitor, console_line, device_peak_flops, flops_per_token, memory_gb,
                              moe_scalars)
@@ -205,6 +206,8 @@ class Trainer:
         log0(self.config.describe())
         for change in self.config.adapted:
             log0(f"DeepSpeed config for the {device().type} accelerator: {change}")
+        for change in set_deterministic(config.model.deterministic):
+            log0(f"--deterministic: {change}")
         seed_everything(config.data.seed)
         self.model_config = build_model_config(config)
         self.ds_config = config.ds_config

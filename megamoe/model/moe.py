@@ -204,9 +204,20 @@ class GroupedExperts(nn.Module):
         x_sorted = x_TH[token_of]
         gate, up = kernels.grouped_mm(x_sorted, self.gate_up_proj, counts_E, offs_E).chunk(2, dim=-1)
         y_sorted = kernels.grouped_mm(F.silu(gate) * up, self.down_proj, counts_E, offs_E)
-        y_sorted = y_sorted * weights_TK.reshape(-1)[order].unsqueeze(-1)
-        out = torch.zeros(T, x_TH.shape[-1], dtype=y_sorted.dtype, device=x_TH.device)
-        return out.index_add_(0, token_of, y_sorted).to(x_TH.dtype)
+        return combine(y_sorted, order, weights_TK, x_TH.dtype, dropped=kept_TK is not None)
+
+
+def combine(y_sorted: torch.Tensor, order: torch.Tensor, weights_TK: torch.Tensor, dtype: torch.dtype,
+            dropped: bool = False) -> torch.Tensor:
+    """[T, H] = sum over the K slots of weight x expert output, as DeepSpeed AutoEP combines: each
+    (token, slot) output goes back to its own row (`order` is a permutation, or a subset of one when
+    capacity `dropped` some: those rows stay 0), then the weighted sum over K runs in fp32 in slot
+    order. No atomics (index_add_ on CUDA), no bf16 accumulation: deterministic, and EP 1 computes
+    what EP > 1 does."""
+    T, K = weights_TK.shape
+    y_NH = y_sorted.new_zeros(T * K, y_sorted.shape[-1]) if dropped else torch.empty_like(y_sorted)
+    y_NH[order] = y_sorted
+    return (y_NH.view(T, K, -1) * weights_TK.unsqueeze(-1).float()).sum(dim=1).to(dtype)
 
 
 class MoE(nn.Module):

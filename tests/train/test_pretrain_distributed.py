@@ -286,6 +286,17 @@ def test_zero_stages_agree_with_zero2(ref, data, tmp_path, stage):
         assert losses[it] == pytest.approx(ref["losses"][it], abs=2e-3), (stage, it, losses, ref["losses"])
 
 
+def test_deterministic_mode_runs_every_op_and_changes_nothing_on_cpu(ref, data, tmp_path):
+    """--deterministic turns on torch's deterministic algorithms (an op without a deterministic
+    implementation would raise here) and says so; a CPU run was already bitwise reproducible, so
+    the losses are the reference's exactly."""
+    rc, out = run(base_args(data, exit_interval=4, tensorboard_dir=tmp_path / "tb") + ["--deterministic"])
+    assert rc == 0, out[-4000:]
+    assert "--deterministic: torch.use_deterministic_algorithms(True)" in out
+    losses = scalars(tmp_path / "tb", "train/loss")
+    assert [losses[it] for it in range(1, 5)] == [ref["losses"][it] for it in range(1, 5)]
+
+
 def test_loading_at_another_ep_size_is_refused(ref, data):
     rc, out = run(base_args(data, ep=1, load=ref["dir"] / "ckpt"))
     assert rc != 0
