@@ -8,10 +8,13 @@ read once, as JSON:
 - nan_loss_iters: these iterations' loss reads as NaN on rank 0 (the loss guard must catch it);
 - inf_grad_iters: these iterations' backward on rank 0 runs on loss x inf, so the gradients are
   non-finite while the loss is not (DeepSpeed's overflow check must skip the step, the guard count it);
+- nan_router_iters: in these iterations the router logits of the first token of every MoE layer
+  on rank 1 are NaN (under expert parallelism every rank must still agree on the all-to-all
+  sizes, and the guard must skip the step);
 - iteration_sleep_s: sleep after every iteration (time for a test to send a signal or a kill);
 - crash_in_save: rank `rank` (default 1) dies after writing its engine files for step `step`,
   before the checkpoint is complete.
-Production code calls the four functions below at those points and nothing else reads it.
+Production code calls the functions below at those points and nothing else reads it.
 """
 from __future__ import annotations
 
@@ -21,7 +24,8 @@ import os
 import time
 
 ENV = "MEGAMOE_FAULTS"
-_KNOWN = ("nan_loss_iters", "inf_grad_iters", "iteration_sleep_s", "crash_in_save")
+_KNOWN = ("nan_loss_iters", "inf_grad_iters", "nan_router_iters", "iteration_sleep_s", "crash_in_save")
+_now = {"iteration": None, "rank": 0}
 
 
 @functools.lru_cache(maxsize=None)
@@ -45,6 +49,15 @@ def nan_loss(iteration: int, rank: int) -> bool:
 
 def grad_scale(iteration: int, rank: int) -> float:
     return float("inf") if rank == 0 and iteration in plan().get("inf_grad_iters", ()) else 1.0
+
+
+def begin_iteration(iteration: int, rank: int) -> None:
+    """The trainer says which training iteration runs (None: not training, e.g. evaluation)."""
+    _now.update(iteration=iteration, rank=rank)
+
+
+def nan_router_logits() -> bool:
+    return _now["rank"] == 1 and _now["iteration"] in plan().get("nan_router_iters", ())
 
 
 def iteration_sleep() -> None:

@@ -360,6 +360,7 @@ class Trainer:
         result.dropped_L = torch.zeros(len(self.layer_ids), device=device())
         skipped_before = engine.skipped_steps
         rows = []
+        faults.begin_iteration(it, self.rank)
         for m in range(gas):
             b = to_device(next(self.train_it))
             out = engine(b["input_ids"], labels=b["labels"])
@@ -378,6 +379,7 @@ class Trainer:
                 scale = verdict.scale * scale
             engine.backward(out.loss * scale)
             engine.step()
+        faults.begin_iteration(None, self.rank)
         stepped = not (self.host_guard and result.status is not None and gas == 1)
         result.grad_norm = engine.get_global_grad_norm() if stepped else None
         ds_skipped = engine.skipped_steps > skipped_before

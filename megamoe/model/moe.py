@@ -24,7 +24,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from megamoe import kernels
+from megamoe import faults, kernels
 from megamoe.config import ModelConfig
 from megamoe.model.layers import MLP
 
@@ -146,6 +146,8 @@ class Router(nn.Module):
         if self.training and self.jitter > 0:
             x = x * torch.empty_like(x).uniform_(1.0 - self.jitter, 1.0 + self.jitter)
         logits_TE = F.linear(x, self.weight.float())
+        if faults.nan_router_logits():
+            logits_TE = torch.cat([torch.full_like(logits_TE[:1], float("nan")), logits_TE[1:]])
         bias_E = self.e_score_correction_bias if expert_bias is None else self.e_score_correction_bias + expert_bias
         weights_TK, indices_TK, scores_TE, counts_E = kernels.route(
             logits_TE, bias_E, self.top_k, self.score_func, self.n_group, self.topk_group,

@@ -349,6 +349,17 @@ def test_nan_loss_skip_and_stop(data, tmp_path):
     assert state.step == 2 and state.reason.startswith("stopped on nan")
 
 
+def test_a_nan_router_row_under_expert_parallelism_is_skipped_without_a_hang(data, tmp_path):
+    """A token whose router logits are all NaN on one rank (EP 2): it is routed to valid experts,
+    so both ranks agree on the all-to-all sizes (no hang until a timeout); its NaN output makes the
+    loss non-finite and --on-nan skip drops the iteration on every rank."""
+    rc, out = run(base_args(data, iters=5, on_nan="skip", tensorboard_dir=tmp_path / "tb"),
+                  **faults.env(nan_router_iters=[3]))
+    assert rc == 0, out[-4000:]
+    assert "iteration 3: non-finite loss nan;" in out and "skipped" in out
+    assert sorted(scalars(tmp_path / "tb", "train/loss")) == [1, 2, 4, 5]
+
+
 def test_non_finite_gradients_count_as_bad_iterations(data, tmp_path):
     """A finite loss with non-finite gradients: DeepSpeed's overflow check drops the step, and the
     guard counts it under --on-nan / --max-skipped-iters like a non-finite loss. With --lr 1e6 (the
