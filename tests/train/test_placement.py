@@ -34,8 +34,9 @@ def test_host_tensors_use_the_host_group_and_batches_go_to_the_device(progressio
     assert host_side and all(c["host_group"] for c in host_side), host_side
     assert {c["caller"] for c in host_side} == {"megamoe.distributed"}   # all through all_reduce_host
     assert all(not c["host_group"] for c in ours if c["caller"] in on_device)
-    # 3 training iterations x GAS 1, and eval after iterations 2 and 3 (one batch each)
-    assert len(seen["moved"]) == 3 + 2 and all(m == ["input_ids", "labels"] for m in seen["moved"])
+    # 3 training iterations x GAS 1 and the one read ahead (Prefetcher), and eval after iterations 2
+    # and 3 (one batch each)
+    assert len(seen["moved"]) == 3 + 1 + 2 and all(m == ["input_ids", "labels"] for m in seen["moved"])
 
 
 def test_to_device_moves_a_batch_to_the_accelerator_device(monkeypatch):
