@@ -10,7 +10,8 @@ the exit status 1:
               strided latent slice, RoPE with 128 heads, routers 256 experts top-8 groups 8/4
               (sigmoid) and 64 experts top-6 (softmax) over T=16384 tokens with a NaN row.
   attention   every attention backend that can run, qk 192 / v 128, S=4096, forward and
-              backward: agreement with the fp32 eager oracle and time.
+              backward: agreement with the fp32 eager oracle and time; and forward over packed
+              documents (FlashAttention's varlen kernels) against the masked oracle.
   syncs       host syncs of one MoE layer (megamoe.syncs.HostSyncCounter, and on CUDA also
               torch.cuda.set_sync_debug_mode), and of steady-state training iterations.
   end_to_end  DeepSeek-V2-Lite cut to 4 layers, 1 rank, DeepSpeed ZeRO-2 bf16, micro batch
@@ -189,11 +190,25 @@ def check_attention(dev, s: dict) -> list[dict]:
         r = compare("attention", f"{name} qk192/v128 S={S} heads {N}",
                     lambda a, b, c: attn.attention(a, b, c, scale, True, backend=name),
                     lambda a, b, c: reference.attention(a, b, c, scale, True), [q, k, v], torch.bfloat16)
+        r["ok"] = r["ok"] and documents_agree(attn, reference, name, q, k, v, scale, r)
         qb, kb, vb = (t.to(torch.bfloat16).requires_grad_() for t in (q, k, v))
         r["fwd_bwd_ms"] = 1000 * timed(lambda: attn.attention(qb, kb, vb, scale, True, backend=name)
                                        .float().sum().backward(), dev)
         rows.append(r)
     return rows if oracle["ok"] else rows + [oracle]
+
+
+def documents_agree(attn, reference, name, q, k, v, scale, r: dict) -> bool:
+    """The same backend over packed documents (varlen) vs the fp32 oracle with the document mask."""
+    import torch
+    B, S = q.shape[:2]
+    ids = torch.ones(B, S, dtype=torch.long)
+    ids[:, torch.randperm(S, generator=torch.Generator().manual_seed(1))[:8]] = 0   # 8 document ends per row
+    docs = attn.documents_of(ids, eos_id=0).to(q.device)
+    got = attn.attention(*(t.to(torch.bfloat16) for t in (q, k, v)), scale, True, backend=name, documents=docs)
+    want = reference.attention(q, k, v, scale, True, mask_BSS=docs.mask_BSS())
+    r["documents_max_rel_err"] = rel_err(got, want)
+    return r["documents_max_rel_err"] <= TOL["bfloat16"]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -332,7 +347,7 @@ PARTS = {"kernels": check_kernels, "attention": check_attention, "syncs": check_
 def table(rows: list[dict]) -> str:
     lines = [f"{'part':<11} {'result':<6} check"]
     for r in rows:
-        keys = [k for k in ("max_rel_err", "fwd_bwd_ms", "per_iteration", "max_abs_diff", "tokens_per_s", "mfu",
+        keys = [k for k in ("max_rel_err", "documents_max_rel_err", "fwd_bwd_ms", "per_iteration", "max_abs_diff", "tokens_per_s", "mfu",
                             "peak_memory_gb", "reason") if k in r]
         detail = ", ".join(f"{k}={r[k]:.3g}" if isinstance(r[k], float) else f"{k}={r[k]}" for k in keys)
         lines.append(f"{r['part']:<11} {'ok' if r['ok'] else 'FAIL':<6} {r['name']}" + (f"  ({detail})" if detail else ""))

@@ -25,6 +25,7 @@ flash_attn's convention since 2.1.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from typing import Callable, Optional, Tuple
 
 import torch
@@ -42,6 +43,48 @@ _FLAVOURS = {
     "flash": ("flash_attn", "flash_attn_func", (8, 0), None, None),
 }
 
+
+
+@dataclass
+class Documents:
+    """Packed documents of a batch (Megatron's --reset-attention-mask): tokens attend only within
+    their own document. Built on the host with the batch (`documents_of`), so no backend has to
+    read document boundaries back from the device.
+      doc_ids_BS  [B, S] int32: document number of each token within its row (masks for sdpa/eager)
+      cu_seqlens  [n + 1] int32: starts of the n documents over the flattened B*S tokens, and B*S
+      max_seqlen  the longest document (a host int: FlashAttention's varlen grid)"""
+    doc_ids_BS: torch.Tensor
+    cu_seqlens: torch.Tensor
+    max_seqlen: int
+
+    def pin_memory(self) -> "Documents":
+        return Documents(self.doc_ids_BS.pin_memory(), self.cu_seqlens.pin_memory(), self.max_seqlen)
+
+    def to(self, device, non_blocking: bool = False) -> "Documents":
+        return Documents(self.doc_ids_BS.to(device, non_blocking=non_blocking),
+                         self.cu_seqlens.to(device, non_blocking=non_blocking), self.max_seqlen)
+
+    def mask_BSS(self) -> torch.Tensor:
+        """[B, S, S] bool: same document and causal."""
+        S = self.doc_ids_BS.shape[1]
+        causal = torch.ones(S, S, dtype=torch.bool, device=self.doc_ids_BS.device).tril()
+        return (self.doc_ids_BS[:, :, None] == self.doc_ids_BS[:, None, :]) & causal
+
+
+def documents_of(input_ids_BS, eos_id: int) -> Documents:
+    """Documents of a packed batch (numpy array or CPU tensor): a new one starts after every `eos_id`
+    and at every row start."""
+    import numpy as np
+    ids = np.asarray(input_ids_BS)
+    B, S = ids.shape
+    starts = np.zeros((B, S), dtype=bool)
+    starts[:, 0] = True
+    starts[:, 1:] = ids[:, :-1] == eos_id
+    cu = np.append(np.flatnonzero(starts.reshape(-1)), B * S).astype(np.int32)
+    return Documents(torch.from_numpy((starts.cumsum(1) - 1).astype(np.int32)), torch.from_numpy(cu),
+                     int(np.diff(cu).max()) if B * S else 0)
+
+
 logger = logging.getLogger("megamoe.kernels")
 _logged: set = set()
 _probed: dict = {}
@@ -54,15 +97,17 @@ def set_deterministic(on: bool) -> None:
     _deterministic = bool(on)
 
 
-def _flash_fn(name: str) -> Tuple[Optional[Callable], Optional[str]]:
-    """(flavour's function if importable, else None and why not); probed once per flavour."""
-    if name not in _probed:
-        module, func = _FLAVOURS[name][:2]
+def _flash_fn(name: str, varlen: bool = False) -> Tuple[Optional[Callable], Optional[str]]:
+    """(flavour's function if importable, else None and why not); probed once per flavour.
+    varlen: its `flash_attn_varlen_func` (packed documents, cu_seqlens)."""
+    key = name + ("_varlen" if varlen else "")
+    if key not in _probed:
+        module, func = _FLAVOURS[name][0], ("flash_attn_varlen_func" if varlen else _FLAVOURS[name][1])
         try:
-            _probed[name] = (getattr(__import__(module), func), None)
+            _probed[key] = (getattr(__import__(module), func), None)
         except Exception as exc:  # ImportError, or a broken CUDA build raising at import
-            _probed[name] = (None, f"{module} is not importable ({type(exc).__name__}: {exc})")
-    return _probed[name]
+            _probed[key] = (None, f"{module}.{func} is not importable ({type(exc).__name__}: {exc})")
+    return _probed[key]
 
 
 def _flash_attn_func() -> Tuple[Optional[Callable], Optional[str]]:
@@ -168,17 +213,42 @@ def _flash(q_BSHD, k_BSHD, v_BSHE, scale, causal, name: str = "flash"):
     return out_BSHD[..., :Dv]
 
 
-def _sdpa(q_BSHD, k_BSHD, v_BSHE, scale, causal):
+def _flash_varlen(q_BSHD, k_BSHD, v_BSHE, scale, docs: Documents, name: str = "flash"):
+    """FlashAttention over packed documents: tokens flattened to [B*S, H, D], one causal sequence
+    per document (cu_seqlens), the same padding of unequal head dims as the dense path."""
+    fn, err = _flash_fn(name, varlen=True)
+    if fn is None:
+        raise RuntimeError(f"attention backend '{name}' with documents needs {err}")
+    B, S, H, Dqk = q_BSHD.shape
+    Dv = v_BSHE.shape[-1]
+    q, k, v = (t.reshape(B * S, H, t.shape[-1]) for t in (q_BSHD, k_BSHD, v_BSHE))
+    if not takes_natively(name, Dqk, Dv):
+        D = max(Dqk, Dv)
+        q, k, v = F.pad(q, (0, D - Dqk)), F.pad(k, (0, D - Dqk)), F.pad(v, (0, D - Dv))
+    kwargs = {"softmax_scale": scale, "causal": True, "deterministic": _deterministic}
+    if name == "flash":
+        kwargs["dropout_p"] = 0.0
+    cu = docs.cu_seqlens.to(device=q.device, dtype=torch.int32)
+    out = fn(q, k, v, cu, cu, docs.max_seqlen, docs.max_seqlen, **kwargs)
+    if isinstance(out, tuple):
+        out = out[0]
+    return out[..., :Dv].reshape(B, S, H, Dv)
+
+
+def _sdpa(q_BSHD, k_BSHD, v_BSHE, scale, causal, docs: Optional[Documents] = None):
     if _deterministic and q_BSHD.is_cuda:
         # the flash and memory-efficient SDPA kernels accumulate dq with atomics in backward
         from torch.nn.attention import SDPBackend, sdpa_kernel
         with sdpa_kernel(SDPBackend.MATH):
-            return _sdpa_call(q_BSHD, k_BSHD, v_BSHE, scale, causal)
-    return _sdpa_call(q_BSHD, k_BSHD, v_BSHE, scale, causal)
+            return _sdpa_call(q_BSHD, k_BSHD, v_BSHE, scale, causal, docs)
+    return _sdpa_call(q_BSHD, k_BSHD, v_BSHE, scale, causal, docs)
 
 
-def _sdpa_call(q_BSHD, k_BSHD, v_BSHE, scale, causal):
+def _sdpa_call(q_BSHD, k_BSHD, v_BSHE, scale, causal, docs: Optional[Documents] = None):
     q, k, v = (t.transpose(1, 2) for t in (q_BSHD, k_BSHD, v_BSHE))
+    if docs is not None:
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=docs.mask_BSS()[:, None], scale=scale)
+        return out.transpose(1, 2)
     # is_causal aligns the mask top-left; with a KV prefix (Sq < Sk) we need bottom-right.
     Sq, Sk = q.shape[-2], k.shape[-2]
     if causal and Sq != Sk:
@@ -190,12 +260,18 @@ def _sdpa_call(q_BSHD, k_BSHD, v_BSHE, scale, causal):
 
 
 def attention(q_BSHD: torch.Tensor, k_BSHD: torch.Tensor, v_BSHE: torch.Tensor, scale: float,
-              causal: bool = True, backend: str = "auto") -> torch.Tensor:
-    """`scale` is the model's softmax scale (YaRN's mscale included): passed to every backend as is."""
+              causal: bool = True, backend: str = "auto", documents: Optional[Documents] = None) -> torch.Tensor:
+    """`scale` is the model's softmax scale (YaRN's mscale included): passed to every backend as is.
+    `documents`: attend within documents only (causal, Sq == Sk; FlashAttention's varlen kernels)."""
+    if documents is not None and not (causal and q_BSHD.shape[1] == k_BSHD.shape[1]):
+        raise ValueError("documents need causal self-attention (Sq == Sk): a KV cache is for generation")
     name, why = resolve_attention_backend(backend, q_BSHD.device, q_BSHD.dtype, q_BSHD.shape[-1], v_BSHE.shape[-1])
     _log_choice(backend, name, why)
     if name == "eager":
-        return reference.attention(q_BSHD, k_BSHD, v_BSHE, scale, causal)
+        return reference.attention(q_BSHD, k_BSHD, v_BSHE, scale, causal,
+                                   mask_BSS=documents.mask_BSS() if documents is not None else None)
     if name == "sdpa":
-        return _sdpa(q_BSHD, k_BSHD, v_BSHE, scale, causal)
+        return _sdpa(q_BSHD, k_BSHD, v_BSHE, scale, causal, documents)
+    if documents is not None:
+        return _flash_varlen(q_BSHD, k_BSHD, v_BSHE, scale, documents, name)
     return _flash(q_BSHD, k_BSHD, v_BSHE, scale, causal, name)

@@ -87,11 +87,14 @@ def route(logits_TE: torch.Tensor, bias_E: Optional[torch.Tensor], top_k: int, s
 
 
 def attention(q_BSHD: torch.Tensor, k_BSHD: torch.Tensor, v_BSHE: torch.Tensor, scale: float,
-              causal: bool = True) -> torch.Tensor:
-    """Plain softmax attention in fp32 (eager): the oracle for the fused backends. [B, S, H, E] out."""
+              causal: bool = True, mask_BSS: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Plain softmax attention in fp32 (eager): the oracle for the fused backends. [B, S, H, E] out.
+    `mask_BSS` (bool, True = attend) replaces the causal mask, e.g. causal within documents."""
     q, k, v = (t.transpose(1, 2).float() for t in (q_BSHD, k_BSHD, v_BSHE))
     scores = q @ k.transpose(-1, -2) * scale
-    if causal:
+    if mask_BSS is not None:
+        scores = scores.masked_fill(~mask_BSS[:, None], float("-inf"))
+    elif causal:
         Sq, Sk = scores.shape[-2:]
         mask = torch.ones(Sq, Sk, dtype=torch.bool, device=q.device).tril(Sk - Sq)
         scores = scores.masked_fill(~mask, float("-inf"))

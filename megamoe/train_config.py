@@ -66,6 +66,7 @@ class DataConfig:
     tokenizer: Optional[str] = _f(None, "refuse")
     seq_length: int = _f(0, "refuse")
     seed: int = _f(1234, "refuse")                # the data order and the initial weights
+    reset_attention_mask: bool = _f(False)
 
 
 @dataclass
@@ -240,6 +241,9 @@ def _model_and_data_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--make-vocab-size-divisible-by", type=int, default=128,
                    help="pad the tokenizer's vocabulary to a multiple of this (aligned embedding and head GEMMs)")
     g.add_argument("--seq-length", type=int, required=True)
+    g.add_argument("--reset-attention-mask", action="store_true",
+                   help="packed documents attend within themselves only (a new one after every EOS token of the "
+                        "model config); default: across the packed sequence, as DeepSeek-V3 trains")
     g.add_argument("--seed", type=int, default=1234)
     g.add_argument("--recompute-activations", action="store_true", help="activation checkpointing per block")
     g.add_argument("--deterministic", action="store_true",

@@ -180,18 +180,19 @@ def initialize_engine(model, cfg: ModelConfig, ds_config: dict, ep_size: int, lr
 
 
 @torch.no_grad()
-def evaluate(engine, valid_ds, micro: int, iters: int, vocab_size: Optional[int] = None) -> Optional[float]:
+def evaluate(engine, valid_ds, micro: int, iters: int, vocab_size: Optional[int] = None,
+             eos_id: Optional[int] = None) -> Optional[float]:
     """Mean LM loss over the first `iters` global validation batches (the same ones every time)."""
     if valid_ds is None or iters <= 0:
         return None
     from megamoe.data import DistributedBatchIterator
     it = DistributedBatchIterator(valid_ds, micro, rank(), world_size(), consumed_samples=0,
-                                  vocab_size=vocab_size)
+                                  vocab_size=vocab_size, eos_id=eos_id)
     engine.eval()
     total = torch.zeros((), device=device(), dtype=torch.float64)
     for _ in range(iters):
         b = to_device(next(it))
-        total += engine(b["input_ids"], labels=b["labels"]).loss.detach().double()
+        total += engine(b["input_ids"], labels=b["labels"], documents=b.get("documents")).loss.detach().double()
     engine.train()
     sums = all_reduce_host(torch.stack([to_host(total), torch.tensor(float(iters), dtype=torch.float64)])).numpy()
     return float(sums[0] / sums[1])
@@ -210,6 +211,13 @@ class Trainer:
             log0(f"--deterministic: {change}")
         seed_everything(config.data.seed)
         self.model_config = build_model_config(config)
+        # --reset-attention-mask: documents end at the model's EOS token
+        self.eos_id = self.model_config.eos_token_id if config.data.reset_attention_mask else None
+        if config.data.reset_attention_mask:
+            if self.eos_id is None:
+                raise ConfigConflict("--reset-attention-mask needs the model config's eos_token_id (documents end "
+                                     "at it); set it with --model-override eos_token_id=N")
+            log0(f"attention within documents (--reset-attention-mask): a new document after every token {self.eos_id}")
         self.ds_config = config.ds_config
         self.stage, self.ep = config.parallel.zero_stage, config.parallel.expert_model_parallel_size
         self.micro, self.gas = config.optim.micro_batch_size, config.optim.gradient_accumulation_steps
@@ -294,7 +302,7 @@ class Trainer:
             self.last_loss, self.last_val = state.train_loss, state.val_loss
             log0(f"resumed from {Path(load) / tag}: iteration {self.step}, consumed samples {consumed}")
         train_it = DistributedBatchIterator(self.train_ds, self.micro, self.rank, self.world, consumed_samples=consumed,
-                                            vocab_size=self.model_config.vocab_size)
+                                            vocab_size=self.model_config.vocab_size, eos_id=self.eos_id)
         if resume is not None and not self.data_changed:
             ckpt.check_data_position(resume[1], consumed_per_dataset(train_it), where=str(Path(load) / tag))
         return Prefetcher(train_it, to_device)
@@ -363,7 +371,7 @@ class Trainer:
         faults.begin_iteration(it, self.rank)
         for m in range(gas):
             b = next(self.train_it)   # on the device already (Prefetcher)
-            out = engine(b["input_ids"], labels=b["labels"])
+            out = engine(b["input_ids"], labels=b["labels"], documents=b.get("documents"))
             rows.append(torch.stack([(v if v is not None else out.loss.new_zeros(())).detach().float().reshape(())
                                      for v in (out.loss, out.aux_loss, out.z_loss, out.mtp_loss)]))
             if self.model_config.capacity_factor is not None and out.dropped_fraction is not None:
@@ -528,7 +536,7 @@ class Trainer:
             return
         t0 = time.perf_counter()
         val = evaluate(self.engine, self.valid_ds, self.micro, self.config.logging.eval_iters,
-                       self.model_config.vocab_size)
+                       self.model_config.vocab_size, self.eos_id)
         if self.qk_clip is not None:
             self.qk_clip.discard()  # evaluation forwards are not part of the next step
         if val is not None:

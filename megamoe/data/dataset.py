@@ -297,7 +297,8 @@ class DistributedBatchIterator:
     """
 
     def __init__(self, dataset, micro_batch_size: int, dp_rank: int = 0, dp_world_size: int = 1,
-                 consumed_samples: int = 0, num_samples: Optional[int] = None, vocab_size: Optional[int] = None):
+                 consumed_samples: int = 0, num_samples: Optional[int] = None, vocab_size: Optional[int] = None,
+                 eos_id: Optional[int] = None):
         if not 0 <= dp_rank < dp_world_size:
             raise ValueError(f"dp_rank {dp_rank} not in [0, {dp_world_size})")
         self.dataset = dataset
@@ -307,6 +308,7 @@ class DistributedBatchIterator:
         self.consumed_samples = int(consumed_samples)
         self.num_samples = num_samples
         self.vocab_size = vocab_size   # token ids at or above it are refused (an IndexError on CPU, a device assert on GPU)
+        self.eos_id = eos_id           # set: batches carry "documents" (a new one after every eos_id)
 
     @property
     def global_batch_size(self) -> int:
@@ -339,7 +341,11 @@ class DistributedBatchIterator:
                             "vocab_size (--model-override vocab_size=N)")
         self.consumed_samples = start + self.global_batch_size
         tokens = torch.from_numpy(batch)
-        return {"input_ids": tokens[:, :-1].contiguous(), "labels": tokens[:, 1:].contiguous()}
+        out = {"input_ids": tokens[:, :-1].contiguous(), "labels": tokens[:, 1:].contiguous()}
+        if self.eos_id is not None:
+            from megamoe.kernels.attention import documents_of
+            out["documents"] = documents_of(batch[:, :-1], self.eos_id)
+        return out
 class Prefetcher:
     """A batch iterator one batch ahead: the next batch is read, pinned and sent to the device
     (`move`, e.g. megamoe.distributed.to_device: non_blocking copies) when the current one is

@@ -19,6 +19,7 @@ import torch.nn as nn
 
 from megamoe import kernels
 from megamoe.config import ModelConfig, yarn_get_mscale
+from megamoe.kernels.attention import Documents
 from megamoe.model.layers import RMSNorm
 
 # DeepSeek's released code and transformers both normalise the q and kv latents with eps 1e-6,
@@ -81,7 +82,9 @@ class MLA(nn.Module):
         return self.kv_norm(kv_c), k_pe  # [B, S, C], [B, S, Dr]
 
     def forward(self, x_BSH: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                cache: Optional[LatentCache] = None, start_pos: int = 0) -> torch.Tensor:
+                cache: Optional[LatentCache] = None, start_pos: int = 0,
+                documents: Optional[Documents] = None) -> torch.Tensor:
+        """`documents`: packed documents attend within themselves only (--reset-attention-mask)."""
         B, S, _ = x_BSH.shape
         q_nope, q_pe = self._queries(x_BSH, cos, sin)
         kv_BSC, pe_BSR = self._latent(x_BSH, cos, sin)
@@ -93,18 +96,22 @@ class MLA(nn.Module):
         q_BSND = torch.cat([q_nope, q_pe], dim=-1)
         k_BSND = torch.cat([k_nope, pe_BSR.unsqueeze(2).expand(B, S, self.n_heads, self.rope_dim)], dim=-1)
         if self.track_max_logit:
-            self._track_max_logit(q_BSND, k_BSND)
+            self._track_max_logit(q_BSND, k_BSND, documents)
         out = kernels.attention(q_BSND, k_BSND, v_BSNV.contiguous(), self.softmax_scale,
-                                causal=True, backend=self.cfg.attention_backend)
+                                causal=True, backend=self.cfg.attention_backend, documents=documents)
         return self.wo(out.reshape(B, S, self.n_heads * self.v_dim))
 
     @torch.no_grad()
-    def _track_max_logit(self, q_BSND: torch.Tensor, k_BSND: torch.Tensor) -> None:
-        """Running max over batches of scale * q.k per head (causal pairs only), since last reset."""
+    def _track_max_logit(self, q_BSND: torch.Tensor, k_BSND: torch.Tensor,
+                         documents: Optional[Documents] = None) -> None:
+        """Running max over batches of scale * q.k per head (pairs that attend only), since last reset."""
         S = q_BSND.shape[1]
         logits_BNST = torch.einsum("bsnd,btnd->bnst", q_BSND.float(), k_BSND.float()) * self.softmax_scale
-        causal = torch.ones(S, S, dtype=torch.bool, device=logits_BNST.device).tril()
-        head_max_N = logits_BNST.masked_fill(~causal, float("-inf")).amax(dim=(0, 2, 3))
+        if documents is not None:
+            attends = documents.mask_BSS()[:, None]
+        else:
+            attends = torch.ones(S, S, dtype=torch.bool, device=logits_BNST.device).tril()
+        head_max_N = logits_BNST.masked_fill(~attends, float("-inf")).amax(dim=(0, 2, 3))
         self.max_logit.copy_(torch.maximum(self.max_logit, head_max_N.to(self.max_logit.dtype)))
 
     def _absorbed(self, q_nope, q_pe, kv_BSC, pe_BSR, cache: LatentCache, start_pos: int):

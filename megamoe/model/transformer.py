@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from megamoe.config import ModelConfig
+from megamoe.kernels.attention import Documents
 from megamoe.model.attention import MLA, LatentCache
 from megamoe.model.layers import MLP, RMSNorm, RotaryEmbedding
 from megamoe.model.moe import AuxLossScaler, MoE, Router
@@ -65,8 +66,9 @@ class Block(nn.Module):
         self.ffn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.ffn = MoE(cfg) if self.is_moe else MLP(cfg.hidden_size, cfg.intermediate_size)
 
-    def forward(self, x_BSH, cos, sin, cache: Optional[LatentCache] = None, start_pos: int = 0):
-        x_BSH = x_BSH + self.attn(self.attn_norm(x_BSH), cos, sin, cache, start_pos)
+    def forward(self, x_BSH, cos, sin, cache: Optional[LatentCache] = None, start_pos: int = 0,
+                documents: Optional[Documents] = None):
+        x_BSH = x_BSH + self.attn(self.attn_norm(x_BSH), cos, sin, cache, start_pos, documents)
         if self.is_moe:
             # ffn may be an expert-parallel replacement of MoE; both keep our Router at .router
             self.ffn.router.seq_len = x_BSH.shape[1]
@@ -86,9 +88,9 @@ class MTPModule(nn.Module):
         self.block = Block(cfg, layer_idx)
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, h_BSH, next_emb_BSH, cos, sin):
+    def forward(self, h_BSH, next_emb_BSH, cos, sin, documents: Optional[Documents] = None):
         x = self.eh_proj(torch.cat([self.hnorm(h_BSH), self.enorm(next_emb_BSH)], dim=-1))
-        return self.block(x, cos, sin)
+        return self.block(x, cos, sin, documents=documents)
 
 
 class Transformer(nn.Module):
@@ -161,7 +163,9 @@ class Transformer(nn.Module):
 
     # ------------------------------------------------------------------------------------------
     def forward(self, input_ids: torch.Tensor, labels: Optional[torch.Tensor] = None,
-                caches: Optional[list[LatentCache]] = None, start_pos: int = 0) -> ModelOutput:
+                caches: Optional[list[LatentCache]] = None, start_pos: int = 0,
+                documents: Optional[Documents] = None) -> ModelOutput:
+        """`documents` (kernels.attention.Documents): packed documents attend within themselves."""
         B, S = input_ids.shape
         positions = torch.arange(start_pos, start_pos + S, device=input_ids.device).unsqueeze(0)
         cos, sin = self.rotary(positions)
@@ -169,14 +173,14 @@ class Transformer(nn.Module):
         for i, layer in enumerate(self.layers):
             cache = caches[i] if caches is not None else None
             if self.gradient_checkpointing and self.training and cache is None:
-                h = checkpoint(layer, h, cos, sin, use_reentrant=False)
+                h = checkpoint(layer, h, cos, sin, None, 0, documents, use_reentrant=False)
             else:
-                h = layer(h, cos, sin, cache, start_pos)
+                h = layer(h, cos, sin, cache, start_pos, documents)
         logits = self.lm_head(self.norm(h))
         out = ModelOutput(logits=logits)
         if labels is not None:
             if len(self.mtp) and self.training and caches is None:
-                mtp_loss = self._mtp_loss(h, labels, cos, sin)
+                mtp_loss = self._mtp_loss(h, labels, cos, sin, documents)
                 out.mtp_loss = mtp_loss.detach()
                 # its gradient joins through the logits, like the router losses: loss stays the LM loss
                 out.logits = logits = AuxLossScaler.apply(logits, mtp_loss)
@@ -191,7 +195,8 @@ class Transformer(nn.Module):
                 out.z_loss = sum(r.last_z_loss.to(logits.device) for r in routers)
         return out
 
-    def _mtp_loss(self, h_BSH: torch.Tensor, labels_BS: torch.Tensor, cos, sin) -> torch.Tensor:
+    def _mtp_loss(self, h_BSH: torch.Tensor, labels_BS: torch.Tensor, cos, sin,
+                  documents: Optional[Documents] = None) -> torch.Tensor:
         """Depth k predicts token i+k+1 from position i. Sequences keep their length: the last k
         positions have no target (ignored) and, attention being causal, cannot affect the others."""
         losses = []
@@ -200,7 +205,7 @@ class Transformer(nn.Module):
             next_ids = labels_BS.roll(-(k - 1), dims=1).clamp(min=0)
             targets = labels_BS.roll(-k, dims=1).clone()
             targets[:, -k:] = IGNORE_INDEX
-            h_BSH = module(h_BSH, self.embed_tokens(next_ids), cos, sin)
+            h_BSH = module(h_BSH, self.embed_tokens(next_ids), cos, sin, documents)
             logits = self.lm_head(module.norm(h_BSH))
             losses.append(F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets.view(-1),
                                           ignore_index=IGNORE_INDEX))

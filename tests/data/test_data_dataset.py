@@ -174,3 +174,16 @@ def test_prefetcher_reads_one_ahead_but_counts_what_it_handed_out(one):
     assert pre.consumed_per_dataset() is None or sum(pre.consumed_per_dataset()) == 12
     short = Prefetcher(DistributedBatchIterator(train, 4, num_samples=10), lambda b: b)
     assert len(list(short)) == 2 and short.consumed_samples == 8
+
+
+def test_batches_carry_their_documents_when_asked(one):
+    from megamoe.kernels.attention import documents_of
+    prefix, _ = one
+    train, _ = build_pretraining_data([prefix], S, seed=5)
+    eos = int(next(DistributedBatchIterator(train, 4))["input_ids"][0, 3])   # some token that occurs
+    b = next(DistributedBatchIterator(train, 4, eos_id=eos))
+    d = b["documents"]
+    want = documents_of(b["input_ids"], eos)
+    assert torch.equal(d.doc_ids_BS, want.doc_ids_BS) and torch.equal(d.cu_seqlens, want.cu_seqlens)
+    assert d.cu_seqlens[-1] == 4 * S and len(d.cu_seqlens) > 5   # the rows, and at least one split inside
+    assert "documents" not in next(DistributedBatchIterator(train, 4))

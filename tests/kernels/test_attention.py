@@ -168,3 +168,86 @@ def test_real_fa3_matches_eager():
     q, k, v = (t.detach().cuda().to(torch.bfloat16) for t in _qkv(Dqk=192, Dv=128))
     torch.testing.assert_close(attn.attention(q, k, v, 0.1, backend="fa3").float(),
                                reference.attention(q, k, v, 0.1).float(), rtol=2e-2, atol=2e-2)
+
+
+# -- packed documents (--reset-attention-mask) --------------------------------------------------
+def test_documents_of_a_packed_batch():
+    ids = torch.tensor([[5, 6, 2, 7, 2, 8], [9, 9, 9, 9, 9, 2]])
+    d = attn.documents_of(ids, eos_id=2)
+    assert d.doc_ids_BS.tolist() == [[0, 0, 0, 1, 1, 2], [0, 0, 0, 0, 0, 0]]
+    assert d.cu_seqlens.tolist() == [0, 3, 5, 6, 12] and d.max_seqlen == 6
+    m = d.mask_BSS()
+    assert m[0, 4].tolist() == [False, False, False, True, True, False]   # token 4 sees its document only
+    assert torch.equal(m[1], torch.ones(6, 6, dtype=torch.bool).tril())
+
+
+def _per_document(q, k, v, scale, d):
+    """The oracle: every document on its own, through plain causal attention."""
+    out = torch.zeros(*q.shape[:3], v.shape[-1])
+    B, S = q.shape[:2]
+    cu = d.cu_seqlens.tolist()
+    flat = [t.reshape(B * S, *t.shape[2:]) for t in (q, k, v)]
+    for a, b in zip(cu, cu[1:]):
+        piece = reference.attention(*(t[a:b].unsqueeze(0) for t in flat), scale, True)[0]
+        out.view(B * S, *out.shape[2:])[a:b] = piece
+    return out
+
+
+@pytest.fixture
+def fake_varlen(monkeypatch):
+    """Stand-ins for flash_attn_varlen_func (FA2: equal head dims) and FA3's (192/128 native): the
+    real keywords, computing each cu_seqlens sequence exactly."""
+    seen = []
+
+    def make(native):
+        def varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p=0.0,
+                   softmax_scale=None, causal=False, deterministic=False):
+            assert q.dim() == 3 and torch.equal(cu_seqlens_q, cu_seqlens_k) and cu_seqlens_q.dtype == torch.int32
+            assert native or q.shape[-1] == v.shape[-1]
+            cu = cu_seqlens_q.tolist()
+            assert max_seqlen_q == max(b - a for a, b in zip(cu, cu[1:]))
+            seen.append(v.shape[-1])
+            out = torch.zeros(*q.shape[:2], v.shape[-1])
+            for a, b in zip(cu, cu[1:]):
+                out[a:b] = reference.attention(q[a:b][None], k[a:b][None], v[a:b][None], softmax_scale, causal)[0]
+            return out
+        return varlen
+    monkeypatch.setitem(attn._probed, "flash_varlen", (make(False), None))
+    monkeypatch.setitem(attn._probed, "fa3_varlen", (make(True), None))
+    return seen
+
+
+@pytest.mark.parametrize("backend", ["eager", "sdpa", "flash", "fa3"])
+def test_every_backend_attends_within_documents(backend, fake_varlen, monkeypatch):
+    real = attn.unusable_reason
+    monkeypatch.setattr(attn, "unusable_reason", lambda n, *a: None if n in ("flash", "fa3") else real(n, *a))
+    q, k, v = _qkv(B=2, Sq=7, Sk=7, H=2, Dqk=192, Dv=128)
+    ids = torch.tensor([[4, 2, 5, 5, 2, 6, 6], [7, 7, 7, 2, 8, 8, 2]])
+    d = attn.documents_of(ids, eos_id=2)
+    out = attn.attention(q, k, v, 0.07, backend=backend, documents=d)
+    ref = _per_document(q, k, v, 0.07, d)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+    dy = torch.randn_like(out)
+    for g, gr in zip(torch.autograd.grad((out * dy).sum(), (q, k, v)), torch.autograd.grad((ref * dy).sum(), (q, k, v))):
+        torch.testing.assert_close(g, gr, rtol=1e-5, atol=1e-6)
+    if backend in ("flash", "fa3"):
+        assert fake_varlen[-1] == (192 if backend == "flash" else 128)   # FA2 pads v, FA3 does not
+
+
+def test_a_packed_document_reads_as_if_it_were_alone():
+    """RoPE is relative, so with documents a document packed after another gives the logits it
+    gives on its own (and the first one is unchanged by what follows)."""
+    from megamoe.config import ModelConfig
+    cfg = ModelConfig.load("tiny", attention_backend="sdpa")
+    model = cfg.build(seed=0).eval()
+    a = torch.tensor([5, 9, 13, cfg.eos_token_id])
+    b = torch.tensor([40, 41, 42, 43, 44])
+    packed = torch.cat([a, b])[None]
+    docs = attn.documents_of(packed, cfg.eos_token_id)
+    with torch.no_grad():
+        both = model(packed, documents=docs).logits[0]
+        alone_a, alone_b = model(a[None]).logits[0], model(b[None]).logits[0]
+        mixed = model(packed).logits[0]
+    torch.testing.assert_close(both[:4], alone_a, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(both[4:], alone_b, rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(mixed[4:], alone_b, atol=1e-3)   # without documents b sees a

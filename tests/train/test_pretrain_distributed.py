@@ -297,6 +297,13 @@ def test_deterministic_mode_runs_every_op_and_changes_nothing_on_cpu(ref, data, 
     assert [losses[it] for it in range(1, 5)] == [ref["losses"][it] for it in range(1, 5)]
 
 
+def test_reset_attention_mask_trains_under_expert_parallelism(data, tmp_path):
+    rc, out = run(base_args(data, iters=3, tensorboard_dir=tmp_path / "tb") + ["--reset-attention-mask"])
+    assert rc == 0, out[-4000:]
+    assert "attention within documents (--reset-attention-mask): a new document after every token 2" in out
+    assert sorted(scalars(tmp_path / "tb", "train/loss")) == [1, 2, 3]
+
+
 def test_loading_at_another_ep_size_is_refused(ref, data):
     rc, out = run(base_args(data, ep=1, load=ref["dir"] / "ckpt"))
     assert rc != 0
