@@ -114,6 +114,13 @@ def route(logits_TE: torch.Tensor, bias_E: Optional[torch.Tensor], top_k: int, s
                            norm_topk_prob, routed_scaling_factor)
 
 
+def linear_cross_entropy(h_TH: torch.Tensor, w_VH: torch.Tensor, labels_T: torch.Tensor,
+                         ignore_index: int = -100, chunk: Optional[int] = None) -> torch.Tensor:
+    """LM head + mean cross-entropy in token chunks, never holding [T, V] fp32 logits (the chunked
+    PyTorch path, on every device; reference.linear_cross_entropy)."""
+    return reference.linear_cross_entropy(h_TH, w_VH, labels_T, ignore_index, chunk)
+
+
 def grouped_mm_supported(x: torch.Tensor, w: torch.Tensor) -> bool:
     """torch._grouped_mm needs 16-byte aligned rows; on CUDA it wants bf16 (Hopper kernels)."""
     if not hasattr(torch, "_grouped_mm"):

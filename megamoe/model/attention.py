@@ -103,15 +103,21 @@ class MLA(nn.Module):
 
     @torch.no_grad()
     def _track_max_logit(self, q_BSND: torch.Tensor, k_BSND: torch.Tensor,
-                         documents: Optional[Documents] = None) -> None:
-        """Running max over batches of scale * q.k per head (pairs that attend only), since last reset."""
-        S = q_BSND.shape[1]
-        logits_BNST = torch.einsum("bsnd,btnd->bnst", q_BSND.float(), k_BSND.float()) * self.softmax_scale
-        if documents is not None:
-            attends = documents.mask_BSS()[:, None]
-        else:
-            attends = torch.ones(S, S, dtype=torch.bool, device=logits_BNST.device).tril()
-        head_max_N = logits_BNST.masked_fill(~attends, float("-inf")).amax(dim=(0, 2, 3))
+                         documents: Optional[Documents] = None, budget_bytes: int = 1 << 28) -> None:
+        """Running max over batches of scale * q.k per head (pairs that attend only), since last
+        reset. Computed over query chunks, so no [B, N, S, S] fp32 tensor larger than `budget_bytes`."""
+        B, S, N, _ = q_BSND.shape
+        q, k = q_BSND.float(), k_BSND.float()
+        chunk = max(1, budget_bytes // (4 * B * N * S))
+        mask_BSS = documents.mask_BSS() if documents is not None else None
+        head_max_N = torch.full((N,), float("-inf"), device=q.device)
+        for s in range(0, S, chunk):
+            logits_BNCT = torch.einsum("bsnd,btnd->bnst", q[:, s:s + chunk], k) * self.softmax_scale
+            if mask_BSS is not None:
+                attends = mask_BSS[:, None, s:s + chunk]
+            else:
+                attends = torch.ones(S, S, dtype=torch.bool, device=q.device).tril()[s:s + chunk]
+            head_max_N = torch.maximum(head_max_N, logits_BNCT.masked_fill(~attends, float("-inf")).amax(dim=(0, 2, 3)))
         self.max_logit.copy_(torch.maximum(self.max_logit, head_max_N.to(self.max_logit.dtype)))
 
     def _absorbed(self, q_nope, q_pe, kv_BSC, pe_BSR, cache: LatentCache, start_pos: int):

@@ -9,6 +9,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from megamoe import kernels
 from megamoe.config import ModelConfig
 from megamoe.kernels.attention import Documents
 from megamoe.model.attention import MLA, LatentCache
@@ -93,6 +94,18 @@ class MTPModule(nn.Module):
         return self.block(x, cos, sin, documents=documents)
 
 
+class LMHead(nn.Linear):
+    """The output projection; given labels it returns the mean cross-entropy instead of logits,
+    computed in token chunks (kernels.linear_cross_entropy) so [tokens, vocab] fp32 logits never
+    exist. A module call either way, so ZeRO-3's hooks gather the weight for forward and backward."""
+
+    def forward(self, h_BSH: torch.Tensor, labels_BS: Optional[torch.Tensor] = None) -> torch.Tensor:
+        if labels_BS is None:
+            return super().forward(h_BSH)
+        return kernels.linear_cross_entropy(h_BSH.reshape(-1, h_BSH.shape[-1]), self.weight, labels_BS.reshape(-1),
+                                            IGNORE_INDEX)
+
+
 class Transformer(nn.Module):
     def __init__(self, cfg: ModelConfig, seed: int = 0, device=None):
         super().__init__()
@@ -102,7 +115,7 @@ class Transformer(nn.Module):
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.lm_head = LMHead(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
             # one Parameter under two names, as transformers ties; logits still go through the
             # lm_head module so ZeRO-3's module hooks gather the weight for forward and backward
@@ -176,23 +189,23 @@ class Transformer(nn.Module):
                 h = checkpoint(layer, h, cos, sin, None, 0, documents, use_reentrant=False)
             else:
                 h = layer(h, cos, sin, cache, start_pos, documents)
-        logits = self.lm_head(self.norm(h))
-        out = ModelOutput(logits=logits)
-        if labels is not None:
+        if labels is None:
+            out = ModelOutput(logits=self.lm_head(self.norm(h)))
+        else:
+            # the loss without full-vocab logits (LMHead); logits are not returned with labels
+            out = ModelOutput(logits=None, loss=self.lm_head(self.norm(h), labels))
             if len(self.mtp) and self.training and caches is None:
                 mtp_loss = self._mtp_loss(h, labels, cos, sin, documents)
                 out.mtp_loss = mtp_loss.detach()
-                # its gradient joins through the logits, like the router losses: loss stays the LM loss
-                out.logits = logits = AuxLossScaler.apply(logits, mtp_loss)
-            out.loss = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), labels.reshape(-1),
-                                       ignore_index=IGNORE_INDEX)
+                # its gradient joins through the loss, like the router losses: loss stays the LM loss
+                out.loss = AuxLossScaler.apply(out.loss, mtp_loss)
         routers = [r for _, r in self.routers()]
         if routers:
             out.tokens_per_expert = torch.stack([r.last_tokens_per_expert for r in routers])
-            out.dropped_fraction = torch.stack([r.last_dropped_fraction.to(logits.device) for r in routers])
+            out.dropped_fraction = torch.stack([r.last_dropped_fraction.to(h.device) for r in routers])
             if self.training:
-                out.aux_loss = sum(r.last_aux_loss.to(logits.device) for r in routers)
-                out.z_loss = sum(r.last_z_loss.to(logits.device) for r in routers)
+                out.aux_loss = sum(r.last_aux_loss.to(h.device) for r in routers)
+                out.z_loss = sum(r.last_z_loss.to(h.device) for r in routers)
         return out
 
     def _mtp_loss(self, h_BSH: torch.Tensor, labels_BS: torch.Tensor, cos, sin,
@@ -206,9 +219,7 @@ class Transformer(nn.Module):
             targets = labels_BS.roll(-k, dims=1).clone()
             targets[:, -k:] = IGNORE_INDEX
             h_BSH = module(h_BSH, self.embed_tokens(next_ids), cos, sin, documents)
-            logits = self.lm_head(module.norm(h_BSH))
-            losses.append(F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets.view(-1),
-                                          ignore_index=IGNORE_INDEX))
+            losses.append(self.lm_head(module.norm(h_BSH), targets))
         return self.cfg.mtp_loss_weight * torch.stack(losses).mean()
 
     # ------------------------------------------------------------------------------------------

@@ -336,3 +336,62 @@ def test_reference_route_defaults_and_dtype_promotion():
     torch.testing.assert_close(s, torch.softmax(logits.bfloat16().float(), dim=-1))
     w64, _, s64, _ = reference.route(logits.double(), None, 4, "softmax")
     assert w64.dtype == s64.dtype == torch.float64
+
+
+# -- fused LM head + cross-entropy ---------------------------------------------------------------
+@pytest.mark.parametrize("dtype, chunk, tol", [(torch.float32, 7, 1e-6), (torch.float32, 1000, 1e-6),
+                                               (torch.bfloat16, 5, 2e-2)])
+def test_linear_cross_entropy_equals_the_unfused_loss_and_gradients(dtype, chunk, tol):
+    import torch.nn.functional as F
+
+    from megamoe import kernels
+    g = torch.Generator().manual_seed(0)
+    T, H, V = 23, 16, 50
+    h = torch.randn(T, H, generator=g).to(dtype).requires_grad_()
+    w = (torch.randn(V, H, generator=g) * 0.3).to(dtype).requires_grad_()
+    y = torch.randint(0, V, (T,), generator=g)
+    y[[0, 5, 6]] = -100                                          # ignored positions
+    fused = kernels.linear_cross_entropy(h, w, y, -100, chunk)
+    ref = F.cross_entropy((h @ w.T).float(), y, ignore_index=-100)
+    torch.testing.assert_close(fused, ref, rtol=tol, atol=tol)
+    for a, b in zip(torch.autograd.grad(fused * 1.7, (h, w)), torch.autograd.grad(ref * 1.7, (h, w))):
+        assert a.dtype == b.dtype == dtype
+        torch.testing.assert_close(a.float(), b.float(), rtol=tol, atol=tol)
+    with torch.no_grad():                                        # no gradients wanted: none computed
+        torch.testing.assert_close(kernels.linear_cross_entropy(h, w, y, -100, chunk), ref.detach(), rtol=tol, atol=tol)
+
+
+def test_the_training_loss_never_holds_full_vocab_logits():
+    """Forward and backward of a model with labels: no tensor as large as [tokens, vocab] (a
+    TorchDispatchMode sees every op's output), and the loss is the unfused one."""
+    import torch.nn.functional as F
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from megamoe.config import ModelConfig
+    from megamoe.kernels import reference
+    cfg = ModelConfig.load("tiny", vocab_size=4096, num_nextn_predict_layers=1)
+    model = cfg.build(seed=0).train()
+    ids = torch.randint(0, cfg.vocab_size, (2, 65), generator=torch.Generator().manual_seed(0))
+    T, chunk = 2 * 64, reference.lm_chunk_tokens(cfg.vocab_size, budget_bytes=4 * 4096 * 16)
+
+    class Largest(TorchDispatchMode):
+        biggest = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in (out if isinstance(out, (tuple, list)) else [out]):
+                if isinstance(t, torch.Tensor):
+                    Largest.biggest = max(Largest.biggest, t.numel())
+            return out
+
+    import unittest.mock
+    with unittest.mock.patch.object(reference, "lm_chunk_tokens", lambda v, budget_bytes=0: chunk), Largest():
+        out = model(ids[:, :-1], labels=ids[:, 1:])
+        out.loss.backward()
+    assert out.logits is None and chunk == 16
+    # nothing larger than the [V, H] weight (and its gradient) or one chunk's [chunk, V] logits
+    assert Largest.biggest <= max(cfg.vocab_size * cfg.hidden_size, chunk * cfg.vocab_size) < T * cfg.vocab_size
+    with torch.no_grad():
+        logits = model.eval()(ids[:, :-1]).logits
+    torch.testing.assert_close(out.loss.detach(), F.cross_entropy(logits.float().flatten(0, 1), ids[:, 1:].reshape(-1)),
+                               rtol=1e-5, atol=1e-6)

@@ -287,3 +287,24 @@ def test_dropless_moe_layer_never_waits_on_the_device():
     with Count() as c:
         capacity(ids[:, :-1], labels=ids[:, 1:]).loss.backward()
     assert c.seen, "the counter sees the capacity path's boolean-mask indexing"
+
+
+def test_max_logit_in_query_chunks_equals_one_pass():
+    """QK-clip's per-head max logit, computed a few query rows at a time (no [B, N, S, S] tensor),
+    equals the one-pass value; with documents, only pairs within a document count."""
+    from megamoe.kernels.attention import documents_of
+    attn = TINY.build(seed=2).layers[0].attn
+    g = torch.Generator().manual_seed(0)
+    q, k = (torch.randn(2, 9, attn.n_heads, 24, generator=g) for _ in range(2))
+    docs = documents_of(torch.tensor([[5, 2, 5, 5, 5, 2, 5, 5, 5]] * 2), eos_id=2)
+    for d in (None, docs):
+        got = {}
+        for budget in (4 * 2 * attn.n_heads * 9, 1 << 28):          # one query row per chunk; all at once
+            attn.max_logit.fill_(float("-inf"))
+            attn._track_max_logit(q, k, d, budget_bytes=budget)
+            got[budget] = attn.max_logit.clone()
+        a, b = got.values()
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=0)
+    logits = torch.einsum("bsnd,btnd->bnst", q, k) * attn.softmax_scale
+    within = logits.masked_fill(~docs.mask_BSS()[:, None], float("-inf")).amax(dim=(0, 2, 3))
+    torch.testing.assert_close(got[1 << 28], within, rtol=1e-6, atol=0)
