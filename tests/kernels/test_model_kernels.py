@@ -14,14 +14,15 @@ def _run(backend: str, dtype: torch.dtype, input_ids, labels):
     kernels.set_backend(backend)
     try:
         model = ModelConfig.load("tiny").build(seed=0).to(dtype)
-        out = model(input_ids, labels=labels)
+        loss = model(input_ids, labels=labels).loss     # the fused head + loss (no logits with labels)
+        logits = model(input_ids).logits                # the logits path, a second forward
         # the logits themselves get a random cotangent too, so every output path is exercised
         g = torch.Generator().manual_seed(1)
-        probe = torch.randn(out.logits.shape, generator=g).to(dtype)
-        (out.loss + (out.logits * probe).sum() * 1e-3).backward()
+        probe = torch.randn(logits.shape, generator=g).to(dtype)
+        (loss + (logits * probe).sum() * 1e-3).backward()
         grads = {n: p.grad.detach().clone() for n, p in model.named_parameters()
                  if p.grad is not None}
-        return out.logits.detach(), out.loss.detach(), grads
+        return logits.detach(), loss.detach(), grads
     finally:
         kernels.set_backend(None)
 
