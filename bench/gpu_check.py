@@ -5,10 +5,11 @@
 
 Four parts; every check is a row of the table and of the JSON report, and any failed row makes
 the exit status 1:
-  kernels     Triton RMSNorm / RoPE / router vs the PyTorch reference (float64 oracle), forward
-              and backward, bf16 and fp32, at DeepSeek-V3 shapes: RMSNorm at 7168 and on a
-              strided latent slice, RoPE with 128 heads, routers 256 experts top-8 groups 8/4
-              (sigmoid) and 64 experts top-6 (softmax) over T=16384 tokens with a NaN row.
+  kernels     Triton RMSNorm / RoPE / router / fused LM-head loss vs the PyTorch reference
+              (float64 oracle), forward and backward, bf16 and fp32, at DeepSeek-V3 shapes:
+              RMSNorm at 7168 and on a strided latent slice, RoPE with 128 heads, routers 256
+              experts top-8 groups 8/4 (sigmoid) and 64 experts top-6 (softmax) over T=16384
+              tokens with a NaN row, the loss at vocabulary 129,280.
   attention   every attention backend that can run, qk 192 / v 128, S=4096, forward and
               backward: agreement with the fp32 eager oracle and time; and forward over packed
               documents (FlashAttention's varlen kernels) against the masked oracle.
@@ -39,9 +40,10 @@ ROOT = Path(__file__).resolve().parents[1]   # megamoe itself comes from the ins
 
 FULL = dict(T=16384, hidden=7168, latent=512, rope=64, heads=128, B=1, S=4096, attn_heads=16, e2e_seq=4096,
             e2e_micro=4, e2e_iters=50, e2e_save=40, e2e_layers=4, preset="deepseek-v2-lite", peak_n=8192,
-            lr="3e-4", warmup="5")
+            lr="3e-4", warmup="5", ce_tokens=2048, ce_hidden=1024, ce_vocab=129280)
 TINY = dict(T=64, hidden=96, latent=48, rope=16, heads=4, B=1, S=64, attn_heads=2, e2e_seq=32,
-            e2e_micro=4, e2e_iters=16, e2e_save=12, e2e_layers=3, preset="tiny", peak_n=256, lr="3e-3", warmup="2")
+            e2e_micro=4, e2e_iters=16, e2e_save=12, e2e_layers=3, preset="tiny", peak_n=256, lr="3e-3", warmup="2",
+            ce_tokens=64, ce_hidden=32, ce_vocab=1000)
 TOL = {"float32": 1e-4, "bfloat16": 2e-2}   # max |err| / max |oracle|, per output and gradient
 RESUME_TOL = {"cuda": 2e-2, "cpu": 0.0}     # |resumed loss - straight-run loss| per iteration
 
@@ -123,8 +125,23 @@ def check_kernels(dev, s: dict) -> list[dict]:
                             lambda a, c, d: reference.apply_rope(a, c, d, True),
                             [q_pe.to(dev), cos.to(dev), sin.to(dev)], dtype))
         rows += router_rows(dev, s, dtype, g)
+        rows.append(loss_row(dev, s, dtype, g))
     kernels.set_backend(None)
     return rows
+
+
+def loss_row(dev, s: dict, dtype, g) -> dict:
+    """The fused LM head + loss (kernels/cross_entropy.py per chunk) at DeepSeek-V3's vocabulary."""
+    import torch
+
+    from megamoe import kernels
+    from megamoe.kernels import reference
+    T, H, V = s["ce_tokens"], s["ce_hidden"], s["ce_vocab"]
+    h, w = torch.randn(T, H, generator=g), torch.randn(V, H, generator=g) * 0.05
+    y = torch.randint(0, V, (T,), generator=g).to(dev)
+    return compare("kernels", f"fused LM head + loss [{T}, {H}] x vocab {V}",
+                   lambda a, b: kernels.linear_cross_entropy(a, b, y),
+                   lambda a, b: reference.linear_cross_entropy(a, b, y), [h.to(dev), w.to(dev)], dtype)
 
 
 def router_rows(dev, s: dict, dtype, g) -> list[dict]:

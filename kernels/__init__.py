@@ -16,6 +16,7 @@ Kernel modules (each: Triton kernels, a launch-config function, a torch.autograd
   kernels/rmsnorm.py  rms_norm     any width, fp32 statistics, dx and dweight
   kernels/rope.py     apply_rope   interleaved and half layouts, strided inputs, [1 or B] tables
   kernels/router.py   route        E <= 256, k <= 8, sigmoid/softmax, bias, groups, d(logits)
+  kernels/cross_entropy.py  linear_cross_entropy's per-chunk loss and d(logits), in place
 They are imported lazily, on the first Triton call, so the reference path never needs Triton.
 Shapes outside a kernel's range (a router with E > 256 or k > 8) go to the reference under
 auto; under forced triton the kernel raises instead.
@@ -116,9 +117,14 @@ def route(logits_TE: torch.Tensor, bias_E: Optional[torch.Tensor], top_k: int, s
 
 def linear_cross_entropy(h_TH: torch.Tensor, w_VH: torch.Tensor, labels_T: torch.Tensor,
                          ignore_index: int = -100, chunk: Optional[int] = None) -> torch.Tensor:
-    """LM head + mean cross-entropy in token chunks, never holding [T, V] fp32 logits (the chunked
-    PyTorch path, on every device; reference.linear_cross_entropy)."""
-    return reference.linear_cross_entropy(h_TH, w_VH, labels_T, ignore_index, chunk)
+    """LM head + mean cross-entropy in token chunks, never holding [T, V] fp32 logits
+    (reference.linear_cross_entropy); each chunk's loss and gradient by kernels/cross_entropy.py
+    under Triton, in place over the chunk's logits."""
+    chunk_ce = None
+    if use_triton(h_TH):
+        from . import cross_entropy
+        chunk_ce = cross_entropy.chunk_cross_entropy
+    return reference.linear_cross_entropy(h_TH, w_VH, labels_T, ignore_index, chunk, chunk_ce)
 
 
 def grouped_mm_supported(x: torch.Tensor, w: torch.Tensor) -> bool:

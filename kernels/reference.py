@@ -114,37 +114,47 @@ def lm_chunk_tokens(vocab: int, budget_bytes: int = 1 << 28) -> int:
     return max(16, budget_bytes // (4 * max(vocab, 1)))
 
 
+def _chunk_ce_torch(logits_CV: torch.Tensor, labels_C: torch.Tensor, n_valid: torch.Tensor, ignore_index: int,
+                    want_grad: bool):
+    """One chunk's (sum of losses, d(mean loss)/d(logits) in the logits' dtype or None): the
+    PyTorch path, oracle of kernels/cross_entropy.py. Softmax in fp32 from the stored logits."""
+    y_C, v_C = labels_C.clamp(min=0), labels_C != ignore_index
+    x_CV = logits_CV.float()
+    lse_C = x_CV.logsumexp(-1)
+    loss = ((lse_C - x_CV.gather(1, y_C[:, None])[:, 0]) * v_C).sum()
+    if not want_grad:
+        return loss, None
+    g_CV = x_CV.sub_(lse_C[:, None]).exp_()                        # softmax, in place
+    g_CV.scatter_add_(1, y_C[:, None], torch.full_like(g_CV[:, :1], -1.0))
+    g_CV.mul_((v_C.to(torch.float32) / n_valid)[:, None])
+    return loss, g_CV.to(logits_CV.dtype)
+
+
 class _LinearCrossEntropy(torch.autograd.Function):
     """mean over labelled tokens of cross_entropy((h @ w.T).float(), labels), chunk by chunk.
 
     Forward computes the loss and, when gradients are wanted, the gradients too (Liger's fused
-    linear cross-entropy): per chunk of tokens the fp32 logits live only until that chunk's
+    linear cross-entropy): per chunk of tokens the logits live only until that chunk's
     softmax - onehot has gone through both matmuls. Backward scales the saved gradients. The
-    numbers are today's unfused path's: logits in h's dtype, upcast to fp32 for the softmax,
-    d(logits) cast back to h's dtype for the matmuls; d(w) accumulates in fp32 across chunks."""
+    numbers are the unfused path's: logits in h's dtype, softmax in fp32, d(logits) rounded to h's
+    dtype for the matmuls; d(w) accumulates in fp32 across chunks. `chunk_ce` does one chunk's
+    loss and gradient (_chunk_ce_torch, or the Triton kernel on GPUs)."""
 
     @staticmethod
-    def forward(ctx, h_TH, w_VH, labels_T, ignore_index: int, chunk: int):
-        valid_T = labels_T != ignore_index
-        n_valid = valid_T.sum().to(torch.float32)                     # stays on the device
+    def forward(ctx, h_TH, w_VH, labels_T, ignore_index: int, chunk: int, chunk_ce):
+        n_valid = (labels_T != ignore_index).sum().to(torch.float32)   # stays on the device
         want_h, want_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         grad_h = torch.empty_like(h_TH) if want_h else None
         grad_w = torch.zeros(w_VH.shape, dtype=torch.float32, device=w_VH.device) if want_w else None
         total = torch.zeros((), dtype=torch.float32, device=h_TH.device)
         for s in range(0, h_TH.shape[0], chunk):
-            h_CH, y_C, v_C = h_TH[s:s + chunk], labels_T[s:s + chunk].clamp(min=0), valid_T[s:s + chunk]
-            logits_CV = (h_CH @ w_VH.T).float()
-            lse_C = logits_CV.logsumexp(-1)
-            total += ((lse_C - logits_CV.gather(1, y_C[:, None])[:, 0]) * v_C).sum()
-            if want_h or want_w:
-                g_CV = logits_CV.sub_(lse_C[:, None]).exp_()             # softmax, in place
-                g_CV.scatter_add_(1, y_C[:, None], torch.full_like(g_CV[:, :1], -1.0))
-                g_CV.mul_((v_C.to(torch.float32) / n_valid)[:, None])
-                g_CV = g_CV.to(h_TH.dtype)
-                if want_h:
-                    grad_h[s:s + chunk] = g_CV @ w_VH
-                if want_w:
-                    grad_w += (g_CV.T @ h_CH).float()
+            h_CH = h_TH[s:s + chunk]
+            loss, g_CV = chunk_ce(h_CH @ w_VH.T, labels_T[s:s + chunk], n_valid, ignore_index, want_h or want_w)
+            total += loss
+            if want_h:
+                grad_h[s:s + chunk] = g_CV @ w_VH
+            if want_w:
+                grad_w += (g_CV.T @ h_CH).float()
         ctx.save_for_backward(grad_h, grad_w)
         ctx.w_dtype = w_VH.dtype
         return total / n_valid
@@ -154,11 +164,11 @@ class _LinearCrossEntropy(torch.autograd.Function):
         grad_h, grad_w = ctx.saved_tensors
         dh = grad_h * grad_loss.to(grad_h.dtype) if grad_h is not None else None
         dw = (grad_w * grad_loss).to(ctx.w_dtype) if grad_w is not None else None
-        return dh, dw, None, None, None
+        return dh, dw, None, None, None, None
 
 
 def linear_cross_entropy(h_TH: torch.Tensor, w_VH: torch.Tensor, labels_T: torch.Tensor,
-                         ignore_index: int = -100, chunk: Optional[int] = None) -> torch.Tensor:
+                         ignore_index: int = -100, chunk: Optional[int] = None, chunk_ce=None) -> torch.Tensor:
     """The LM head and the mean cross-entropy without [T, V] fp32 logits (see _LinearCrossEntropy)."""
     return _LinearCrossEntropy.apply(h_TH, w_VH, labels_T, ignore_index,
-                                     chunk or lm_chunk_tokens(w_VH.shape[0]))
+                                     chunk or lm_chunk_tokens(w_VH.shape[0]), chunk_ce or _chunk_ce_torch)

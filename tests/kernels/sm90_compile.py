@@ -69,7 +69,7 @@ def resource_usage(cubin: bytes) -> dict:
 
 def variants():
     """(kernel name, variant label, jit fn, positional args, constexpr kwargs, grid)."""
-    from megamoe.kernels import rmsnorm, rope, router
+    from megamoe.kernels import cross_entropy, rmsnorm, rope, router
     bf16, f32, i64, i32 = torch.bfloat16, torch.float32, torch.int64, torch.int32
     M = 8192
     for N in (512, 1536, 7168, 20000):  # kv_lora, q_lora, V3 hidden, wider than one chunk
@@ -110,6 +110,13 @@ def variants():
                (f32, i64, f32, f32, bf16, T, E, E, E, 2.5),
                dict(K=K, SOFTMAX=softmax, NORM=norm, HAS_DSCORES=True,
                     BLOCK_T=cfg["BLOCK_T"], BLOCK_E=cfg["BLOCK_E"]), cfg["num_warps"])
+
+
+    for V, dt in ((129280, bf16), (129280, f32), (102400, bf16), (512, bf16)):   # V3, V2-Lite, tiny vocabularies
+        cfg = cross_entropy.ce_config(V)
+        for grad in (True, False):
+            yield ("cross_entropy", f"V={V} {dt} grad={grad}", cross_entropy._ce_kernel,
+                   (dt, V, i64, f32, f32, V, -100), dict(WANT_GRAD=grad, BLOCK_V=cfg["BLOCK_V"]), cfg["num_warps"])
 
 
 def main() -> int:

@@ -18,7 +18,7 @@ import pytest
 
 SCRIPT = Path(__file__).with_name("sm90_compile.py")
 SM90_SHARED_LIMIT = 232448
-EXPECTED_KERNELS = {"rms_norm_fwd", "rms_norm_bwd", "rope", "router_fwd", "router_bwd"}
+EXPECTED_KERNELS = {"rms_norm_fwd", "rms_norm_bwd", "rope", "router_fwd", "router_bwd", "cross_entropy"}
 
 
 @pytest.fixture(scope="module")

@@ -395,3 +395,43 @@ def test_the_training_loss_never_holds_full_vocab_logits():
         logits = model.eval()(ids[:, :-1]).logits
     torch.testing.assert_close(out.loss.detach(), F.cross_entropy(logits.float().flatten(0, 1), ids[:, 1:].reshape(-1)),
                                rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("V", [50, 4096 + 37])          # one tile; two tiles with a masked tail
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cross_entropy_kernel_matches_the_torch_chunk(V, dtype):
+    """kernels/cross_entropy.py: a chunk's loss and its gradient written over the logits, against
+    reference._chunk_ce_torch (softmax in fp32 from the stored logits, gradient in their dtype)."""
+    from megamoe.kernels import cross_entropy as ce_mod
+    g = torch.Generator().manual_seed(0)
+    logits = (torch.randn(9, V, generator=g) * 3).to(dtype)
+    y = torch.randint(0, V, (9,), generator=g)
+    y[[1, 4]] = -100
+    n = torch.tensor(11.0)
+    want_loss, want_g = reference._chunk_ce_torch(logits.clone(), y, n, -100, True)
+    buf = logits.clone()
+    loss, grad = ce_mod.chunk_cross_entropy(buf, y, n, -100, True)
+    assert grad is buf and grad.dtype == dtype                     # in place, in the logits' dtype
+    assert rel_err(loss, want_loss) <= 2e-6
+    assert rel_err(grad, want_g) <= TOL[dtype]
+    assert (grad[[1, 4]] == 0).all()                               # ignored rows: no gradient
+    loss_only, none = ce_mod.chunk_cross_entropy(logits.clone(), y, n, -100, False)
+    assert none is None and rel_err(loss_only, want_loss) <= 2e-6
+
+
+def test_fused_loss_with_the_triton_chunk_equals_the_torch_one():
+    from megamoe import kernels
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(20, 16, generator=g, requires_grad=True)
+    w = torch.randn(300, 16, generator=g, requires_grad=True)
+    y = torch.randint(0, 300, (20,), generator=g)
+    out = {}
+    for backend in ("triton", "reference"):
+        kernels.set_backend(backend)
+        try:
+            loss = kernels.linear_cross_entropy(h, w, y, -100, 6)
+            out[backend] = (loss, *torch.autograd.grad(loss, (h, w)))
+        finally:
+            kernels.set_backend(None)
+    for a, b in zip(out["triton"], out["reference"]):
+        assert rel_err(a, b) <= 2e-6
