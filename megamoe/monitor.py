@@ -109,9 +109,12 @@ def heatmap_figure(load_LE, layer_ids: list[int], title: str = "expert load / me
 
 
 def moe_scalars(layer_ids: list[int], max_over_mean_L: torch.Tensor, dropped_fraction_L: torch.Tensor,
-                bias_LE: torch.Tensor, routed_per_layer: float) -> dict[str, torch.Tensor]:
+                bias_LE: torch.Tensor, routed_per_layer: float, load_entropy_L: Optional[torch.Tensor] = None,
+                rerouted_L: Optional[torch.Tensor] = None) -> dict[str, torch.Tensor]:
     """TensorBoard scalars of one optimizer step's expert load (all ranks' tokens):
-    max/mean load per layer, capacity-dropped share per layer and in tokens, routing-bias size.
+    max/mean load per layer, capacity-dropped share per layer and in tokens, routing-bias size,
+    and what the routing does: load entropy / log E per layer (1 = all experts equally used) and
+    the share of (token, slot) picks the aux-loss-free bias changed (balance.update_routing_bias).
     `routed_per_layer` = (token, slot) assignments per MoE layer in the step. Values stay 0-d
     tensors on their device (the trainer reads them once per log interval)."""
     out = {"moe/max_over_mean_max": max_over_mean_L.max(),
@@ -122,6 +125,10 @@ def moe_scalars(layer_ids: list[int], max_over_mean_L: torch.Tensor, dropped_fra
     for i, li in enumerate(layer_ids):
         out[f"moe/max_over_mean/layer_{li}"] = max_over_mean_L[i]
         out[f"moe/dropped_fraction/layer_{li}"] = dropped_fraction_L[i]
+    for name, per_layer in (("load_entropy", load_entropy_L), ("rerouted_fraction", rerouted_L)):
+        if per_layer is not None and per_layer.numel():
+            out[f"moe/{name}_mean"] = per_layer.mean()
+            out.update({f"moe/{name}/layer_{li}": per_layer[i] for i, li in enumerate(layer_ids)})
     return out
 
 

@@ -465,7 +465,8 @@ class Trainer:
         drop_frac_L = dropped_L / (self.gas * (self.world if track_drops else 1))
         bias_LE = torch.stack([r.e_score_correction_bias.float() for _, r in routers_of(self.engine)])
         routed = self.global_batch * self.config.data.seq_length * self.model_config.num_experts_per_tok
-        return moe_scalars(self.layer_ids, self.stats["max_over_mean"].float(), drop_frac_L, bias_LE, routed)
+        return moe_scalars(self.layer_ids, self.stats["max_over_mean"].float(), drop_frac_L, bias_LE, routed,
+                           self.stats["load_entropy"], self.stats["rerouted_fraction"])
 
     def flush_metrics(self) -> dict:
         """The pending steps' metrics to the host in one copy, then to TensorBoard and the console

@@ -120,6 +120,10 @@ class Router(nn.Module):
         # Routed-token counts since the trainer last read them (for the bias update and monitoring).
         self.register_buffer("tokens_per_expert_acc", torch.zeros(cfg.n_routed_experts, dtype=torch.float32),
                              persistent=False)
+        # [(token, slot) picks the selection bias changed, picks] since the trainer last read them;
+        # counted only when the bias can move (bias_update_rate > 0): it costs a second top-k
+        self.register_buffer("rerouted_acc", torch.zeros(2, dtype=torch.float32), persistent=False)
+        self.track_rerouting = cfg.bias_update_rate > 0
         self.seq_len: Optional[int] = None  # set by the Block so the balance loss is per sequence
         self.last_aux_loss = torch.zeros(())
         self.last_z_loss = torch.zeros(())
@@ -131,8 +135,10 @@ class Router(nn.Module):
         super()._apply(fn, recurse)
         if self.e_score_correction_bias.dtype != torch.float32:
             self.e_score_correction_bias.data = self.e_score_correction_bias.data.float()
-        if self.tokens_per_expert_acc.dtype != torch.float32:
-            self.tokens_per_expert_acc.data = self.tokens_per_expert_acc.data.float()
+        for name in ("tokens_per_expert_acc", "rerouted_acc"):
+            buf = getattr(self, name)
+            if buf.dtype != torch.float32:
+                buf.data = buf.data.float()
         return self
 
     def forward(self, x_TH: torch.Tensor, expert_bias: Optional[torch.Tensor] = None):
@@ -156,6 +162,8 @@ class Router(nn.Module):
         if self.training and torch.is_grad_enabled():
             if not _recomputing():
                 self.tokens_per_expert_acc += counts_E.detach().float()
+                if self.track_rerouting:
+                    self._count_rerouted(logits_TE.detach(), indices_TK)
             aux = torch.zeros((), device=logits_TE.device)
             if self.aux_loss_alpha > 0:
                 bal = sequence_balance_loss(scores_TE, indices_TK, self.n_experts, self.seq_len)
@@ -175,6 +183,17 @@ class Router(nn.Module):
             weights_TK = weights_TK * kept_TK
             self.last_dropped_fraction = 1.0 - kept_TK.float().mean().detach()
         return Routing(weights_TK, indices_TK, counts_E, kept_TK)
+
+
+    @torch.no_grad()
+    def _count_rerouted(self, logits_TE: torch.Tensor, indices_TK: torch.Tensor) -> None:
+        """How many (token, slot) picks the selection bias changed: top-k without it vs with it."""
+        _, plain_TK, _, _ = kernels.route(logits_TE, None, self.top_k, self.score_func, self.n_group,
+                                          self.topk_group, self.norm_topk_prob, self.routed_scaling_factor)
+        ones = torch.ones(indices_TK.shape, dtype=torch.float32, device=indices_TK.device)
+        picked_TE = torch.zeros(logits_TE.shape, device=logits_TE.device).scatter_(1, indices_TK, ones)
+        both = picked_TE.gather(1, plain_TK).sum()
+        self.rerouted_acc += torch.stack([indices_TK.numel() - both, ones.sum()])
 
 
 class GroupedExperts(nn.Module):

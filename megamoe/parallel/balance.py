@@ -19,7 +19,7 @@ Works on a raw Transformer, a DeepSpeed engine (engine.module) and with AutoEP l
 """
 from __future__ import annotations
 
-from typing import Optional
+import math
 
 import torch
 import torch.distributed as dist
@@ -45,16 +45,23 @@ def update_routing_bias(model: nn.Module, rate: float, group=None) -> dict:
     Returns stats of the step's global load, identical on every rank, on the routers' device:
       "tokens_per_expert" [L_moe, E] float (summed over ranks and micro-batches),
       "max_over_mean" [L_moe] (1.0 = perfectly balanced; 0 for a layer that routed nothing),
-      "bias_abs_mean" [L_moe] (mean |bias| after the update), "layers": module names.
+      "bias_abs_mean" [L_moe] (mean |bias| after the update),
+      "load_entropy" [L_moe] (entropy of the load over experts / log E: 1 = uniform, 0 = one expert),
+      "rerouted_fraction" [L_moe] (share of (token, slot) picks the selection bias changed; 0 when
+          the bias cannot move), "layers": module names.
     """
     found = routers(model)
     if not found:
         return {"tokens_per_expert": torch.zeros(0, 0), "max_over_mean": torch.zeros(0),
-                "bias_abs_mean": torch.zeros(0), "layers": []}
+                "bias_abs_mean": torch.zeros(0), "load_entropy": torch.zeros(0), "rerouted_fraction": torch.zeros(0),
+                "layers": []}
     names = [n for n, _ in found]
-    counts_LE = torch.stack([r.tokens_per_expert_acc.float() for _, r in found])
+    E = found[0][1].n_experts
+    # one all-reduce for the loads and the re-routing counts ([picks changed by the bias, picks])
+    both_LX = torch.stack([torch.cat([r.tokens_per_expert_acc.float(), r.rerouted_acc.float()]) for _, r in found])
     if dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1:
-        dist.all_reduce(counts_LE, op=dist.ReduceOp.SUM, group=group)
+        dist.all_reduce(both_LX, op=dist.ReduceOp.SUM, group=group)
+    counts_LE, rerouted_L2 = both_LX[:, :E], both_LX[:, E:]
     mean_L1 = counts_LE.mean(dim=-1, keepdim=True)
     if rate:
         delta_LE = float(rate) * torch.sign(mean_L1 - counts_LE)
@@ -62,14 +69,19 @@ def update_routing_bias(model: nn.Module, rate: float, group=None) -> dict:
             r.e_score_correction_bias.add_(delta_E.to(r.e_score_correction_bias))
     for _, r in found:
         r.tokens_per_expert_acc.zero_()
+        r.rerouted_acc.zero_()
     _reset_autoep_counters(model)
     max_over_mean_L = torch.where(mean_L1.squeeze(-1) > 0,
                                   counts_LE.max(dim=-1).values / mean_L1.squeeze(-1).clamp_min(1e-12),
                                   torch.zeros_like(mean_L1.squeeze(-1)))
     bias_abs_mean_L = torch.stack([r.e_score_correction_bias.abs().mean() for _, r in found])
+    p_LE = counts_LE / counts_LE.sum(-1, keepdim=True).clamp_min(1e-12)
+    entropy_L = -(p_LE * p_LE.clamp_min(1e-30).log()).sum(-1) / math.log(E) if E > 1 else torch.zeros_like(mean_L1[:, 0])
+    rerouted_L = rerouted_L2[:, 0] / rerouted_L2[:, 1].clamp_min(1.0)
     # on the device: the trainer reads them once per log interval, not once per step
     return {"tokens_per_expert": counts_LE, "max_over_mean": max_over_mean_L,
-            "bias_abs_mean": bias_abs_mean_L.float(), "layers": names}
+            "bias_abs_mean": bias_abs_mean_L.float(), "load_entropy": entropy_L, "rerouted_fraction": rerouted_L,
+            "layers": names}
 
 
 def _reset_autoep_counters(model: nn.Module) -> None:

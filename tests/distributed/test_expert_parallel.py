@@ -223,6 +223,8 @@ def test_update_routing_bias_single_process_semantics():
     stats = balance.update_routing_bias(model, 0.0)
     assert torch.equal(stats["tokens_per_expert"], torch.stack(loads))
     assert torch.allclose(stats["max_over_mean"], torch.tensor([1.25, 4.0]))
+    # load entropy / log E: two experts sharing everything is log 2 / log 8
+    assert stats["load_entropy"][1].item() == pytest.approx(1 / 3) and 0.99 < stats["load_entropy"][0].item() < 1
     assert all(r.e_score_correction_bias.abs().sum() == 0 for r in routers)   # rate 0: no update
     assert all(r.tokens_per_expert_acc.sum() == 0 for r in routers)           # counts reset
     for r, load in zip(routers, loads):
@@ -237,6 +239,26 @@ def test_update_routing_bias_single_process_semantics():
     model(ids[:, :-1], labels=ids[:, 1:]).loss.backward()
     stats = balance.update_routing_bias(model, 0.0)
     assert stats["tokens_per_expert"].sum(-1).tolist() == [2 * 8 * cfg.num_experts_per_tok] * 2
+    assert (stats["rerouted_fraction"] > 0).all()    # biases of +-0.5 against sigmoid scores move picks
+
+
+def test_rerouted_share_counts_the_picks_the_bias_changed():
+    """Router._count_rerouted against sets: per token, the experts picked with the bias that the
+    unbiased top-k would not have picked."""
+    import torch
+
+    from megamoe.kernels import reference
+    cfg = ModelConfig.load("tiny", n_group=1, topk_group=1, num_experts_per_tok=3)
+    router = cfg.build(seed=0).layers[1].ffn.router.train()
+    router.e_score_correction_bias.copy_(torch.tensor([0.3, 0, 0, -0.2, 0, 0.1, 0, 0]))
+    logits = torch.randn(40, 8, generator=torch.Generator().manual_seed(0))
+    args = (3, cfg.scoring_func, 1, 1, cfg.norm_topk_prob, cfg.routed_scaling_factor)
+    biased = reference.route(logits, router.e_score_correction_bias, *args)[1]
+    plain = reference.route(logits, None, *args)[1]
+    changed = sum(len(set(b.tolist()) - set(p.tolist())) for b, p in zip(biased, plain))
+    assert changed > 0
+    router._count_rerouted(logits, biased)
+    assert router.rerouted_acc.tolist() == [changed, 40 * 3]
 
 
 def test_native_autoep_expert_names_round_trip():
