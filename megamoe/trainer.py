@@ -34,7 +34,7 @@ from megamoe.monitor import (MetricsWindow, Monitor, console_line, device_peak_f
 from megamoe.optim import GroupSpec, QKClip, describe_optimizer_groups, format_groups, muon_assignment, \
     param_groups, qk_clip_scalars
 from megamoe.parallel import deepspeed_compat
-from megamoe.parallel.balance import update_routing_bias
+from megamoe.parallel.balance import expert_specialisation, update_routing_bias
 from megamoe.syncs import to_host
 from megamoe.schedule import LRSchedule, flag_schedule_kept, lr_scheduler_factory
 from megamoe.train_config import ConfigConflict, DataConfig, TrainConfig
@@ -493,6 +493,11 @@ class Trainer:
         window's metrics); the expert-load heatmap."""
         config = self.config
         if it % config.logging.log_interval == 0 or it == self.train_iters:
+            if self.layer_ids and self.pending:   # over the window: token-id -> expert mutual information
+                spec_L = expert_specialisation(self.engine)
+                self.pending[-1][1].update({"moe/specialisation_mean": spec_L.mean(),
+                                            **{f"moe/specialisation/layer_{li}": spec_L[i]
+                                               for i, li in enumerate(self.layer_ids)}})
             last = self.flush_metrics() or self.last_logged
             win = self.window
             dt = win.elapsed()

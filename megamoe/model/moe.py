@@ -29,6 +29,9 @@ from megamoe.config import ModelConfig
 from megamoe.model.layers import MLP
 
 
+SPECIALISATION_BUCKETS = 256   # token ids hashed (id mod 256) for the specialisation metric
+
+
 class AuxLossScaler(torch.autograd.Function):
     """Identity on `x`; in backward, gives `aux_loss` the gradient `scale` (d total / d aux).
 
@@ -125,6 +128,11 @@ class Router(nn.Module):
         self.register_buffer("rerouted_acc", torch.zeros(2, dtype=torch.float32), persistent=False)
         self.track_rerouting = cfg.bias_update_rate > 0
         self.seq_len: Optional[int] = None  # set by the Block so the balance loss is per sequence
+        # token ids of the forward (set by the Transformer for its main layers): which experts each
+        # token-id bucket goes to, counted over training forwards for the specialisation metric
+        self.token_ids: Optional[torch.Tensor] = None
+        self.register_buffer("bucket_expert_acc", torch.zeros(SPECIALISATION_BUCKETS, cfg.n_routed_experts),
+                             persistent=False)
         self.last_aux_loss = torch.zeros(())
         self.last_z_loss = torch.zeros(())
         self.last_tokens_per_expert = torch.zeros(cfg.n_routed_experts, dtype=torch.int32)
@@ -135,7 +143,7 @@ class Router(nn.Module):
         super()._apply(fn, recurse)
         if self.e_score_correction_bias.dtype != torch.float32:
             self.e_score_correction_bias.data = self.e_score_correction_bias.data.float()
-        for name in ("tokens_per_expert_acc", "rerouted_acc"):
+        for name in ("tokens_per_expert_acc", "rerouted_acc", "bucket_expert_acc"):
             buf = getattr(self, name)
             if buf.dtype != torch.float32:
                 buf.data = buf.data.float()
@@ -164,6 +172,8 @@ class Router(nn.Module):
                 self.tokens_per_expert_acc += counts_E.detach().float()
                 if self.track_rerouting:
                     self._count_rerouted(logits_TE.detach(), indices_TK)
+                if self.token_ids is not None and self.token_ids.numel() == indices_TK.shape[0]:
+                    self._count_buckets(indices_TK)
             aux = torch.zeros((), device=logits_TE.device)
             if self.aux_loss_alpha > 0:
                 bal = sequence_balance_loss(scores_TE, indices_TK, self.n_experts, self.seq_len)
@@ -194,6 +204,15 @@ class Router(nn.Module):
         picked_TE = torch.zeros(logits_TE.shape, device=logits_TE.device).scatter_(1, indices_TK, ones)
         both = picked_TE.gather(1, plain_TK).sum()
         self.rerouted_acc += torch.stack([indices_TK.numel() - both, ones.sum()])
+
+
+    @torch.no_grad()
+    def _count_buckets(self, indices_TK: torch.Tensor) -> None:
+        T, K = indices_TK.shape
+        bucket_TK = (self.token_ids.reshape(T, 1) % SPECIALISATION_BUCKETS).expand(T, K)
+        flat = bucket_TK.reshape(-1) * self.n_experts + indices_TK.reshape(-1)
+        # index_put_ with accumulate has a deterministic implementation under --deterministic
+        self.bucket_expert_acc.view(-1).index_put_((flat,), torch.ones(flat.shape, device=flat.device), accumulate=True)
 
 
 class GroupedExperts(nn.Module):

@@ -6,7 +6,6 @@ from typing import Callable, Iterator, Optional
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from megamoe import kernels
@@ -183,6 +182,8 @@ class Transformer(nn.Module):
         positions = torch.arange(start_pos, start_pos + S, device=input_ids.device).unsqueeze(0)
         cos, sin = self.rotary(positions)
         h = self.embed_tokens(input_ids)
+        for i, router in self.routers():   # the main layers' routers count token id -> experts (specialisation)
+            router.token_ids = input_ids.detach() if i < len(self.layers) else None
         for i, layer in enumerate(self.layers):
             cache = caches[i] if caches is not None else None
             if self.gradient_checkpointing and self.training and cache is None:

@@ -84,6 +84,27 @@ def update_routing_bias(model: nn.Module, rate: float, group=None) -> dict:
             "layers": names}
 
 
+@torch.no_grad()
+def expert_specialisation(model: nn.Module) -> torch.Tensor:
+    """[L_moe] how much a token's id tells which experts it goes to: the mutual information between
+    the token-id bucket (id mod moe.SPECIALISATION_BUCKETS) and the chosen expert over this rank's
+    training tokens since the last call, divided by the entropy of the expert choice (0: experts
+    ignore the token; 1: the token decides its experts). Resets the counts. A rank-local estimate
+    (biased upward when few tokens were counted); MTP layers count nothing and read 0."""
+    found = routers(model)
+    if not found:
+        return torch.zeros(0)
+    c_LBE = torch.stack([r.bucket_expert_acc.float() for _, r in found])
+    for _, r in found:
+        r.bucket_expert_acc.zero_()
+    p_LBE = c_LBE / c_LBE.sum((1, 2), keepdim=True).clamp_min(1.0)
+    pb_LB1, pe_L1E = p_LBE.sum(2, keepdim=True), p_LBE.sum(1, keepdim=True)
+    ratio = p_LBE / (pb_LB1 * pe_L1E).clamp_min(1e-30)
+    mi_L = torch.where(p_LBE > 0, p_LBE * ratio.clamp_min(1e-30).log(), 0.0).sum((1, 2))
+    h_L = -torch.where(pe_L1E > 0, pe_L1E * pe_L1E.clamp_min(1e-30).log(), 0.0).sum((1, 2))
+    return torch.where(h_L > 0, mi_L / h_L.clamp_min(1e-30), 0.0)
+
+
 def _reset_autoep_counters(model: nn.Module) -> None:
     # AutoEPMoELayer keeps its own fp32 `tokens_per_expert` and never resets it (it would lose
     # integer precision past 2**24 tokens); nothing reads it, but keep it bounded.

@@ -242,6 +242,34 @@ def test_update_routing_bias_single_process_semantics():
     assert (stats["rerouted_fraction"] > 0).all()    # biases of +-0.5 against sigmoid scores move picks
 
 
+def test_specialisation_is_the_mutual_information_of_token_and_expert():
+    """1 when the token id decides the expert, 0 when experts ignore it, and in between the
+    mutual information / H(expert) of the counts; a training forward counts token -> experts."""
+    import math
+
+    import torch
+
+    from megamoe.parallel import balance
+    cfg = ModelConfig.load("tiny", num_hidden_layers=3, first_k_dense_replace=0)
+    model = cfg.build(seed=0)
+    r0, r1, r2 = [r for _, r in model.routers()]
+    r0.bucket_expert_acc[torch.arange(16), torch.arange(16) % 8] = 5.0           # id decides expert
+    r1.bucket_expert_acc[:16] = 1.0                                                # experts ignore the id
+    r2.bucket_expert_acc[0, :2] = 1.0                                              # bucket 0: experts 0, 1
+    r2.bucket_expert_acc[1, 1:2] = 2.0                                             # bucket 1: expert 1
+    spec = balance.expert_specialisation(model)
+    # layer 2 by hand: p(b0,e0)=p(b0,e1)=p(b1,e1)=1/4... with counts 1, 1, 2 of 4
+    p = {(0, 0): .25, (0, 1): .25, (1, 1): .5}
+    pb, pe = {0: .5, 1: .5}, {0: .25, 1: .75}
+    mi = sum(v * math.log(v / (pb[b] * pe[e])) for (b, e), v in p.items())
+    he = -sum(v * math.log(v) for v in pe.values())
+    assert spec.tolist() == pytest.approx([1.0, 0.0, mi / he], abs=1e-6)
+    assert all(r.bucket_expert_acc.sum() == 0 for r in (r0, r1, r2))                # read once
+    ids = torch.randint(3, cfg.vocab_size, (2, 9))
+    model.train()(ids[:, :-1], labels=ids[:, 1:]).loss.backward()
+    assert r0.bucket_expert_acc.sum() == 2 * 8 * cfg.num_experts_per_tok
+
+
 def test_rerouted_share_counts_the_picks_the_bias_changed():
     """Router._count_rerouted against sets: per token, the experts picked with the bias that the
     unbiased top-k would not have picked."""

@@ -110,7 +110,7 @@ def test_reference_run_learns_and_logs_everything(ref):
     for tag in ("train/loss", "train/lr", "train/grad_norm", "train/aux_loss", "train/z_loss", "val/loss",
                 "val/ppl", "perf/tokens_per_s", "perf/tflops_per_rank", "perf/mfu", "moe/max_over_mean_max",
                 "moe/max_over_mean/layer_1", "moe/dropped_tokens", "moe/bias_abs_mean", "mem/rss_gb",
-                "moe/load_entropy/layer_1", "moe/rerouted_fraction_mean"):
+                "moe/load_entropy/layer_1", "moe/rerouted_fraction_mean", "moe/specialisation/layer_1"):
         assert scalars(tb, tag), f"no {tag} in the event files"
     assert set(scalars(tb, "moe/dropped_tokens").values()) == {0.0}
     assert max(scalars(tb, "moe/bias_abs_mean").values()) > 0  # the routing bias moves
