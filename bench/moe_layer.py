@@ -1,12 +1,16 @@
 """MoE layer forward+backward: megamoe vs transformers' DeepseekV3MoE vs DeepSpeed's classic MoE.
 
 Same sizes for all three (hidden H, E routed experts of intermediate I, top-k, one shared expert),
-no token dropping (DeepSpeed: drop_tokens=False). Each implementation runs in its own subprocess
-so peak memory is its own: torch.cuda.max_memory_allocated on CUDA; on CPU the RSS growth during
-the first step, sampled every ms, with glibc's mmap threshold fixed so freed tensors leave RSS.
-Prints median time per step and peak memory, and both as ratios to megamoe, measured in this run.
+fp32, no token dropping (DeepSpeed: drop_tokens=False).
+Time: the three layers built in one process with the default allocator and timed round-robin,
+one step of each per round (the machine is shared and noisy: interleaving spreads the noise),
+median per layer; each layer's FLOP/s (the same analytic count for all: router, routed and shared
+experts, forward and backward = 3x forward) as a fraction of the fp32 matmul peak measured in
+this process. Memory: a separate pass, each layer in its own subprocess so the peak is its own:
+torch.cuda.max_memory_allocated on CUDA; on CPU the RSS growth during the first step, sampled
+every ms, with glibc's mmap threshold lowered in that subprocess only so freed tensors leave RSS.
 
-    python bench/moe_layer.py [--tokens 4096] [--hidden 512] [--experts 16] [--top-k 4] [--steps 10]
+    python bench/moe_layer.py [--tokens 2048] [--hidden 256] [--inter 128] [--experts 64] [--top-k 6]
 """
 from __future__ import annotations
 
@@ -104,10 +108,8 @@ def build(impl: str, a, device):
     raise ValueError(impl)
 
 
-def run_one(impl: str, a) -> dict:
+def make_step(impl: str, a, device):
     import torch
-    torch.set_num_threads(a.threads)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
     layer, fwd = build(impl, a, device)
     x = torch.randn(a.tokens // a.seq, a.seq, a.hidden, device=device, requires_grad=True)
     grad = torch.randn_like(x)
@@ -118,57 +120,90 @@ def run_one(impl: str, a) -> dict:
         fwd(x).backward(grad)
         if device == "cuda":
             torch.cuda.synchronize()
+    return step
 
-    # Memory: the first (cold) step, so no allocator cache hides what the layer needs.
+
+def peak_memory(impl: str, a) -> dict:
+    """The memory pass: the first (cold) step of one layer, in this (sub)process."""
+    import torch
+    torch.set_num_threads(a.threads)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    step = make_step(impl, a, device)
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
     with PeakRSS() as mem:
         step()
     peak = (torch.cuda.max_memory_allocated() - base) if device == "cuda" else (mem.peak - mem.base)
-    step()
-    times = []
-    for _ in range(a.steps):
-        t0 = time.perf_counter()
+    return {"impl": impl, "peak_mb": peak / 2**20}
+
+
+def layer_flops(a) -> float:
+    """Forward + backward FLOPs of one step: router [T, H] x [H, E], top-k routed and one shared
+    SwiGLU expert per token (3 matmuls of H x I each); backward = 2x forward."""
+    T = a.tokens
+    fwd = 2 * T * a.hidden * a.experts + (a.top_k + 1) * 3 * 2 * T * a.hidden * a.inter
+    return 3 * fwd
+
+
+def time_interleaved(a, impls) -> tuple[dict, float, str]:
+    import torch
+
+    from megamoe.monitor import measure_cpu_matmul_peak
+    torch.set_num_threads(a.threads)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    steps = {impl: make_step(impl, a, device) for impl in impls}
+    for step in steps.values():   # warm-up
         step()
-        times.append(time.perf_counter() - t0)
-    return {"impl": impl, "device": device, "ms": 1000 * statistics.median(times), "peak_mb": peak / 2**20}
+    times = {impl: [] for impl in impls}
+    for _ in range(a.steps):
+        for impl, step in steps.items():
+            t0 = time.perf_counter()
+            step()
+            times[impl].append(time.perf_counter() - t0)
+    peak = measure_cpu_matmul_peak(torch.float32) if device == "cpu" else None
+    return {k: 1000 * statistics.median(v) for k, v in times.items()}, peak, device
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--tokens", type=int, default=4096)
+    p.add_argument("--tokens", type=int, default=2048)
     p.add_argument("--seq", type=int, default=512)
-    p.add_argument("--hidden", type=int, default=512)
-    p.add_argument("--inter", type=int, default=256)
-    p.add_argument("--experts", type=int, default=16)
-    p.add_argument("--top-k", type=int, default=4)
-    p.add_argument("--steps", type=int, default=10)
-    p.add_argument("--threads", type=int, default=max(1, os.cpu_count() or 1))
-    p.add_argument("--only", choices=IMPLS, help=argparse.SUPPRESS)
+    p.add_argument("--hidden", type=int, default=256)
+    p.add_argument("--inter", type=int, default=128)
+    p.add_argument("--experts", type=int, default=64)
+    p.add_argument("--top-k", type=int, default=6)
+    p.add_argument("--steps", type=int, default=10, help="timed rounds (one step of every layer each)")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--memory-of", choices=IMPLS, help=argparse.SUPPRESS)
     a = p.parse_args()
-    if a.only:
-        print(json.dumps(run_one(a.only, a)))
+    if a.memory_of:
+        print(json.dumps(peak_memory(a.memory_of, a)))
         return
-    env = {**os.environ, "DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cpu"), "TRANSFORMERS_VERBOSITY": "error",
-           # glibc returns blocks above this size to the OS on free, so sampled RSS tracks live tensors
-           "MALLOC_MMAP_THRESHOLD_": "65536"}
-    results = {}
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    # memory first, each layer in its own process (the mmap threshold there only)
+    mem_env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
+    mem = {}
     for impl in IMPLS:
-        proc = subprocess.run([sys.executable, __file__, *sys.argv[1:], "--only", impl], env=env,
+        proc = subprocess.run([sys.executable, __file__, *sys.argv[1:], "--memory-of", impl], env=mem_env,
                               capture_output=True, text=True)
         if proc.returncode != 0:
-            print(f"{impl}: failed\n{proc.stderr[-2000:]}")
+            print(f"{impl}: memory pass failed\n{proc.stderr[-2000:]}")
             continue
-        results[impl] = json.loads(proc.stdout.strip().splitlines()[-1])
+        mem[impl] = json.loads(proc.stdout.strip().splitlines()[-1])["peak_mb"]
+    ms, peak, device = time_interleaved(a, [i for i in IMPLS if i in mem])
+    flops = layer_flops(a)
     print(f"MoE layer fwd+bwd: {a.tokens} tokens, H={a.hidden}, E={a.experts} x I={a.inter}, top-{a.top_k}, "
-          f"1 shared expert, no token dropping, {a.steps} steps, device={next(iter(results.values()))['device']}")
-    ours = results.get("megamoe")
-    print(f"{'impl':14s} {'ms/step':>9s} {'peak MB':>9s} {'time vs megamoe':>16s} {'mem vs megamoe':>15s}")
-    for impl, r in results.items():
-        tr = r["ms"] / ours["ms"] if ours else float("nan")
-        mr = r["peak_mb"] / ours["peak_mb"] if ours and ours["peak_mb"] > 0 else float("nan")
-        print(f"{impl:14s} {r['ms']:9.1f} {r['peak_mb']:9.1f} {tr:15.2f}x {mr:14.2f}x")
+          f"1 shared expert, fp32, no token dropping, {a.threads} thread(s), device={device}; {a.steps} rounds "
+          f"interleaved; {flops / 1e9:.2f} GFLOP/step" + (f"; fp32 matmul peak {peak / 1e9:.1f} GFLOP/s "
+                                                         "measured in this run" if peak else ""))
+    print(f"{'impl':14s} {'ms/step':>9s} {'of peak':>8s} {'peak MB':>9s} {'time vs megamoe':>16s} {'mem vs megamoe':>15s}")
+    for impl in ms:
+        tr = ms[impl] / ms["megamoe"]
+        mr = mem[impl] / mem["megamoe"] if mem["megamoe"] > 0 else float("nan")
+        frac = f"{100 * flops / (ms[impl] / 1000) / peak:7.1f}%" if peak else "     n/a"
+        print(f"{impl:14s} {ms[impl]:9.1f} {frac} {mem[impl]:9.1f} {tr:15.2f}x {mr:14.2f}x")
 
 
 if __name__ == "__main__":
