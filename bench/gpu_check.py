@@ -317,7 +317,7 @@ def pretrain(s: dict, data: str, tb: Path, extra: list[str]) -> str:
 
 def check_end_to_end(dev, s: dict) -> list[dict]:
     from megamoe.config import ModelConfig
-    from megamoe.monitor import flops_per_token, read_scalars
+    from megamoe.monitor import flops_per_token, mfu, read_scalars
     cfg = ModelConfig.load(s["preset"], num_hidden_layers=s["e2e_layers"])
     peak = measured_bf16_peak(dev, s["peak_n"])
     with tempfile.TemporaryDirectory() as tmp:
@@ -341,13 +341,13 @@ def check_end_to_end(dev, s: dict) -> list[dict]:
     diffs = [abs(resumed[i] - straight[i]) for i in range(first + 1, n + 1)]
     steady = [v for it, v in sorted(tok_s.items()) if it > 10] or list(tok_s.values())
     rate = sum(steady) / len(steady)
-    mfu = rate * flops_per_token(cfg, s["e2e_seq"])["total"] / peak
+    util = mfu(rate * flops_per_token(cfg, s["e2e_seq"])["total"], peak)   # None above the measured peak
     head, tail = sum(straight[i] for i in range(1, 6)) / 5, sum(straight[i] for i in range(n - 4, n + 1)) / 5
     return [row("end_to_end", f"loss falls ({s['preset']} x{s['e2e_layers']} layers, ZeRO-2 bf16)", tail < head,
                 first5=head, last5=tail, val_loss=val),
             row("end_to_end", f"resume at {first}: iterations {first + 1}-{n} match the straight run",
                 max(diffs) <= RESUME_TOL[dev.type], max_abs_diff=max(diffs), tol=RESUME_TOL[dev.type]),
-            row("end_to_end", "throughput", True, tokens_per_s=rate, mfu=mfu, bf16_peak_tflops=peak / 1e12,
+            row("end_to_end", "throughput", True, tokens_per_s=rate, mfu=util, bf16_peak_tflops=peak / 1e12,
                 peak_memory_gb=max(mem.values()) if mem else None)]
 
 

@@ -76,6 +76,15 @@ def device_peak_flops(dtype=torch.bfloat16) -> tuple[Optional[float], str]:
                   f"per rank ({torch.get_num_threads()} thread(s)); MFU is relative to it")
 
 
+def mfu(achieved_flops: float, peak_flops: Optional[float]) -> Optional[float]:
+    """achieved / peak, or None when there is no peak or the step beat it: then the measured peak
+    does not stand for the step's kernels (e.g. a CPU without AMX, whose bf16 matmul is emulated
+    and slower than the fp32 work the step also does), and a ratio above 1 would mean nothing."""
+    if not peak_flops or achieved_flops > peak_flops:
+        return None
+    return achieved_flops / peak_flops
+
+
 def memory_gb() -> dict[str, float]:
     if torch.cuda.is_available():
         return {"allocated": torch.cuda.memory_allocated() / 2 ** 30,

@@ -31,6 +31,7 @@ from megamoe.distributed import all_reduce_host, device, init_distributed, rank,
 from megamoe.guard import LossGuard
 from megamoe.monitor import (MetricsWindow, Monitor, console_line, device_peak_flops, flops_per_token, memory_gb,
                              moe_scalars)
+from megamoe.monitor import mfu as model_flops_utilisation
 from megamoe.optim import GroupSpec, QKClip, describe_optimizer_groups, format_groups, muon_assignment, \
     param_groups, qk_clip_scalars
 from megamoe.parallel import deepspeed_compat
@@ -330,6 +331,7 @@ class Trainer:
         self.window = MetricsWindow()
         self.qk_stats, self.stats, self.load_acc_LE, self.lr = None, {}, None, None
         self.pending, self.last_logged = [], {}   # per-step device metrics until the next log step
+        self.mfu_refused = False
 
     # -- the loop -------------------------------------------------------------------------------
     def train(self) -> int:
@@ -503,7 +505,11 @@ class Trainer:
             dt = win.elapsed()
             tok_s = win.iters * self.global_batch * config.data.seq_length / max(dt, 1e-9)
             flops_rank = tok_s * self.fpt["total"] / self.world
-            mfu = flops_rank / self.peak if self.peak else None
+            mfu = model_flops_utilisation(flops_rank, self.peak)
+            if mfu is None and self.peak and not self.mfu_refused:
+                self.mfu_refused = True
+                log0(f"MFU not reported: {flops_rank / 1e9:.1f} GFLOP/s per rank exceeds the measured peak "
+                     f"{self.peak / 1e9:.1f} GFLOP/s, which therefore does not stand for this step's kernels")
             mem = memory_gb()
             means = win.means()
             log0(console_line(it, self.train_iters, self.train_it.consumed_samples, self.lr, means["loss"],

@@ -166,3 +166,9 @@ def test_layout_change_of_a_muon_checkpoint_points_to_the_weights_only_route():
     with pytest.raises(ckpt.CheckpointError, match="convert_from_hf") as e:
         ckpt.check_compatible(st, ep_size=1, world_size=2, zero_stage=2, where="ckpt")
     assert "muon" in str(e.value) and "convert_checkpoint" not in str(e.value)
+
+
+def test_mfu_is_refused_above_the_measured_peak():
+    from megamoe.monitor import mfu
+    assert mfu(5e9, 1e10) == 0.5
+    assert mfu(1.1e10, 1e10) is None and mfu(1e9, None) is None and mfu(1e9, 0.0) is None
