@@ -263,23 +263,46 @@ def check_syncs(dev, s: dict) -> list[dict]:
     return rows + loop_sync_rows(dev)
 
 
+LOOP_AUDIT = """
+import json, sys, warnings
+import torch
+from megamoe import trainer
+from megamoe.syncs import HostSyncCounter, loop_syncs
+from megamoe.train_config import parse_args
+t = trainer.Trainer(parse_args(sys.argv[1:]))
+cuda = torch.cuda.is_available()
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    if cuda:
+        torch.cuda.set_sync_debug_mode("warn")
+    try:
+        rc, per = loop_syncs(t, HostSyncCounter())
+    finally:
+        if cuda:
+            torch.cuda.set_sync_debug_mode("default")
+warned = sum("synchroniz" in str(w.message) for w in caught)
+print("SYNCS " + json.dumps({"rc": rc, "per": per, "cuda_sync_warnings": warned}))
+"""
+
+
 def loop_sync_rows(dev) -> list[dict]:
-    """Steady-state iterations of the real loop (1 rank, tiny, ds_configs/zero2.json)."""
-    code = ("import json,sys; from megamoe import trainer; from megamoe.syncs import HostSyncCounter, loop_syncs; "
-            "from megamoe.train_config import parse_args; "
-            "t = trainer.Trainer(parse_args(sys.argv[1:])); rc, per = loop_syncs(t, HostSyncCounter()); "
-            "print('SYNCS ' + json.dumps({'rc': rc, 'per': per}))")
+    """Steady-state iterations of the real loop (1 rank, tiny, ds_configs/zero2.json): the budget by
+    HostSyncCounter; on CUDA also the warnings of torch.cuda.set_sync_debug_mode over the run
+    (reported: they include DeepSpeed's deliberate synchronisations, start-up and the final save)."""
     with tempfile.TemporaryDirectory() as tmp:
         data = write_corpus(Path(tmp) / "syn", 512, 60_000)
-        out = run_py(["-c", code, "--model-config", "tiny", "--data-path", data, "--seq-length", "64",
+        script = Path(tmp) / "loop_audit.py"
+        script.write_text(LOOP_AUDIT)
+        out = run_py([str(script), "--model-config", "tiny", "--data-path", data, "--seq-length", "64",
                       "--train-iters", "11", "--lr", "1e-3", "--log-interval", "5", "--eval-iters", "0",
                       "--deepspeed", str(ROOT / "ds_configs" / "zero2.json")], timeout=600)
     line = next((ln for ln in out.splitlines() if ln.startswith("SYNCS ")), None)
     if line is None:
         return [row("syncs", "training loop", False, output=out[-3000:])]
-    per = [sum(d.values()) for d in json.loads(line[6:])["per"][1:]]
-    return [row("syncs", "training loop, per iteration (EP 1; budget 1, 2 on log steps)",
-                max(per) <= 2, per_iteration=per)]
+    audit = json.loads(line[6:])
+    per = [sum(d.values()) for d in audit["per"][1:]]
+    return [row("syncs", "training loop, per iteration (EP 1; budget 1, 2 on log steps)", max(per) <= 2,
+                per_iteration=per, ops=audit["per"][1:], cuda_sync_warnings=audit["cuda_sync_warnings"])]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -364,7 +387,7 @@ PARTS = {"kernels": check_kernels, "attention": check_attention, "syncs": check_
 def table(rows: list[dict]) -> str:
     lines = [f"{'part':<11} {'result':<6} check"]
     for r in rows:
-        keys = [k for k in ("max_rel_err", "documents_max_rel_err", "fwd_bwd_ms", "per_iteration", "max_abs_diff", "tokens_per_s", "mfu",
+        keys = [k for k in ("max_rel_err", "documents_max_rel_err", "fwd_bwd_ms", "per_iteration", "cuda_sync_warnings", "max_abs_diff", "tokens_per_s", "mfu",
                             "peak_memory_gb", "reason") if k in r]
         detail = ", ".join(f"{k}={r[k]:.3g}" if isinstance(r[k], float) else f"{k}={r[k]}" for k in keys)
         lines.append(f"{r['part']:<11} {'ok' if r['ok'] else 'FAIL':<6} {r['name']}" + (f"  ({detail})" if detail else ""))

@@ -17,6 +17,7 @@ from __future__ import annotations
 import os
 import resource
 import time
+import warnings
 from typing import Optional
 
 import torch
@@ -186,6 +187,7 @@ class Monitor:
 
     def __init__(self, tensorboard_dir: Optional[str], enabled: bool):
         self.writer = None
+        self.no_figures = False
         if enabled and tensorboard_dir:
             from torch.utils.tensorboard import SummaryWriter
             self.writer = SummaryWriter(log_dir=tensorboard_dir)
@@ -198,9 +200,15 @@ class Monitor:
                 self.writer.add_scalar(k, float(v), step)
 
     def heatmap(self, tag: str, load_LE, layer_ids, step: int) -> None:
-        if self.writer is None:
+        if self.writer is None or self.no_figures:
             return
-        import matplotlib.pyplot as plt
+        try:
+            import matplotlib.pyplot as plt
+        except ImportError as e:   # a minimal environment (e.g. a GPU box without it): scalars still go out
+            self.no_figures = True
+            warnings.warn(f"matplotlib is not importable ({e}): the {tag} heatmap is skipped; the per-layer "
+                          "load scalars are still written")
+            return
         fig = heatmap_figure(load_LE, layer_ids)
         self.writer.add_figure(tag, fig, step)
         plt.close(fig)

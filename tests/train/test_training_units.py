@@ -172,3 +172,25 @@ def test_mfu_is_refused_above_the_measured_peak():
     from megamoe.monitor import mfu
     assert mfu(5e9, 1e10) == 0.5
     assert mfu(1.1e10, 1e10) is None and mfu(1e9, None) is None and mfu(1e9, 0.0) is None
+
+
+def test_heatmap_is_skipped_with_a_warning_without_matplotlib(tmp_path, monkeypatch):
+    import builtins
+
+    import torch
+
+    from megamoe.monitor import Monitor, read_scalars
+    real_import = builtins.__import__
+
+    def no_matplotlib(name, *a, **k):
+        if name.startswith("matplotlib"):
+            raise ImportError("No module named 'matplotlib'")
+        return real_import(name, *a, **k)
+    monkeypatch.setattr(builtins, "__import__", no_matplotlib)
+    mon = Monitor(str(tmp_path), enabled=True)
+    with pytest.warns(UserWarning, match="heatmap is skipped"):
+        mon.heatmap("moe/expert_load", torch.ones(2, 4), [1, 2], 5)
+    mon.heatmap("moe/expert_load", torch.ones(2, 4), [1, 2], 6)   # said once
+    mon.scalars({"moe/x": 1.0}, 5)
+    mon.close()
+    assert read_scalars(tmp_path, "moe/x") == {5: 1.0}
