@@ -196,3 +196,49 @@ def test_eos_list_takes_the_first_id():
     d = hf.to_hf_config(BASE).to_dict()
     d["eos_token_id"] = [2, 7]
     assert hf.from_hf_config(d).eos_token_id == 2
+
+
+def test_shards_fill_greedily_up_to_the_exact_limit_and_only_sharded_exports_have_an_index(tmp_path):
+    """A shard takes tensors (sorted by name) while their bytes stay <= max_shard_bytes: a limit equal
+    to the first two tensors' bytes puts exactly those two in shard 1; one byte less than the
+    whole model gives exactly two shards (and an index); no limit gives one file and no index."""
+    import json
+
+    from safetensors import safe_open
+    sd = BASE.build(seed=1).state_dict()
+    hf_sd = hf.to_hf_state_dict(sd, BASE)
+    names = sorted(hf_sd)
+    nbytes = {k: hf_sd[k].numel() * 4 for k in names}                   # exported as fp32
+    hf.save_hf_dir(tmp_path / "exact", BASE, sd, max_shard_bytes=nbytes[names[0]] + nbytes[names[1]])
+    index = json.loads((tmp_path / "exact" / "model.safetensors.index.json").read_text())
+    first = sorted(k for k, f in index["weight_map"].items() if f.startswith("model-00001-"))
+    assert first == names[:2]
+    hf.save_hf_dir(tmp_path / "two", BASE, sd, max_shard_bytes=sum(nbytes.values()) - 1)
+    index = json.loads((tmp_path / "two" / "model.safetensors.index.json").read_text())
+    assert sorted(set(index["weight_map"].values())) == ["model-00001-of-00002.safetensors",
+                                                          "model-00002-of-00002.safetensors"]
+    assert [k for k, f in index["weight_map"].items() if f.startswith("model-00002-")] == [names[-1]]
+    hf.save_hf_dir(tmp_path / "one", BASE, sd)
+    assert sorted(p.name for p in (tmp_path / "one").iterdir()) == ["config.json", "generation_config.json",
+                                                                     "model.safetensors"]
+    with safe_open(str(tmp_path / "one" / "model.safetensors"), "pt") as fh:
+        assert sorted(fh.keys()) == names
+
+
+def test_export_builds_in_a_hidden_sibling_and_cleans_up_on_failure(tmp_path, monkeypatch):
+    """The export is assembled in `.NAME.tmp-*` next to the target (so the final rename stays on one
+    filesystem) and removed if anything fails, leaving no target behind."""
+    import os
+    seen = []
+    real_replace = os.replace
+    monkeypatch.setattr(os, "replace", lambda src, dst: (seen.append((src, dst)), real_replace(src, dst)))
+    hf.save_hf_dir(tmp_path / "out", BASE, BASE.build().state_dict())
+    (src, dst), = seen
+    assert src.parent == tmp_path and src.name.startswith(".out.tmp-") and dst == tmp_path / "out"
+
+    def boom(*a, **k):
+        raise OSError("disk full")
+    monkeypatch.setattr("safetensors.torch.save_file", boom)
+    with pytest.raises(OSError, match="disk full"):
+        hf.save_hf_dir(tmp_path / "failed", BASE, BASE.build().state_dict())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]        # no target, no temporary left
