@@ -194,45 +194,42 @@ def _log_choice(requested: str, name: str, why: str) -> None:
         logger.info("attention backend: %s (requested %r; %s)", name, requested, why)
 
 
-def _flash(q_BSHD, k_BSHD, v_BSHE, scale, causal, name: str = "flash"):
-    fn, _ = _flash_attn_func() if name == "flash" else _flash_fn(name)
-    Dqk, Dv = q_BSHD.shape[-1], v_BSHE.shape[-1]
+def _flash_call(fn, name: str, q, k, v, scale, causal, *varlen_args):
+    """One FlashAttention call in either layout: head dims the flavour does not take as they are get
+    zero-padded to the larger one (zeros change neither q.k nor the kept columns of P.V) and the
+    output is sliced back to v's width."""
+    Dqk, Dv = q.shape[-1], v.shape[-1]
     if not takes_natively(name, Dqk, Dv):
         D = max(Dqk, Dv)
         if Dv < D:
-            v_BSHE = F.pad(v_BSHE, (0, D - Dv))
-        if Dqk < D:
-            q_BSHD = F.pad(q_BSHD, (0, D - Dqk))
-            k_BSHD = F.pad(k_BSHD, (0, D - Dqk))
+            v = F.pad(v, (0, D - Dv))
+        if Dqk < D:   # only one side is ever padded: no copy of the other
+            q, k = F.pad(q, (0, D - Dqk)), F.pad(k, (0, D - Dqk))
     kwargs = {"softmax_scale": scale, "causal": causal, "deterministic": _deterministic}
     if name == "flash":
         kwargs["dropout_p"] = 0.0
-    out_BSHD = fn(q_BSHD, k_BSHD, v_BSHE, **kwargs)
-    if isinstance(out_BSHD, tuple):   # FA3 releases before 3.0 also return the log-sum-exp
-        out_BSHD = out_BSHD[0]
-    return out_BSHD[..., :Dv]
+    out = fn(q, k, v, *varlen_args, **kwargs)
+    if isinstance(out, tuple):   # FA3 releases before 3.0 also return the log-sum-exp
+        out = out[0]
+    return out[..., :Dv]
+
+
+def _flash(q_BSHD, k_BSHD, v_BSHE, scale, causal, name: str = "flash"):
+    fn, _ = _flash_attn_func() if name == "flash" else _flash_fn(name)
+    return _flash_call(fn, name, q_BSHD, k_BSHD, v_BSHE, scale, causal)
 
 
 def _flash_varlen(q_BSHD, k_BSHD, v_BSHE, scale, docs: Documents, name: str = "flash"):
     """FlashAttention over packed documents: tokens flattened to [B*S, H, D], one causal sequence
-    per document (cu_seqlens), the same padding of unequal head dims as the dense path."""
+    per document (cu_seqlens)."""
     fn, err = _flash_fn(name, varlen=True)
     if fn is None:
         raise RuntimeError(f"attention backend '{name}' with documents needs {err}")
-    B, S, H, Dqk = q_BSHD.shape
-    Dv = v_BSHE.shape[-1]
+    B, S, H, _ = q_BSHD.shape
     q, k, v = (t.reshape(B * S, H, t.shape[-1]) for t in (q_BSHD, k_BSHD, v_BSHE))
-    if not takes_natively(name, Dqk, Dv):
-        D = max(Dqk, Dv)
-        q, k, v = F.pad(q, (0, D - Dqk)), F.pad(k, (0, D - Dqk)), F.pad(v, (0, D - Dv))
-    kwargs = {"softmax_scale": scale, "causal": True, "deterministic": _deterministic}
-    if name == "flash":
-        kwargs["dropout_p"] = 0.0
     cu = docs.cu_seqlens.to(device=q.device, dtype=torch.int32)
-    out = fn(q, k, v, cu, cu, docs.max_seqlen, docs.max_seqlen, **kwargs)
-    if isinstance(out, tuple):
-        out = out[0]
-    return out[..., :Dv].reshape(B, S, H, Dv)
+    out = _flash_call(fn, name, q, k, v, scale, True, cu, cu, docs.max_seqlen, docs.max_seqlen)
+    return out.reshape(B, S, H, -1)
 
 
 def _sdpa(q_BSHD, k_BSHD, v_BSHE, scale, causal, docs: Optional[Documents] = None):
