@@ -163,9 +163,7 @@ class Router(nn.Module):
         if faults.nan_router_logits():
             logits_TE = torch.cat([torch.full_like(logits_TE[:1], float("nan")), logits_TE[1:]])
         bias_E = self.e_score_correction_bias if expert_bias is None else self.e_score_correction_bias + expert_bias
-        weights_TK, indices_TK, scores_TE, counts_E = kernels.route(
-            logits_TE, bias_E, self.top_k, self.score_func, self.n_group, self.topk_group,
-            self.norm_topk_prob, self.routed_scaling_factor)
+        weights_TK, indices_TK, scores_TE, counts_E = self._top_k(logits_TE, bias_E)
         self.last_tokens_per_expert = counts_E.detach()
         if self.training and torch.is_grad_enabled():
             if not _recomputing():
@@ -194,17 +192,19 @@ class Router(nn.Module):
             self.last_dropped_fraction = 1.0 - kept_TK.float().mean().detach()
         return Routing(weights_TK, indices_TK, counts_E, kept_TK)
 
+    def _top_k(self, logits_TE: torch.Tensor, bias_E: Optional[torch.Tensor]):
+        """kernels.route with this router's settings: (weights, indices, scores, counts)."""
+        return kernels.route(logits_TE, bias_E, self.top_k, self.score_func, self.n_group, self.topk_group,
+                             self.norm_topk_prob, self.routed_scaling_factor)
 
     @torch.no_grad()
     def _count_rerouted(self, logits_TE: torch.Tensor, indices_TK: torch.Tensor) -> None:
         """How many (token, slot) picks the selection bias changed: top-k without it vs with it."""
-        _, plain_TK, _, _ = kernels.route(logits_TE, None, self.top_k, self.score_func, self.n_group,
-                                          self.topk_group, self.norm_topk_prob, self.routed_scaling_factor)
+        plain_TK = self._top_k(logits_TE, None)[1]
         ones = torch.ones(indices_TK.shape, dtype=torch.float32, device=indices_TK.device)
         picked_TE = torch.zeros(logits_TE.shape, device=logits_TE.device).scatter_(1, indices_TK, ones)
         both = picked_TE.gather(1, plain_TK).sum()
         self.rerouted_acc += torch.stack([indices_TK.numel() - both, ones.sum()])
-
 
     @torch.no_grad()
     def _count_buckets(self, indices_TK: torch.Tensor) -> None:
