@@ -284,6 +284,12 @@ def sample_source(dataset, i: int) -> str:
     return getattr(dataset, "name", "") or repr(dataset)
 
 
+def per_dataset(dataset, consumed_samples: int) -> Optional[list[int]]:
+    """Samples taken from each dataset of a blend after `consumed_samples` (None: not a blend)."""
+    f = getattr(dataset, "consumed_per_dataset", None)
+    return f(consumed_samples) if f else None
+
+
 class DistributedBatchIterator:
     """Yields ``{"input_ids": LongTensor[B, S], "labels": LongTensor[B, S]}`` for one DP rank.
 
@@ -315,8 +321,7 @@ class DistributedBatchIterator:
         return self.micro_batch_size * self.dp_world_size
 
     def consumed_per_dataset(self) -> Optional[list[int]]:
-        f = getattr(self.dataset, "consumed_per_dataset", None)
-        return f(self.consumed_samples) if f else None
+        return per_dataset(self.dataset, self.consumed_samples)
 
     def state_dict(self) -> dict:
         return {"consumed_samples": self.consumed_samples,
@@ -346,6 +351,8 @@ class DistributedBatchIterator:
             from megamoe.kernels.attention import documents_of
             out["documents"] = documents_of(batch[:, :-1], self.eos_id)
         return out
+
+
 class Prefetcher:
     """A batch iterator one batch ahead: the next batch is read, pinned and sent to the device
     (`move`, e.g. megamoe.distributed.to_device: non_blocking copies) when the current one is
@@ -376,7 +383,4 @@ class Prefetcher:
         return batch
 
     def consumed_per_dataset(self) -> Optional[list[int]]:
-        f = getattr(self.it.dataset, "consumed_per_dataset", None)
-        return f(self.consumed_samples) if f else None
-
-
+        return per_dataset(self.it.dataset, self.consumed_samples)
