@@ -37,8 +37,7 @@ SYNCING_OPS = frozenset({
 
 
 def _is_bool_index(name: str, args) -> bool:
-    if name not in ("aten::index.Tensor", "aten::index", "aten::index_put", "aten::index_put_",
-                    "aten::_index_put_impl_"):
+    if name not in ("aten::index", "aten::index_put", "aten::index_put_", "aten::_index_put_impl_"):
         return False
     indices = args[1] if len(args) > 1 else None
     return any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in (indices or []))
@@ -59,8 +58,7 @@ def op_syncs(func, args, kwargs) -> Optional[str]:
     name = func._schema.name
     if name in SYNCING_OPS:
         return name
-    overload = f"{name}.{func._overloadname}" if func._overloadname else name
-    if _is_bool_index(overload, args) or _is_bool_index(name, args):
+    if _is_bool_index(name, args):   # the schema name carries no overload (aten::index, not .Tensor)
         return "boolean-mask index"
     if _is_device_to_host(name, args, kwargs or {}):
         return "device-to-host copy"
