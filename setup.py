@@ -36,7 +36,7 @@ setup(
         "megamoe-pretrain=megamoe.pretrain:main",
         *(f"megamoe-{name.replace('_', '-')}=megamoe.cli.{name}:main" for name in (
             "preprocess", "train_tokenizer", "prepare_corpus", "inspect_data", "convert_to_hf", "convert_from_hf",
-            "convert_checkpoint", "generate", "evaluate")),
+            "convert_checkpoint", "generate", "evaluate", "serve")),
     ]},
     extras_require={
         # deepspeed must be installed after torch without build isolation: `make` does that.
@@ -45,6 +45,9 @@ setup(
         "kernels": ["triton==3.9.0"],
         # GPU only: flash-attn needs CUDA to build.
         "gpu": ["flash-attn>=2.6"],
-        "dev": ["pytest>=8", "pytest-timeout>=2.3", "hypothesis>=6.100", "mutmut==3.8.1"],
+        # the playground (tools/serve.py)
+        "serve": ["gradio>=6.0,<7"],
+        # selenium drives the distribution's Chromium in the playground test (no browser download)
+        "dev": ["pytest>=8", "pytest-timeout>=2.3", "hypothesis>=6.100", "mutmut==3.8.1", "selenium>=4.20"],
     },
 )

@@ -30,6 +30,7 @@ class LoadedModel:
     config: ModelConfig
     tokenizer: Optional[object]      # megamoe.data.tokenizer.Tokenizer or None
     source: str
+    state: Optional[object] = None   # the checkpoint's TrainerState (step, losses); None for HF dirs
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -68,11 +69,12 @@ def load_model(path, tag: Optional[str] = None, dtype: torch.dtype = torch.float
         if tag is not None:
             raise CheckpointError(f"--tag is for megamoe checkpoints; {path} is a Hugging Face directory")
         cfg, sd = read_hf_dir(path)
+        state = None
         tok_path = tokenizer or next((str(path / n) for n in ("tokenizer.json", "tokenizer.model")
                                       if (path / n).exists()), None)
     else:
         sd, ck = load_native_state_dict(path, tag, trust=trust)
-        cfg = ck.config
+        cfg, state = ck.config, ck.state
         tok_path = tokenizer or ck.tokenizer
     model = cfg.build(seed=0)
     model.load_state_dict(sd, strict=True)
@@ -83,7 +85,7 @@ def load_model(path, tag: Optional[str] = None, dtype: torch.dtype = torch.float
             warnings.warn(f"tokenizer {tok_path} does not exist; pass --tokenizer PATH")
         else:
             tok = load_tokenizer(str(tok_path))
-    return LoadedModel(model=model, config=cfg, tokenizer=tok, source=str(path))
+    return LoadedModel(model=model, config=cfg, tokenizer=tok, source=str(path), state=state)
 
 
 # ----------------------------------------------------------------------------------------------

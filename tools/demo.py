@@ -107,6 +107,7 @@ def main() -> int:
     print(f"  TensorBoard: .venv/bin/tensorboard --logdir {tb}")
     print(f"  Checkpoint:  {ckpt / (open(ckpt / 'latest').read().strip())}  (resume with --load {ckpt})")
     print(f"  HF model:    {hf_dir}  (python tools/generate.py --model {hf_dir} --prompt 'ROMEO:' --stream)")
+    print(f"  Playground:  .venv/bin/python tools/serve.py --model {ckpt}  (then open http://127.0.0.1:7860)")
     return 0
 
 

@@ -228,7 +228,6 @@ class Transformer(nn.Module):
         p = self.embed_tokens.weight
         return [LatentCache.empty(self.cfg, batch, max_len, p.device, p.dtype) for _ in self.layers]
 
-    @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
                  top_k: Optional[int] = None, top_p: Optional[float] = None,
                  eos_token_id: Optional[int] = None, generator: Optional[torch.Generator] = None,
@@ -236,6 +235,21 @@ class Transformer(nn.Module):
         """Sample with the latent KV cache. temperature 0 is greedy. Prompts in a batch have equal
         length. `on_token(next_ids [B])` is called for each new token (streaming). Stops early
         when every row has produced `eos_token_id`. Returns prompt + generated ids."""
+        new = []
+        for next_ids in self.generate_stream(input_ids, max_new_tokens, temperature, top_k, top_p,
+                                             eos_token_id, generator):
+            new.append(next_ids[:, None])
+            if on_token is not None:
+                on_token(next_ids)
+        return torch.cat([input_ids, *new], dim=1)
+
+    @torch.no_grad()
+    def generate_stream(self, input_ids: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
+                        top_k: Optional[int] = None, top_p: Optional[float] = None,
+                        eos_token_id: Optional[int] = None,
+                        generator: Optional[torch.Generator] = None) -> Iterator[torch.Tensor]:
+        """generate() as an iterator of next_ids [B], one per step: a consumer that stops iterating
+        (a stop button) stops the computation. Rows that produced eos keep producing eos."""
         B, S = input_ids.shape
         total = S + max_new_tokens
         if total > self.cfg.max_position_embeddings:
@@ -243,23 +257,21 @@ class Transformer(nn.Module):
                              f"max_position_embeddings ({self.cfg.max_position_embeddings})")
         was_training = self.training
         self.eval()
-        caches = self.new_caches(B, total)
-        out_ids = input_ids
-        done = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
-        logits = self(input_ids, caches=caches, start_pos=0).logits[:, -1]
-        for step in range(max_new_tokens):
-            next_ids = sample_next(logits, temperature, top_k, top_p, generator)
-            if eos_token_id is not None:
-                next_ids = torch.where(done, torch.full_like(next_ids, eos_token_id), next_ids)
-                done |= next_ids == eos_token_id
-            out_ids = torch.cat([out_ids, next_ids[:, None]], dim=1)
-            if on_token is not None:
-                on_token(next_ids)
-            if done.all() or step == max_new_tokens - 1:
-                break
-            logits = self(next_ids[:, None], caches=caches, start_pos=S + step).logits[:, -1]
-        self.train(was_training)
-        return out_ids
+        try:
+            caches = self.new_caches(B, total)
+            done = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
+            logits = self(input_ids, caches=caches, start_pos=0).logits[:, -1]
+            for step in range(max_new_tokens):
+                next_ids = sample_next(logits, temperature, top_k, top_p, generator)
+                if eos_token_id is not None:
+                    next_ids = torch.where(done, torch.full_like(next_ids, eos_token_id), next_ids)
+                    done |= next_ids == eos_token_id
+                yield next_ids
+                if done.all() or step == max_new_tokens - 1:
+                    break
+                logits = self(next_ids[:, None], caches=caches, start_pos=S + step).logits[:, -1]
+        finally:
+            self.train(was_training)
 
 
 def sample_next(logits_BV: torch.Tensor, temperature: float = 1.0, top_k: Optional[int] = None,
