@@ -246,15 +246,18 @@ class ModelConfig:
         return Transformer(self, seed=seed, device=device)
 
     def num_params(self) -> dict[str, int]:
-        """Total and active (per token) parameter counts, from the shapes alone."""
+        """Total and active (per token) parameter counts, from the shapes alone; `norm`: the norm
+        weights among the active ones, `mtp_matmul`: the matmul weights an MTP depth applies per
+        token (its eh_proj, block and the shared LM head; not in `active`, which is the inference model)."""
         H, h = self.hidden_size, self.num_attention_heads
+        attn_norms = (self.q_lora_rank or 0) + self.kv_lora_rank      # q_a_norm, kv_a_norm
         if self.q_lora_rank is None:
             attn = H * h * self.qk_head_dim
         else:
-            attn = H * self.q_lora_rank + self.q_lora_rank + self.q_lora_rank * h * self.qk_head_dim
-        attn += H * (self.kv_lora_rank + self.qk_rope_head_dim) + self.kv_lora_rank
+            attn = H * self.q_lora_rank + self.q_lora_rank * h * self.qk_head_dim
+        attn += H * (self.kv_lora_rank + self.qk_rope_head_dim)
         attn += self.kv_lora_rank * h * (self.qk_nope_head_dim + self.v_head_dim)
-        attn += h * self.v_head_dim * H
+        attn += h * self.v_head_dim * H + attn_norms
         dense_mlp = 3 * H * self.intermediate_size
         expert = 3 * H * self.moe_intermediate_size
         total = active = 0
@@ -268,6 +271,9 @@ class ModelConfig:
             else:
                 total += layer + dense_mlp
                 active += layer + dense_mlp
+        moe_active = (self.n_shared_experts * expert + self.n_routed_experts * H + self.num_experts_per_tok * expert
+                      if self.is_moe else dense_mlp)
+        mtp_matmul = self.num_nextn_predict_layers * (2 * H * H + attn - attn_norms + moe_active + self.vocab_size * H)
         for d in range(self.num_nextn_predict_layers):
             # enorm, hnorm, eh_proj [H, 2H], final norm, and one block (MoE if the model is)
             mtp = 3 * H + 2 * H * H + attn + 2 * H
@@ -281,7 +287,8 @@ class ModelConfig:
         head = 0 if self.tie_word_embeddings else self.vocab_size * H
         total += embed + head + H
         active += embed + head + H
-        return {"total": total, "active": active, "embedding": embed}
+        norm = self.num_hidden_layers * (2 * H + attn_norms) + H
+        return {"total": total, "active": active, "embedding": embed, "norm": norm, "mtp_matmul": mtp_matmul}
 
 
 def list_presets() -> list[str]:

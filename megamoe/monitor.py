@@ -2,10 +2,12 @@
 experts x layers load heatmap, memory, and the Megatron-style console line.
 
 FLOPs per token (training = forward + backward = 3 x forward, each multiply-add = 2 FLOPs):
-  * matmuls: 6 x (active non-embedding parameters): attention projections of MLA as they are
+  * matmuls: 6 x (active matmul parameters): attention projections of MLA as they are
     computed in training (q_a/q_b or q, kv_a, kv_b, o), dense MLPs, the shared experts, the
     router, only the `num_experts_per_tok` routed experts a token visits, and the LM head (a
-    matmul even when tied; the input embedding is a lookup and is not counted);
+    matmul even when tied; the input embedding is a lookup and norm weights are no matmul, so
+    neither is counted); each MTP depth adds its eh_proj, block and another pass of the LM head.
+    tests/train/test_training_units.py checks this against torch's FlopCounterMode;
   * attention: per layer and token, QK^T costs 2*h*qk_head_dim*S' and PV 2*h*v_head_dim*S'
     forward, where S' = (S+1)/2 is the mean number of keys a query attends to under the causal
     mask; x3 for training: 6 * h * (qk_head_dim + v_head_dim) * (S+1)/2.
@@ -36,12 +38,13 @@ GPU_BF16_PEAK = [
 def flops_per_token(cfg: ModelConfig, seq_length: int) -> dict[str, float]:
     """Training FLOPs per token: {"matmul", "attention", "total"} (see module docstring)."""
     n = cfg.num_params()
-    dense_active = n["active"] - n["embedding"]          # drops the input embedding lookup ...
+    dense_active = n["active"] - n["embedding"] - n["norm"]   # drops the input embedding lookup ...
     if cfg.tie_word_embeddings:
         dense_active += cfg.vocab_size * cfg.hidden_size  # ... but a tied LM head is still a matmul
-    matmul = 6.0 * dense_active
+    matmul = 6.0 * (dense_active + n["mtp_matmul"])
     h = cfg.num_attention_heads
-    attn = cfg.num_hidden_layers * 6.0 * h * (cfg.qk_head_dim + cfg.v_head_dim) * (seq_length + 1) / 2
+    layers = cfg.num_hidden_layers + cfg.num_nextn_predict_layers
+    attn = layers * 6.0 * h * (cfg.qk_head_dim + cfg.v_head_dim) * (seq_length + 1) / 2
     return {"matmul": matmul, "attention": attn, "total": matmul + attn}
 
 

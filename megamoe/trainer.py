@@ -329,6 +329,7 @@ class Trainer:
                                                       "model": cfg.to_dict()}, indent=2, default=str) + "\n```")
         self.layer_ids = [i for i, _ in routers_of(self.engine)]
         self.window = MetricsWindow()
+        self.train_seconds = 0.0   # training wall time of this process (eval and save excluded)
         self.qk_stats, self.stats, self.load_acc_LE, self.lr = None, {}, None, None
         self.pending, self.last_logged = [], {}   # per-step device metrics until the next log step
         self.mfu_refused = False
@@ -516,7 +517,9 @@ class Trainer:
                               means["aux"], means["z"], last.get("train/grad_norm"), tok_s, flops_rank / 1e12, mfu,
                               last.get("moe/max_over_mean_max"), mem,
                               1000 * dt / max(win.iters, 1), self.skipped_total, extra=self._console_extra(means, last)))
+            self.train_seconds += dt
             self.mon.scalars({"perf/tokens_per_s": tok_s, "perf/tflops_per_rank": flops_rank / 1e12, "perf/mfu": mfu,
+                              "perf/train_seconds": self.train_seconds,
                               **{f"mem/{k}_gb": v for k, v in mem.items()}}, it)
             self.window = MetricsWindow()
         if self.load_acc_LE is not None and it % (config.logging.heatmap_interval or config.logging.eval_interval) == 0:

