@@ -37,11 +37,10 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from megamoe.config import ModelConfig
+from megamoe.monitor import flops_per_token, read_scalars
 
-from megamoe.config import ModelConfig  # noqa: E402
-from megamoe.monitor import flops_per_token, read_scalars  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 HELD_OUT_PLAYS = ("tragedies__hamlet.txt", "romances__the-tempest.txt")
 KJV_BOOKS = ["Ruth", "Esther", "Jonah", "Matthew", "Acts"]
@@ -255,18 +254,40 @@ def summary(rows: list[dict], baseline: str) -> str:
     seeds = {r["config"]: sorted(x["seed"] for x in by[r["config"]]) for r in rows}
     agg = ("\n| config | seeds | held-out loss | KJV loss | gap to baseline: held-out | KJV |\n"
            "|---|---|---|---|---|---|\n")
-    base = {r["seed"]: r for r in by[baseline]}
+    base = {r["seed"]: r for r in by.get(baseline, [])}
     for name, rs in by.items():
         gaps_h = [base[r["seed"]]["held_loss"] - r["held_loss"] for r in rs if r["seed"] in base]
         gaps_k = [base[r["seed"]]["kjv_loss"] - r["kjv_loss"] for r in rs if r["seed"] in base]
+
+        def gap(g: list[float]) -> str:
+            return "-" if name == baseline or not g else f"{spread(g)} (min {min(g):.4f})"
         agg += (f"| {name} | {seeds[name]} | {spread([r['held_loss'] for r in rs])} | "
-                f"{spread([r['kjv_loss'] for r in rs])} | "
-                f"{'-' if name == baseline else spread(gaps_h) + f' (min {min(gaps_h):.4f})'} | "
-                f"{'-' if name == baseline else spread(gaps_k) + f' (min {min(gaps_k):.4f})'} |\n")
+                f"{spread([r['kjv_loss'] for r in rs])} | {gap(gaps_h)} | {gap(gaps_k)} |\n")
     note = ("\nLosses in nats per token on the first "
             f"{EVAL_TOKENS:,} tokens of each text; gap = baseline loss - config loss (positive: the config is better), "
             "per seed, then mean ± standard deviation over seeds.\n")
     return head + body + agg + note
+
+
+def run_one(s: Spec, seed: int, iters: int, data: dict, run_dir: Path, extra: list[str]) -> tuple[dict, Curve]:
+    """Train (unless run_dir holds a finished run of the same command) and evaluate one run."""
+    done = run_dir / "result.json"
+    key = {"config": s.config.to_dict(), "seed": seed, "iters": iters, "extra": extra,
+           "ds_config": json.loads(Path(data["ds_config"]).read_text())}
+    fpt = flops_per_token(s.config, SEQ)["total"]
+    if done.exists() and json.loads(done.read_text()).get("key") == key:
+        print(f"reuse {run_dir}", flush=True)
+        return json.loads(done.read_text())["row"], read_curve(run_dir / "tensorboard", fpt)
+    print(f"train {run_dir.name}: {iters} iterations", flush=True)
+    wall = train(s, seed, iters, data, run_dir, extra)
+    curve = read_curve(run_dir / "tensorboard", fpt)
+    held_loss, held_bpb = evaluate(run_dir / "checkpoints", data["held_out"])
+    kjv_loss, kjv_bpb = evaluate(run_dir / "checkpoints", data["kjv"])
+    row = dict(run=run_dir.name, config=s.name, seed=seed, iters=iters, tokens=iters * tokens_per_iter(),
+               flops=iters * tokens_per_iter() * fpt, seconds=curve.seconds[-1], wall=wall,
+               val_loss=curve.val_loss[-1], held_loss=held_loss, held_bpb=held_bpb, kjv_loss=kjv_loss, kjv_bpb=kjv_bpb)
+    done.write_text(json.dumps({"key": key, "row": row}, indent=1))
+    return row, curve
 
 
 def main(argv=None) -> int:
@@ -301,23 +322,17 @@ def main(argv=None) -> int:
     data["ds_config"] = ds_config(out, precision)
     print(f"precision {precision}")
     rows, curves = [], {}
+    order = [len(specs) - 1, *range(len(specs) - 1)]    # the baseline first: every later run has its gap
     for seed in args.seeds:            # seeds outermost: a stopped sweep still has whole comparisons
-        for s, n in zip(specs, iters):
+        for i in order:
+            s, n = specs[i], iters[i]
             run = f"{s.name}-s{seed}"
-            run_dir = out / "runs" / run
-            print(f"train {run}: {n} iterations", flush=True)
-            wall = train(s, seed, n, data, run_dir, args.train_args.split())
-            fpt = flops_per_token(s.config, SEQ)["total"]
-            curves[run] = read_curve(run_dir / "tensorboard", fpt)
+            row, curves[run] = run_one(s, seed, n, data, out / "runs" / run, args.train_args.split())
+            rows.append(row)
+            print(f"  {run}: held-out {row['held_loss']:.4f} nats ({row['held_bpb']:.4f} bpb), KJV "
+                  f"{row['kjv_loss']:.4f} ({row['kjv_bpb']:.4f} bpb), {row['seconds']:.0f} s training "
+                  f"({row['wall']:.0f} s wall)", flush=True)
             write_tensorboard(out, run, curves[run])
-            held_loss, held_bpb = evaluate(run_dir / "checkpoints", data["held_out"])
-            kjv_loss, kjv_bpb = evaluate(run_dir / "checkpoints", data["kjv"])
-            rows.append(dict(run=run, config=s.name, seed=seed, iters=n, tokens=n * tokens_per_iter(),
-                             flops=n * tokens_per_iter() * fpt, seconds=curves[run].seconds[-1],
-                             wall=wall, val_loss=curves[run].val_loss[-1], held_loss=held_loss, held_bpb=held_bpb,
-                             kjv_loss=kjv_loss, kjv_bpb=kjv_bpb))
-            print(f"  {run}: held-out {held_loss:.4f} nats ({held_bpb:.4f} bpb), KJV {kjv_loss:.4f} "
-                  f"({kjv_bpb:.4f} bpb), {curves[run].seconds[-1]:.0f} s training ({wall:.0f} s wall)", flush=True)
             table = summary(rows, specs[-1].name)
             (out / "summary.md").write_text(table)
             (out / "results.json").write_text(json.dumps(rows, indent=1))

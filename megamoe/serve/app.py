@@ -5,6 +5,7 @@ stop button and takes custom HTML with a page script, all from Python; see READM
 import logging
 import os
 import threading
+import time
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")   # before gradio is imported: no calls home
 import gradio as gr  # noqa: E402  (the module is imported only to serve; the CLI checks gradio first)
@@ -13,6 +14,9 @@ from megamoe.serve import render  # noqa: E402
 from megamoe.serve.session import Playground, PlaygroundError, Request  # noqa: E402
 
 log = logging.getLogger("megamoe.serve")
+
+UPDATE_EVERY_S = 0.05   # stream at most 20 page updates a second: a fast model would flood the browser
+                        # with one re-render per token, and a stop click would queue behind them
 
 # System fonts only: the default theme would fetch web fonts, and the page must work offline.
 FONTS = dict(font=["ui-sans-serif", "system-ui", "sans-serif"], font_mono=["ui-monospace", "monospace"])
@@ -34,9 +38,10 @@ def build_app(pg: Playground, card_md: str) -> gr.Blocks:
         flag = stop_flags.setdefault(request.session_hash, threading.Event())
         flag.clear()
         try:
-            step = None
+            step, shown = None, 0.0
             for step in pg.stream(Request(prompt, max_new, temperature, top_k, top_p, seed), stop=flag.is_set):
-                if not step.done:
+                if not step.done and time.monotonic() - shown >= UPDATE_EVERY_S:
+                    shown = time.monotonic()
                     yield step.text, _notes_md(step.notes, "generating…"), gr.skip(), gr.skip()
             heat, load = pg.routing_view(step.ids, step.n_prompt)
             ended = "stopped" if step.stopped else "done"

@@ -47,7 +47,7 @@ def served(tmp_path_factory) -> Served:
     play = next(p for p in prepare_shakespeare(base / "plays") if p.name == PLAY)
     text = play.read_text(encoding="utf-8")
     sp = str(train_sentencepiece([text], base / "sp", vocab_size=512, num_threads=1))
-    cfg = ModelConfig.load("tiny", vocab_size=512)
+    cfg = ModelConfig.load("tiny", vocab_size=512, max_position_embeddings=1024)   # room for long generations
     model = train_tiny(cfg, load_tokenizer(sp).encode(text))
     save_hf_dir(base / "hf", cfg, model.state_dict())
     export_tokenizer(sp, base / "hf", cfg)

@@ -181,7 +181,7 @@ def test_absurd_max_new_tokens_is_cut_to_the_context(lm):
 
 def test_long_prompt_keeps_its_end(lm):
     ctx = lm.config.max_position_embeddings
-    long = " ".join(f"word{i}" for i in range(400))
+    long = " ".join(f"word{i}" for i in range(1000))
     ids = lm.tokenizer.encode(long)
     assert len(ids) > ctx
     p = Playground(lm).prepare(long, 32)

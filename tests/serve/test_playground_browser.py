@@ -131,8 +131,15 @@ def test_empty_prompt_gets_a_message_and_the_server_stays_up(page):
     wait_for(page, lambda: "The prompt is empty" in status(page), what="the empty-prompt message")
 
 
+def set_max_new(d, n: int):
+    box = css(d, "#mm-max-new input[type=number]")[0]
+    box.clear()
+    box.send_keys(f"{n}\t")
+
+
 def test_generation_streams_and_the_heatmap_is_the_routers_choice(page, served, tmp_path):
     set_prompt(page, PROMPT)
+    set_max_new(page, 200)
     watch_output(page)
     css(page, "#mm-generate")[0].click()
     wait_for(page, lambda: status(page).startswith("done"), what="the generation to finish")
@@ -192,16 +199,14 @@ def screenshot(d, tmp_path):
 
 def test_stop_ends_a_generation_and_shows_its_routing(page):
     set_prompt(page, PROMPT)
-    slider_box = css(page, "#mm-max-new input[type=number]")[0]
-    slider_box.clear()
-    slider_box.send_keys("255\t")
+    set_max_new(page, 1000)
     watch_output(page)
     css(page, "#mm-generate")[0].click()
     wait_for(page, lambda: status(page).startswith("generating"), what="streaming to start")
     css(page, "#mm-stop")[0].click()
     wait_for(page, lambda: status(page).startswith("stopped"), what="the stop")
     n_gen = len(css(page, "#mm-heatmap th.mm-gen"))
-    assert 0 < n_gen < 250 and f"stopped: {n_gen} new tokens" in status(page)
+    assert 0 < n_gen < 1000 and f"stopped: {n_gen} new tokens" in status(page)
     text = css(page, "#mm-output textarea")[0].get_attribute("value")
     assert text and text == page.execute_script("return window.mmSeen").pop()
 
@@ -211,4 +216,4 @@ def test_model_card_tab(page, served):
     tab.click()
     card = wait_for(page, lambda: (css(page, "#mm-card") or [None])[0], what="the model card").text
     assert "active per token" in card and "8 routed (top-2, sigmoid), 1 shared" in card
-    assert re.search(r"context\s+256", card)
+    assert re.search(r"context\s+1024", card)

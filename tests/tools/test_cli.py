@@ -12,7 +12,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 TOOLS = ["convert_checkpoint", "convert_from_hf", "convert_to_hf", "evaluate", "generate", "inspect_data",
-         "prepare_corpus", "preprocess", "train_tokenizer"]
+         "prepare_corpus", "preprocess", "train_tokenizer", "serve"]
 
 
 def test_console_scripts_point_at_the_tools_mains():
