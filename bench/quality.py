@@ -39,6 +39,7 @@ from pathlib import Path
 
 from megamoe.config import ModelConfig
 from megamoe.monitor import flops_per_token, read_scalars
+from megamoe.train_config import ds_config_at_precision
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -120,27 +121,15 @@ def prepare_data(out: Path) -> dict[str, Path]:
 # runs
 # ----------------------------------------------------------------------------------------------
 def pick_precision(choice: str) -> str:
-    """auto: bf16 on a GPU; on a CPU whichever matmul is faster here, measured (bf16 needs AMX:
-    without it bf16 runs hundreds of times slower than fp32)."""
+    """auto: bf16 on a GPU; on a CPU whichever matmul is faster here (bf16 needs AMX)."""
     import torch
 
-    from megamoe.monitor import measure_cpu_matmul_peak
+    from megamoe.monitor import faster_cpu_precision
     if choice != "auto":
         return choice
     if torch.cuda.is_available() and os.environ.get("DS_ACCELERATOR", "cuda") != "cpu":
         return "bf16"
-    bf16, fp32 = measure_cpu_matmul_peak(torch.bfloat16, 512, 0.3), measure_cpu_matmul_peak(torch.float32, 512, 0.3)
-    print(f"CPU matmul peak: bf16 {bf16 / 1e9:.1f}, fp32 {fp32 / 1e9:.1f} GFLOP/s per thread")
-    return "bf16" if bf16 > fp32 else "fp32"
-
-
-def ds_config(out: Path, precision: str) -> Path:
-    """The demo's ZeRO-2 config at `precision`."""
-    cfg = json.loads((ROOT / "ds_configs" / "zero2.json").read_text())
-    cfg["bf16"] = {"enabled": precision == "bf16"}
-    path = out / f"zero2_{precision}.json"
-    path.write_text(json.dumps(cfg, indent=1))
-    return path
+    return faster_cpu_precision()
 
 
 def train(spec: Spec, seed: int, iters: int, data: dict, run_dir: Path, extra: list[str]) -> float:
@@ -319,7 +308,7 @@ def main(argv=None) -> int:
     out = Path(args.out)
     data = prepare_data(out / "data")
     precision = pick_precision(args.precision)
-    data["ds_config"] = ds_config(out, precision)
+    data["ds_config"] = ds_config_at_precision(ROOT / "ds_configs" / "zero2.json", precision, out)
     print(f"precision {precision}")
     rows, curves = [], {}
     order = [len(specs) - 1, *range(len(specs) - 1)]    # the baseline first: every later run has its gap

@@ -395,6 +395,17 @@ def load_ds_config(path: str) -> dict:
         raise ConfigConflict(f"{p}: invalid JSON at line {e.lineno}: {e.msg}") from None
 
 
+def ds_config_at_precision(path, precision: str, out_dir) -> Path:
+    """A copy of the DeepSpeed config at `path` with bf16 on ("bf16") or off ("fp32"), written
+    to out_dir (the CPU demo and benchmarks run fp32 where the CPU has no fast bf16)."""
+    ds = load_ds_config(str(path))
+    ds["bf16"] = {**ds.get("bf16", {}), "enabled": precision == "bf16"}
+    out = Path(out_dir) / f"{Path(path).stem}_{precision}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(ds, indent=2))
+    return out
+
+
 def reconcile_ds_config(ds: dict, cfg: TrainConfig, world_size: int, source: str = "ds config") -> dict:
     """A copy of `ds` with the batch triple resolved and the lr filled in, and `cfg`'s optimization
     fields set to the values the run uses; raises ConfigConflict on any contradiction."""

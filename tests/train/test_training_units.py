@@ -217,3 +217,12 @@ def test_heatmap_is_skipped_with_a_warning_without_matplotlib(tmp_path, monkeypa
     mon.scalars({"moe/x": 1.0}, 5)
     mon.close()
     assert read_scalars(tmp_path, "moe/x") == {5: 1.0}
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_ds_config_at_precision_changes_only_bf16(tmp_path, precision):
+    src = Path(__file__).resolve().parents[2] / "ds_configs" / "zero2.json"
+    out = train_config.ds_config_at_precision(src, precision, tmp_path)
+    old, new = json.loads(src.read_text()), json.loads(out.read_text())
+    assert new.pop("bf16") == {"enabled": precision == "bf16"} and old.pop("bf16")["enabled"] is True
+    assert new == old and out.parent == tmp_path
