@@ -211,14 +211,20 @@ def write_tensorboard(out: Path, run: str, curve: Curve) -> None:
     w.close()
 
 
-def plot(out: Path, curves: dict[str, Curve]) -> Path:
+def plot(out: Path, curves: dict[str, Curve], rows: list[dict]) -> Path:
+    """One colour per config, one line style per seed."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    configs = list(dict.fromkeys(r["config"] for r in rows))
+    seeds = list(dict.fromkeys(r["seed"] for r in rows))
     fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
-    for run, c in curves.items():
-        a.plot([f / 1e12 for f in c.flops], c.val_loss, marker=".", label=run)
-        b.plot(c.seconds, c.val_loss, marker=".", label=run)
+    for r in rows:
+        c = curves[r["run"]]
+        style = dict(color=f"C{configs.index(r['config'])}", linestyle=["-", "--", ":", "-."][seeds.index(r["seed"]) % 4],
+                     marker=".", label=r["run"])
+        a.plot([f / 1e12 for f in c.flops], c.val_loss, **style)
+        b.plot(c.seconds, c.val_loss, **style)
     a.set(xlabel="training TFLOP", ylabel="validation loss (held-out plays)", title="loss vs compute")
     b.set(xlabel="training seconds (2 CPU ranks)", title="loss vs time")
     for ax in (a, b):
@@ -335,7 +341,7 @@ def main(argv=None) -> int:
             table = summary(rows, specs[-1].name)
             (out / "summary.md").write_text(table)
             (out / "results.json").write_text(json.dumps(rows, indent=1))
-            plot(out, curves)
+            plot(out, curves, rows)
     print("\n" + table)
     print(f"{out / 'summary.md'}, {out / 'curves.png'}, {out / 'tensorboard'}")
     return 0
