@@ -93,11 +93,13 @@ def test_flops_per_token_counts_active_experts_and_mla_attention():
     assert f["matmul"] == 6 * (n["active"] - n["embedding"] - n["norm"])
     h, L = cfg.num_attention_heads, cfg.num_hidden_layers
     assert f["attention"] == L * 6 * h * (cfg.qk_nope_head_dim + cfg.qk_rope_head_dim + cfg.v_head_dim) * 257 / 2
-    more_experts = ModelConfig.load("small-moe", n_routed_experts=64)  # inactive experts cost nothing ...
-    assert flops_per_token(more_experts, 256)["matmul"] == pytest.approx(f["matmul"] + 6 * (64 - 16) * 256 * 5)
+    E, K, H, I = cfg.n_routed_experts, cfg.num_experts_per_tok, cfg.hidden_size, cfg.moe_intermediate_size
+    n_moe = sum(cfg.is_moe_layer(i) for i in range(L))
+    more_experts = ModelConfig.load("small-moe", n_routed_experts=2 * E)  # inactive experts cost nothing ...
+    assert flops_per_token(more_experts, 256)["matmul"] == pytest.approx(f["matmul"] + 6 * E * H * n_moe)
     # ... except their router rows (E x H per MoE layer); top-k experts are what count
-    top4 = ModelConfig.load("small-moe", num_experts_per_tok=4)
-    assert flops_per_token(top4, 256)["matmul"] - f["matmul"] == 6 * 2 * 3 * 256 * 256 * 5
+    two_more = ModelConfig.load("small-moe", num_experts_per_tok=K + 2)
+    assert flops_per_token(two_more, 256)["matmul"] - f["matmul"] == 6 * 2 * 3 * H * I * n_moe
 
 
 @pytest.mark.parametrize("name,over", [("small-dense", {}), ("small-moe", {}),
