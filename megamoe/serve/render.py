@@ -88,7 +88,7 @@ def heatmap_html(trace: RouteTrace, labels: list[str], n_prompt: int) -> str:
             e_K, w_K = lr.experts_TK[t].tolist(), lr.weights_TK[t].tolist()
             top = max(range(len(e_K)), key=lambda k: w_K[k])
             share = float(lr.shared_share_T[t])
-            detail = ", ".join(f"{e} ({w:.2f})" for e, w in sorted(zip(e_K, w_K), key=lambda p: -p[1]))
+            detail = ", ".join(f"{e} ({w:.2f})" for e, w in lr.pairs(t))
             title = (f"token {t} {labels[t]!r} | layer {lr.layer} | experts {detail} | "
                      f"shared {share:.0%} / routed {1 - share:.0%}")
             parts.append(f'<td class="mm-cell" data-layer="{lr.layer}" data-token="{t}" '

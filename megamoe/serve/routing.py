@@ -22,6 +22,10 @@ class LayerRoutes:
     shared_share_T: torch.Tensor  # fp32 [T] |shared out| / (|shared out| + |routed out|); 0 without shared experts
     n_experts: int
 
+    def pairs(self, t: int) -> list[tuple[int, float]]:
+        """Token t's (expert, gate weight) picks, largest weight first."""
+        return sorted(zip(self.experts_TK[t].tolist(), self.weights_TK[t].tolist()), key=lambda p: -p[1])
+
     @property
     def load_E(self) -> torch.Tensor:
         """fp32 [E] share of the (token, slot) picks that went to each expert (sums to 1)."""
@@ -42,8 +46,7 @@ class RouteTrace:
         """Token t's path: (layer, [(expert, weight) by weight, largest first], shared share)."""
         out = []
         for lr in self.layers:
-            pairs = sorted(zip(lr.experts_TK[t].tolist(), lr.weights_TK[t].tolist()), key=lambda p: -p[1])
-            out.append((lr.layer, pairs, float(lr.shared_share_T[t])))
+            out.append((lr.layer, lr.pairs(t), float(lr.shared_share_T[t])))
         return out
 
 
