@@ -240,10 +240,19 @@ class ModelConfig:
         return cls.from_dict(d, source=source)
 
     # ------------------------------------------------------------------------------------------
-    def build(self, seed: int = 0, device=None):
-        """The causal LM for this config, initialised deterministically from `seed`."""
-        from megamoe.model.transformer import Transformer
-        return Transformer(self, seed=seed, device=device)
+    def build(self, seed: int = 0, device=None, dtype=None, defer_experts_of: Optional[str] = None,
+              partition=None):
+        """The causal LM for this config, built on the meta device and materialised on `device`
+        (default CPU; "meta": shapes only) with initial values that depend on `seed` and each
+        parameter's name alone (megamoe.model.init). `defer_experts_of`, `partition`: see
+        `materialize`; megamoe.parallel.build uses them to build only what a rank keeps."""
+        import torch
+
+        from megamoe.model.init import build_on_meta, materialize
+        model = build_on_meta(self)
+        if device is not None and torch.device(device).type == "meta":
+            return model
+        return materialize(model, seed, device or "cpu", dtype, defer_experts_of, partition)
 
     def num_params(self) -> dict[str, int]:
         """Total and active (per token) parameter counts, from the shapes alone; `norm`: the norm

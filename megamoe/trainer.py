@@ -35,6 +35,7 @@ from megamoe.monitor import mfu as model_flops_utilisation
 from megamoe.optim import GroupSpec, QKClip, describe_optimizer_groups, format_groups, muon_assignment, \
     param_groups, qk_clip_scalars
 from megamoe.parallel import deepspeed_compat
+from megamoe.parallel.build import build_model
 from megamoe.parallel.balance import expert_specialisation, update_routing_bias
 from megamoe.syncs import to_host
 from megamoe.schedule import LRSchedule, flag_schedule_kept, lr_scheduler_factory
@@ -271,7 +272,9 @@ class Trainer:
     def _build_engine(self, initial_weights):
         from megamoe.model.moe import set_aux_loss_scale
         config, optim = self.config, self.config.optim
-        model = self.model_config.build(seed=config.data.seed)
+        # only this rank's share, on its device (megamoe.parallel.build); whole when weights load into it
+        model = build_model(self.model_config, config.data.seed, self.ds_config, self.use_autoep, device(),
+                            whole=initial_weights is not None)
         if initial_weights is not None:
             model.load_state_dict(ckpt.load_native_state_dict(*initial_weights)[0], strict=True)
             log0(f"initial weights from {Path(initial_weights[0]) / initial_weights[1]} "

@@ -97,14 +97,7 @@ def locate_checkpoint(path, tag: Optional[str] = None) -> Checkpoint:
 # ----------------------------------------------------------------------------------------------
 def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     """Native state-dict names and shapes, from a model built on the meta device (no memory)."""
-    from megamoe.model.transformer import Transformer
-
-    class _Shapes(Transformer):
-        def init_weights(self, seed: int = 0) -> None:  # nothing to initialise on meta
-            pass
-
-    with torch.device("meta"):
-        model = _Shapes(cfg)
+    model = cfg.build(device="meta")
     return {k: tuple(v.shape) for k, v in model.state_dict().items()}
 
 

@@ -68,6 +68,9 @@ class MLA(nn.Module):
         self.track_max_logit = False
         self.register_buffer("max_logit", torch.full((N,), float("-inf")), persistent=False)
 
+    def reset_buffers(self, device) -> None:
+        self.max_logit = torch.full(self.max_logit.shape, float("-inf"), device=device)
+
     def _queries(self, x_BSH: torch.Tensor, cos, sin):
         B, S, _ = x_BSH.shape
         q = self.wq(x_BSH) if self.cfg.q_lora_rank is None else self.wq_b(self.q_norm(self.wq_a(x_BSH)))

@@ -68,8 +68,13 @@ class RotaryEmbedding(nn.Module):
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
+        self.cfg = cfg
         inv_freq, self.attention_factor = rope_inv_freq(cfg)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    def reset_buffers(self, device) -> None:
+        with torch.device("cpu"):   # computed, not drawn: recompute what a meta build left empty
+            self.inv_freq = rope_inv_freq(self.cfg)[0].to(device)
 
     def forward(self, positions_BS: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         # fp32 angles (bf16 positions lose precision past a few hundred tokens)

@@ -133,10 +133,19 @@ class Router(nn.Module):
         self.token_ids: Optional[torch.Tensor] = None
         self.register_buffer("bucket_expert_acc", torch.zeros(SPECIALISATION_BUCKETS, cfg.n_routed_experts),
                              persistent=False)
-        self.last_aux_loss = torch.zeros(())
-        self.last_z_loss = torch.zeros(())
-        self.last_tokens_per_expert = torch.zeros(cfg.n_routed_experts, dtype=torch.int32)
-        self.last_dropped_fraction = torch.zeros(())
+        self._reset_last()
+
+    def _reset_last(self, device=None) -> None:
+        self.last_aux_loss = torch.zeros((), device=device)
+        self.last_z_loss = torch.zeros((), device=device)
+        self.last_tokens_per_expert = torch.zeros(self.n_experts, dtype=torch.int32, device=device)
+        self.last_dropped_fraction = torch.zeros((), device=device)
+
+    def reset_buffers(self, device) -> None:
+        """Zero bias and counters on `device` (after a build on the meta device)."""
+        for name, buf in self._buffers.items():
+            self._buffers[name] = torch.zeros(buf.shape, dtype=torch.float32, device=device)
+        self._reset_last(device)
 
     def _apply(self, fn, recurse=True):
         # The bias must stay fp32 under model.half()/bf16 engines: it is compared against scores.

@@ -1,7 +1,6 @@
 """The causal LM: embedding, N pre-norm blocks (MLA + dense MLP or MoE), final norm, LM head."""
 from __future__ import annotations
 
-import math
 from typing import Callable, Iterator, Optional
 
 import torch
@@ -106,7 +105,10 @@ class LMHead(nn.Linear):
 
 
 class Transformer(nn.Module):
-    def __init__(self, cfg: ModelConfig, seed: int = 0, device=None):
+    """Build it with `ModelConfig.build` (initial values from `megamoe.model.init`); the constructor
+    only lays out the modules, on the meta device there."""
+
+    def __init__(self, cfg: ModelConfig):
         super().__init__()
         cfg.validate()
         self.cfg = cfg
@@ -123,28 +125,6 @@ class Transformer(nn.Module):
         # training-only: excluded from Hugging Face export (convert_to_hf --drop-mtp says so)
         self.mtp = nn.ModuleList(MTPModule(cfg, cfg.num_hidden_layers + k)
                                  for k in range(cfg.num_nextn_predict_layers))
-        if device is not None:
-            self.to(device)
-        self.init_weights(seed)
-
-    # ------------------------------------------------------------------------------------------
-    @torch.no_grad()
-    def init_weights(self, seed: int = 0) -> None:
-        """Deterministic from `seed` on any device: N(0, initializer_range) for every matrix
-        (each expert slice drawn independently), output projections (wo, down_proj) scaled by
-        1/sqrt(2 * num_layers) as GPT-2/DeepSeek do, norms to 1, routing bias to 0."""
-        std = self.cfg.initializer_range
-        out_std = std / math.sqrt(2 * self.cfg.num_hidden_layers)
-        gen = torch.Generator(device="cpu").manual_seed(seed)
-        for name, p in self.named_parameters():
-            if name.endswith("norm.weight"):
-                p.fill_(1.0)
-                continue
-            s = out_std if name.endswith(("wo.weight", "down_proj.weight", "down_proj")) else std
-            p.copy_(torch.normal(0.0, s, p.shape, generator=gen).to(p.dtype))
-        for m in self.modules():
-            if isinstance(m, Router):
-                m.e_score_correction_bias.zero_()
 
     def routers(self) -> Iterator[tuple[int, Router]]:
         """(layer index, Router) of every MoE block; MTP blocks count as layers L, L+1, ..."""

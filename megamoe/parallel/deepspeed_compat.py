@@ -1,8 +1,10 @@
 """Every patch megamoe applies to DeepSpeed internals, in one place, for one DeepSpeed version.
 
-Two module-level names are swapped while `deepspeed.initialize` runs (and restored after):
+Module-level names swapped while `deepspeed.initialize` runs (and restored after):
 - `deepspeed.module_inject.auto_ep_layer.TokenChoiceTopKRouter`: AutoEP builds megamoe's router
   inside each expert-parallel layer (megamoe.parallel.expert);
+- `...auto_ep_layer.repack_expert_weights` and `GroupedExperts`: each rank builds only its slice
+  of the routed experts, on its device, from a model whose experts were left on the meta device;
 - `deepspeed.set_optimizer_flags`: Muon goes on exactly the hidden matrices (megamoe.optim).
 And two methods of the ZeRO-1/2 optimizer object (one instance, after initialize) lose host
 syncs that cost a GPU stall each per step without changing a result (`sync_free_zero_step`):
@@ -11,8 +13,9 @@ syncs that cost a GPU stall each per step without changing a result (`sync_free_
 - with the norm check on (it always is when DeepSpeed computes the norm), `check_overflow` first
   scans every gradient for inf/NaN and reads the all-reduced flag back (a second `.item()`),
   though a non-finite gradient makes the norm invalid and the norm check skips the step as well.
-All are internals with no stability promise, so each patch first checks that the installed
-DeepSpeed is the one they were written and tested against.
+`zero3_partitioner` calls ZeRO-3's parameter converter (`Init._convert_to_zero_parameters`) per
+block while the model is built. All are internals with no stability promise, so each patch first
+checks that the installed DeepSpeed is the one they were written and tested against.
 """
 from __future__ import annotations
 
@@ -58,6 +61,54 @@ def autoep_router_class(factory: Callable[..., Any]):
     """While active, AutoEPMoELayer.__init__ builds its router with `factory(**router_kwargs)`."""
     import deepspeed.module_inject.auto_ep_layer as auto_ep_layer
     return _swap(auto_ep_layer, "TokenChoiceTopKRouter", factory)
+
+
+@contextlib.contextmanager
+def autoep_local_experts(local_weights: Callable[[Any, int, int], Any]) -> Iterator[None]:
+    """While active, AutoEPMoELayer.__init__ asks `local_weights(experts_source, start, end)` for
+    this rank's expert weights (w1 gate [n, I, H], w2 down [n, H, I], w3 up [n, I, H]) before
+    repacking them from the source module as DeepSpeed does; None means: repack. Where it answers,
+    the layer's own GroupedExperts is allocated on the answer's device (DeepSpeed allocates it on
+    the default device, the host, and the engine moves it later: a host copy of every local
+    expert). So a source whose experts never got storage (left on the meta device) costs
+    nothing, and each rank builds only its slice, where it will live."""
+    import deepspeed.module_inject.auto_ep_layer as auto_ep_layer
+    import torch
+    repack, grouped = auto_ep_layer.repack_expert_weights, auto_ep_layer.GroupedExperts
+    pending = []   # the device of the slice just built, for the GroupedExperts built next
+
+    def local_or_repack(experts_source, spec, ep_rank, ep_size):
+        n = spec.num_experts // ep_size
+        weights = local_weights(experts_source, ep_rank * n, (ep_rank + 1) * n)
+        if weights is None:
+            return repack(experts_source, spec, ep_rank, ep_size)
+        pending.append(weights[0].device)
+        return weights
+
+    def grouped_on_device(*args, **kwargs):
+        with torch.device(pending.pop() if pending else "cpu"):
+            return grouped(*args, **kwargs)
+
+    with _swap(auto_ep_layer, "repack_expert_weights", local_or_repack), \
+            _swap(auto_ep_layer, "GroupedExperts", grouped_on_device):
+        yield
+
+
+def zero3_partitioner(ds_config: dict):
+    """(dtype ZeRO-3 keeps parameters in, partition(params)): `partition` turns freshly built
+    parameters into partitioned ZeRO-3 parameters, as constructing them inside
+    `deepspeed.zero.Init(config_dict_or_path=ds_config)` would. Init's own `module=` argument
+    converts a whole finished module, and patches F.linear globally while doing so; this converts
+    one block at a time, through the converter Init attaches to every parameter it makes (the
+    engine uses the same one for AutoEP's experts), so a rank never holds more than one block."""
+    import deepspeed
+    check_version()
+    init = deepspeed.zero.Init(config_dict_or_path=ds_config)   # never entered: no class patching
+
+    def partition(params) -> None:
+        init._convert_to_zero_parameters(params)
+
+    return init.dtype, partition
 
 
 @contextlib.contextmanager

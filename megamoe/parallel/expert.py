@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import re
 from typing import Any, Iterator, Optional
 
 import torch
@@ -295,6 +296,31 @@ def _broadcast_router_biases(model: nn.Module) -> None:
             dist.broadcast(m.e_score_correction_bias, src=0)
 
 
+def _local_expert_weights(experts_source: nn.Module, start: int, end: int):
+    """This rank's (w1 gate, w2 down, w3 up) for AutoEP, built from the ExpertSlices that
+    `materialize` left on routed experts it kept on the meta device; None for built experts."""
+    slices = getattr(experts_source, "expert_slices", None)
+    if slices is None or not experts_source.gate_up_proj.is_meta:
+        return None
+    gate_up, down = slices.build(start, end)
+    gate, up = gate_up.chunk(2, dim=1)   # gate rows first, as AutoEP splits gate_up_proj
+    return gate.contiguous(), down, up.contiguous()
+
+
+def _check_storage(model: nn.Module, use_autoep: bool) -> None:
+    """Only routed experts that AutoEP will slice may still be on the meta device."""
+    pattern = re.compile(MOE_LAYER_PATTERN)
+    for name, p in model.named_parameters():
+        if not p.is_meta:
+            continue
+        prefix = name.rpartition(".")[0]
+        if not (use_autoep and _is_experts(prefix) and pattern.fullmatch(prefix.rpartition(".")[0])):
+            raise ExpertParallelError(
+                f"parameter {name} has no storage (meta device): build the model with ModelConfig.build(seed, "
+                f"device) and leave only the routed experts of expert-parallel layers on meta "
+                f"(defer_experts_of=MOE_LAYER_PATTERN, with use_autoep)")
+
+
 def initialize(model: nn.Module, model_cfg: ModelConfig, ds_config: dict, ep_size: int,
                use_autoep: Optional[bool] = None, **deepspeed_initialize_kwargs):
     """deepspeed.initialize with expert parallelism derived from the model config.
@@ -314,6 +340,7 @@ def initialize(model: nn.Module, model_cfg: ModelConfig, ds_config: dict, ep_siz
         use_autoep = ep_size > 1
     if use_autoep and not model_cfg.is_moe:
         raise ExpertParallelError("use_autoep=True but the model has no routed experts")
+    _check_storage(model, use_autoep)
     ds_config = copy.deepcopy(ds_config)
     user_block = ds_config.pop("expert_parallel", None)
     if user_block and user_block.get("enabled", True) and not use_autoep:
@@ -323,7 +350,7 @@ def initialize(model: nn.Module, model_cfg: ModelConfig, ds_config: dict, ep_siz
     if use_autoep:
         derived = {**expert_parallel_config(model_cfg, ep_size), **accelerator_tuning()}
         ds_config["expert_parallel"] = _merge_user_block(derived, user_block)
-        with megamoe_router_in_autoep(model_cfg):
+        with megamoe_router_in_autoep(model_cfg), deepspeed_compat.autoep_local_experts(_local_expert_weights):
             out = deepspeed.initialize(model=model, config=ds_config, **deepspeed_initialize_kwargs)
         n = verify_megamoe_routers(out[0], model_cfg)
         if n == 0:

@@ -10,6 +10,8 @@ kinds:
            bias after each step and the balance stats (update_routing_bias every step)
   skewed   router skewed toward experts 0 and 1 (skew_router), lr 0: only the bias moves; records
            max/mean load per update; checks the bias is in the state dict and in checkpoints
+  init     builds as the trainer does (megamoe.parallel.build), records what the rank held before
+           deepspeed.initialize, saves the whole initial model as OUT_DIR/{name}.pt (rank 0)
   routers  checks the router objects inside AutoEP layers, then that an engine built without
            megamoe's initialize (DeepSpeed's own router) is refused by verify_megamoe_routers
 """
@@ -24,6 +26,7 @@ from megamoe.config import ModelConfig
 from megamoe.distributed import init_distributed, rank, world_size
 from megamoe.model.moe import Router, set_aux_loss_scale
 from megamoe.parallel import balance, expert
+from megamoe.parallel.build import build_model
 
 
 def model_cfg(overrides):
@@ -88,8 +91,10 @@ def skew_router(model, ids, strength, experts=(0, 1)):
 
 
 def build(run, cfg, micro, skew_ids=None):
-    model = cfg.build(seed=run.get("seed", 1234))
-    if skew_ids is not None:
+    if skew_ids is None:   # as the trainer builds: this rank's share only (megamoe.parallel.build)
+        model = build_model(cfg, run.get("seed", 1234), ds_config(run, micro), uses_autoep(run), "cpu")
+    else:                  # whole, to skew the router before DeepSpeed sees it
+        model = cfg.build(seed=run.get("seed", 1234))
         skew_router(model, skew_ids, run["skew"])
     kwargs = {}
     if run.get("eager_params"):   # as the trainer does: a list taken before AutoEP replaces layers
@@ -97,6 +102,50 @@ def build(run, cfg, micro, skew_ids=None):
     engine, _, _, _ = expert.initialize(model, cfg, ds_config(run, micro), run["ep"],
                                         use_autoep=run.get("use_autoep"), **kwargs)
     return engine
+
+
+def uses_autoep(run) -> bool:
+    return run["ep"] > 1 or bool(run.get("use_autoep"))
+
+
+def full_native_state(engine) -> dict:
+    """Every rank's share put together: ZeRO-3 partitions gathered, AutoEP expert slices
+    concatenated in expert order, native names (what a whole model's state_dict holds)."""
+    import deepspeed
+    import torch.distributed as dist
+    module = engine.module
+    params = [p for p in module.parameters() if hasattr(p, "ds_id")]
+    with deepspeed.zero.GatheredParameters(params, enabled=bool(params)):
+        named = {**dict(module.named_parameters()), **dict(module.named_buffers())}
+        local = {k: v.detach().clone() for k, v in named.items() if k in module.state_dict()}
+    layout = expert.ep_layout(engine)
+    shared = [None] * dist.get_world_size()
+    dist.all_gather_object(shared, (layout["ep_rank"], {k: v for k, v in local.items() if ".experts.w" in k}))
+    slices = dict(sorted(dict(shared).items()))   # ep_rank -> that rank's expert slices
+    for k in local:
+        if ".experts.w" in k:
+            local[k] = torch.cat([part[k] for part in slices.values()])
+    return expert.native_expert_state_dict(local)
+
+
+def run_init(run, out_dir):
+    """Build as the trainer does, record what this rank held before deepspeed.initialize, then
+    save the whole initial model (rank 0) for the test to compare with a one-process build."""
+    cfg = model_cfg(run.get("model"))
+    conf = ds_config(run, 1)
+    model = build_model(cfg, run["seed"], conf, uses_autoep(run), "cpu")
+    experts = [p for n, p in model.named_parameters() if ".experts." in n and "shared" not in n]
+    res = {"experts_on_meta": all(p.is_meta for p in experts),
+           "partitioned": all(getattr(p, "ds_numel", 0) > p.data.numel() == 0
+                              for p in model.parameters() if not p.is_meta),
+           "held_numel": sum(p.ds_tensor.numel() if hasattr(p, "ds_tensor") else 0 if p.is_meta else p.numel()
+                             for p in model.parameters())}
+    engine, _, _, _ = expert.initialize(model, cfg, conf, run["ep"], use_autoep=uses_autoep(run))
+    res["local_experts"] = expert.ep_layout(engine)["local_experts"]
+    sd = full_native_state(engine)
+    if rank() == 0:
+        torch.save(sd, os.path.join(out_dir, f"{run['name']}.pt"))
+    return res
 
 
 def micro_batches(batch, micro, gas):
@@ -230,6 +279,8 @@ def main():
             results[run["name"]] = run_train(run)
         elif run["kind"] == "skewed":
             results[run["name"]] = run_skewed(run, out_dir)
+        elif run["kind"] == "init":
+            results[run["name"]] = run_init(run, out_dir)
         elif run["kind"] == "routers":
             results[run["name"]] = run_routers(run)
         else:

@@ -22,6 +22,7 @@ REPO = Path(__file__).resolve().parents[2]
 RANK_SCRIPT = Path(__file__).with_name("ep_rank.py")
 STEPS, GLOBAL_BATCH, SEQ = 5, 4, 16
 TOL = 1e-5
+INIT_SEED = 31
 
 TRAIN = dict(kind="train", steps=STEPS, global_batch=GLOBAL_BATCH, seq=SEQ, clip=1.0)
 TWO_RANK_RUNS = [
@@ -37,8 +38,12 @@ TWO_RANK_RUNS = [
     dict(TRAIN, name="ep2_z2_noaux", ep=2, zero=2, model=dict(aux_loss_alpha=0.0, router_z_loss_coef=0.0)),
     dict(kind="skewed", name="skewed", ep=2, zero=2, steps=15, global_batch=8, seq=32, skew=1.0, rate=0.02),
     dict(kind="routers", name="routers", ep=2, zero=3, seq=16),
+    *(dict(kind="init", name=f"init_ep{ep}_z{z}", ep=ep, zero=z, seed=INIT_SEED) for ep in (1, 2) for z in (2, 3)),
 ]
-SINGLE_RUNS = [dict(TRAIN, name="single", ep=1, zero=0)]
+SINGLE_RUNS = [dict(TRAIN, name="single", ep=1, zero=0),
+               dict(kind="init", name="init_ep1_z2", ep=1, zero=2, seed=INIT_SEED),
+               dict(kind="init", name="init_ep1_autoep_z2", ep=1, zero=2, use_autoep=True, seed=INIT_SEED),
+               dict(kind="init", name="init_ep1_z3", ep=1, zero=3, seed=INIT_SEED)]
 
 
 def _launch(tmp_path, runs, nproc):
@@ -46,7 +51,9 @@ def _launch(tmp_path, runs, nproc):
     spec.write_text(json.dumps({"runs": runs}))
     rc, out = multirank.run([RANK_SCRIPT, spec, tmp_path], nproc, timeout=400)
     assert rc == 0, f"rank script failed:\n{out[-8000:]}"
-    return [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(nproc)]
+    results = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(nproc)]
+    results[0]["dir"] = tmp_path
+    return results
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +63,45 @@ def two_rank(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def single(tmp_path_factory):
-    return _launch(tmp_path_factory.mktemp("ep_single"), SINGLE_RUNS, 1)[0]["single"]
+    return _launch(tmp_path_factory.mktemp("ep_single"), SINGLE_RUNS, 1)[0]
+
+
+# ---------------------------------------------------------------------------------------------
+# built where it lives: the same model at every layout
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_same_seed_same_model_at_every_layout(two_rank, single):
+    """1 and 2 ranks x EP 1 and 2 x ZeRO-2 and 3, each rank building only its share: put back
+    together, every layout holds exactly the model one process builds whole."""
+    import torch
+
+    from ep_rank import model_cfg  # noqa: E402
+    whole = model_cfg(None).build(seed=INIT_SEED).state_dict()
+    layouts = {f"1 rank, {n}": single["dir"] / f"init_{n}.pt" for n in ("ep1_z2", "ep1_autoep_z2", "ep1_z3")}
+    layouts.update({f"2 ranks, init_ep{ep}_z{z}": two_rank[0]["dir"] / f"init_ep{ep}_z{z}.pt"
+                    for ep in (1, 2) for z in (2, 3)})
+    for layout, path in layouts.items():
+        got = torch.load(path)
+        assert sorted(got) == sorted(whole), f"{layout}: other tensors than a whole model's"
+        differ = [k for k in whole if not torch.equal(got[k], whole[k])]
+        assert not differ, f"{layout}: {len(differ)} tensors differ from the one-process build, e.g. {differ[:3]}"
+    other_seed = model_cfg(None).build(seed=INIT_SEED + 1).state_dict()
+    assert not torch.equal(other_seed["layers.1.ffn.experts.down_proj"], whole["layers.1.ffn.experts.down_proj"])
+
+
+@pytest.mark.slow
+def test_each_rank_builds_only_its_share(two_rank, single):
+    r0, r1 = two_rank
+    for r, mine in ((r0, [0, 1, 2, 3]), (r1, [4, 5, 6, 7])):
+        for z in (2, 3):   # EP 2: no rank ever materialised another rank's experts
+            assert r[f"init_ep2_z{z}"]["experts_on_meta"] and r[f"init_ep2_z{z}"]["local_experts"] == mine
+        assert not r["init_ep1_z2"]["experts_on_meta"]   # EP 1 without AutoEP: the plain model
+        for ep in (1, 2):   # ZeRO-3: every parameter partitioned as it was built (zero.Init's way)
+            assert r[f"init_ep{ep}_z3"]["partitioned"] and not r[f"init_ep{ep}_z2"]["partitioned"]
+    assert single["init_ep1_autoep_z2"]["experts_on_meta"]
+    # what a rank holds: ZeRO-3 < EP 2 < the whole model
+    held = {n: r0[n]["held_numel"] for n in ("init_ep1_z2", "init_ep2_z2", "init_ep2_z3")}
+    assert held["init_ep2_z3"] < held["init_ep2_z2"] < held["init_ep1_z2"], held
 
 
 def _max_diff(a, b):
@@ -78,7 +123,7 @@ def _assert_same_run(a, b, what):
 # ---------------------------------------------------------------------------------------------
 @pytest.mark.slow
 def test_ep2_ep1_single_process_same_losses(two_rank, single):
-    r0 = two_rank[0]
+    r0, single = two_rank[0], single["single"]
     assert r0["ep2_z2"]["n_autoep_layers"] == 2 and r0["ep2_z2"]["layout"]["experts_per_rank"] == 4
     assert r0["ep1_z2"]["n_autoep_layers"] == 0          # EP 1: the plain model, data parallel
     assert r0["ep1_autoep_z2"]["n_autoep_layers"] == 2   # AutoEP layers at size 1 on request
