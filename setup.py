@@ -36,7 +36,7 @@ setup(
         "megamoe-pretrain=megamoe.pretrain:main",
         *(f"megamoe-{name.replace('_', '-')}=megamoe.cli.{name}:main" for name in (
             "preprocess", "train_tokenizer", "prepare_corpus", "inspect_data", "convert_to_hf", "convert_from_hf",
-            "convert_checkpoint", "generate", "evaluate", "serve")),
+            "convert_checkpoint", "generate", "evaluate", "serve", "plan")),
     ]},
     extras_require={
         # deepspeed must be installed after torch without build isolation: `make` does that.

@@ -84,9 +84,8 @@ def measure(a) -> None:
 
 
 def run(contender: str, a, layers: int | None) -> dict:
-    args = [sys.executable, __file__, "--measure", contender, "--model", a.model, "--ep", str(a.ep)]
-    if layers:
-        args += ["--layers", str(layers)]
+    args = [sys.executable, __file__, "--measure", contender, "--model", a.model, "--ep", str(a.ep),
+            "--layers", str(layers or 0)]   # 0: the model's own depth
     out = subprocess.run(args, capture_output=True, text=True)
     if out.returncode:
         raise SystemExit(f"{contender} at {layers or 'full'} layers failed:\n{out.stderr[-2000:]}")
@@ -98,7 +97,7 @@ def main() -> None:
     p.add_argument("--model", default="deepseek-v2-lite")
     p.add_argument("--world", type=int, default=8)
     p.add_argument("--ep", type=int, default=8)
-    p.add_argument("--layers", type=int, default=4, help="depth at which the whole model is also built")
+    p.add_argument("--layers", type=int, default=4, help="depth at which the whole model is also built (0: the model's)")
     p.add_argument("--measure", choices=["whole", "rank share"], help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.measure:

@@ -104,6 +104,14 @@ def zero3_partitioner(ds_config: dict):
     import deepspeed
     check_version()
     init = deepspeed.zero.Init(config_dict_or_path=ds_config)   # never entered: no class patching
+    # What Init(module=...) does too, and why it matters: torch's linear saves a transposed *view*
+    # of the weight for backward, which keeps the gathered full weight alive after ZeRO-3 releases
+    # the parameter, so every layer's weights would stay gathered from forward to backward.
+    # DeepSpeed's replacement saves the parameter itself and gathers it again in backward. Like
+    # Init's, the swap of F.linear lasts for the process; zero_optimization.memory_efficient_linear
+    # = false turns it off here as there.
+    if init.mem_efficient_linear:
+        init._enable_mem_efficient_linear()
 
     def partition(params) -> None:
         init._convert_to_zero_parameters(params)
