@@ -64,6 +64,18 @@ def init_distributed(timeout_minutes: int = 30) -> None:
     _make_host_group()
 
 
+def shutdown_distributed() -> None:
+    """The end of a multi-rank process: wait for every rank, then take the process groups down.
+    A rank that exits while another still talks to it over gloo aborts that one ("terminate
+    called without an active exception"); torch also asks for this before exit under NCCL."""
+    global _HOST_GROUP
+    import torch.distributed as dist
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+        _HOST_GROUP = None
+
+
 _HOST_GROUP = None
 
 

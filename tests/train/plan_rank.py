@@ -24,7 +24,7 @@ def main():
     import torch.distributed as dist
 
     from megamoe.config import ModelConfig
-    from megamoe.distributed import init_distributed, rank
+    from megamoe.distributed import init_distributed, rank, shutdown_distributed
     from megamoe.optim import GroupSpec, param_groups
     from megamoe.parallel import expert
     from megamoe.parallel.build import build_model
@@ -59,6 +59,7 @@ def main():
     dist.all_gather_object(peaks, (peak * 1024, base * 1024))
     if rank() == 0:
         json.dump({"peak_bytes": max(p - b for p, b in peaks), "per_rank": peaks}, open(sys.argv[2], "w"))
+    shutdown_distributed()
 
 
 if __name__ == "__main__":
