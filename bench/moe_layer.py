@@ -6,9 +6,12 @@ Time: the three layers built in one process with the default allocator and timed
 one step of each per round (the machine is shared and noisy: interleaving spreads the noise),
 median per layer; each layer's FLOP/s (the same analytic count for all: router, routed and shared
 experts, forward and backward = 3x forward) as a fraction of the fp32 matmul peak measured in
-this process. Memory: a separate pass, each layer in its own subprocess so the peak is its own:
-torch.cuda.max_memory_allocated on CUDA; on CPU the RSS growth during the first step, sampled
-every ms, with glibc's mmap threshold lowered in that subprocess only so freed tensors leave RSS.
+this process. Memory: a separate pass, each layer in its own subprocess so the peak is its own.
+"peak MB" is the tensor peak of a warm step, gradients included: torch.cuda.max_memory_allocated
+on CUDA, the same count from torch.profiler's allocator events on CPU. "RSS MB" (CPU) is the
+process's resident-set growth during the first, cold step, sampled every ms with glibc's mmap
+threshold lowered in that subprocess only so freed tensors leave RSS: it adds what a first call
+builds once and keeps (oneDNN's JIT kernels per matmul shape, allocator arenas, lazy imports).
 
     python bench/moe_layer.py [--tokens 2048] [--hidden 256] [--inter 128] [--experts 64] [--top-k 6]
 """
@@ -114,28 +117,52 @@ def make_step(impl: str, a, device):
     x = torch.randn(a.tokens // a.seq, a.seq, a.hidden, device=device, requires_grad=True)
     grad = torch.randn_like(x)
 
-    def step():
+    def release():
         layer.zero_grad(set_to_none=True)
         x.grad = None
+
+    def step():
+        release()
         fwd(x).backward(grad)
         if device == "cuda":
             torch.cuda.synchronize()
+    step.release = release
     return step
 
 
+def tensor_peak_cpu(step) -> int:
+    """Peak bytes of CPU tensors allocated and still live during step(): the running sum of the
+    allocator's events that torch.profiler records (its memory timeline reads the same), i.e.
+    what torch.cuda.max_memory_allocated counts on a GPU."""
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        step()
+    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == "[memory]")
+    live = peak = 0
+    for _, nbytes in events:
+        live += nbytes
+        peak = max(peak, live)
+    return peak
+
+
 def peak_memory(impl: str, a) -> dict:
-    """The memory pass: the first (cold) step of one layer, in this (sub)process."""
+    """The memory pass, in this (sub)process: the RSS growth of the first (cold) step, then the
+    tensor peak of a warm one, each step's gradients (weights and input) allocated inside it."""
     import torch
     torch.set_num_threads(a.threads)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     step = make_step(impl, a, device)
+    with PeakRSS() as mem:
+        step()
+    step.release()
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
-    with PeakRSS() as mem:
         step()
-    peak = (torch.cuda.max_memory_allocated() - base) if device == "cuda" else (mem.peak - mem.base)
-    return {"impl": impl, "peak_mb": peak / 2**20}
+        tensors = torch.cuda.max_memory_allocated() - base
+    else:
+        tensors = tensor_peak_cpu(step)
+    return {"impl": impl, "peak_mb": tensors / 2**20, "rss_mb": (mem.peak - mem.base) / 2**20}
 
 
 def layer_flops(a) -> float:
@@ -191,19 +218,21 @@ def main():
         if proc.returncode != 0:
             print(f"{impl}: memory pass failed\n{proc.stderr[-2000:]}")
             continue
-        mem[impl] = json.loads(proc.stdout.strip().splitlines()[-1])["peak_mb"]
+        mem[impl] = json.loads(proc.stdout.strip().splitlines()[-1])
     ms, peak, device = time_interleaved(a, [i for i in IMPLS if i in mem])
     flops = layer_flops(a)
     print(f"MoE layer fwd+bwd: {a.tokens} tokens, H={a.hidden}, E={a.experts} x I={a.inter}, top-{a.top_k}, "
           f"1 shared expert, fp32, no token dropping, {a.threads} thread(s), device={device}; {a.steps} rounds "
           f"interleaved; {flops / 1e9:.2f} GFLOP/step" + (f"; fp32 matmul peak {peak / 1e9:.1f} GFLOP/s "
                                                          "measured in this run" if peak else ""))
-    print(f"{'impl':14s} {'ms/step':>9s} {'of peak':>8s} {'peak MB':>9s} {'time vs megamoe':>16s} {'mem vs megamoe':>15s}")
+    print(f"{'impl':14s} {'ms/step':>9s} {'of peak':>8s} {'peak MB':>9s} {'RSS MB':>8s} {'time vs megamoe':>16s} "
+          f"{'mem vs megamoe':>15s}")
     for impl in ms:
         tr = ms[impl] / ms["megamoe"]
-        mr = mem[impl] / mem["megamoe"] if mem["megamoe"] > 0 else float("nan")
+        mr = mem[impl]["peak_mb"] / mem["megamoe"]["peak_mb"] if mem["megamoe"]["peak_mb"] > 0 else float("nan")
         frac = f"{100 * flops / (ms[impl] / 1000) / peak:7.1f}%" if peak else "     n/a"
-        print(f"{impl:14s} {ms[impl]:9.1f} {frac} {mem[impl]:9.1f} {tr:15.2f}x {mr:14.2f}x")
+        rss = f"{mem[impl]['rss_mb']:8.1f}" if device == "cpu" else "     n/a"
+        print(f"{impl:14s} {ms[impl]:9.1f} {frac} {mem[impl]['peak_mb']:9.1f} {rss} {tr:15.2f}x {mr:14.2f}x")
 
 
 if __name__ == "__main__":

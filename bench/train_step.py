@@ -2,11 +2,13 @@
 """Training-step throughput and CPU MFU of megamoe's small-moe vs transformers' DeepseekV3ForCausalLM.
 
 Same weights (HF model built from megamoe's config, its state dict converted into megamoe's
-layout with megamoe.hf), same optimizer (torch AdamW, lr 1e-4), same batch, same precision
-(fp32 master weights, bf16 autocast), one process. MFU = achieved model FLOP/s (megamoe.monitor's
-FLOPs per token: 6 x active non-embedding params + causal MLA attention) over the bf16 matmul peak
-measured in this run. Steps alternate between the two models and the median step time is used,
-so load from other processes hits both alike. Prints a ratio megamoe / transformers.
+layout with megamoe.hf), same optimizer (torch's fused AdamW, lr 1e-4), same batch, same
+precision, one process. The precision is the one this CPU runs fast (BENCH_PRECISION=auto: bf16
+autocast over fp32 master weights where bf16 matmuls outrun fp32 ones, i.e. AMX; fp32 otherwise)
+and is printed. MFU = achieved model FLOP/s (megamoe.monitor's FLOPs per token: 6 x active
+non-embedding params + causal MLA attention) over the matmul peak at that precision measured in
+this run. Steps alternate between the two models and the median step time is used, so load from
+other processes hits both alike. Prints a ratio megamoe / transformers.
 """
 from __future__ import annotations
 
@@ -22,7 +24,7 @@ import torch  # noqa: E402
 
 from megamoe import hf  # noqa: E402
 from megamoe.config import ModelConfig  # noqa: E402
-from megamoe.monitor import flops_per_token, measure_cpu_matmul_peak, mfu  # noqa: E402
+from megamoe.monitor import faster_cpu_precision, flops_per_token, measure_cpu_matmul_peak, mfu  # noqa: E402
 
 BATCH, SEQ, WARMUP, STEPS = int(os.environ.get("BENCH_BATCH", 2)), 256, 1, int(os.environ.get("BENCH_STEPS", 4))
 
@@ -30,18 +32,21 @@ BATCH, SEQ, WARMUP, STEPS = int(os.environ.get("BENCH_BATCH", 2)), 256, 1, int(o
 def main() -> int:
     from transformers import DeepseekV3ForCausalLM
 
+    precision = os.environ.get("BENCH_PRECISION", "auto")
+    precision = faster_cpu_precision() if precision == "auto" else precision
+    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[precision]
     torch.manual_seed(0)
     cfg = ModelConfig.load("small-moe")
     hf_model = DeepseekV3ForCausalLM(hf.to_hf_config(cfg)).train()
     ours = cfg.build(seed=0).train()
     ours.load_state_dict(hf.from_hf_state_dict(hf_model.state_dict(), cfg), strict=True)
-    opt_ours = torch.optim.AdamW(ours.parameters(), lr=1e-4)
-    opt_hf = torch.optim.AdamW(hf_model.parameters(), lr=1e-4)
+    opt_ours = torch.optim.AdamW(ours.parameters(), lr=1e-4, fused=True)
+    opt_hf = torch.optim.AdamW(hf_model.parameters(), lr=1e-4, fused=True)
     tokens = torch.randint(0, cfg.vocab_size, (BATCH, SEQ + 1), generator=torch.Generator().manual_seed(0))
     x, y = tokens[:, :-1], tokens[:, 1:]
 
     def step_ours():
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
             loss = ours(x, labels=y).loss
         loss.backward()
         opt_ours.step()
@@ -50,7 +55,7 @@ def main() -> int:
 
     def step_hf():
         # HF shifts labels itself: give it the unshifted sequence (SEQ+1 tokens -> SEQ predictions)
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
             loss = hf_model(input_ids=x, labels=tokens[:, :SEQ]).loss
         loss.backward()
         opt_hf.step()
@@ -66,11 +71,12 @@ def main() -> int:
             t0 = time.perf_counter()
             fn()
             times[name].append(time.perf_counter() - t0)
-    peak = measure_cpu_matmul_peak(torch.bfloat16)
+    peak = measure_cpu_matmul_peak(dtype)
     fpt = flops_per_token(cfg, SEQ)["total"]
-    print(f"small-moe training step, batch {BATCH} x seq {SEQ}, bf16 autocast, AdamW, {torch.get_num_threads()} "
+    print(f"small-moe training step, batch {BATCH} x seq {SEQ}, "
+          f"{'bf16 autocast' if precision == 'bf16' else 'fp32'}, fused AdamW, {torch.get_num_threads()} "
           f"thread(s); first-step loss megamoe {first[0]:.4f} / transformers {first[1]:.4f} (same weights)")
-    print(f"model FLOPs/token {fpt / 1e6:.2f} M; measured bf16 matmul peak {peak / 1e9:.1f} GFLOP/s")
+    print(f"model FLOPs/token {fpt / 1e6:.2f} M; measured {precision} matmul peak {peak / 1e9:.1f} GFLOP/s")
     res = {}
     for name, ts in times.items():
         dt = statistics.median(ts)
@@ -79,7 +85,7 @@ def main() -> int:
         res[name] = (tok_s, util)
         print(f"{name:13s} {dt * 1000:8.1f} ms/step  {tok_s:8.1f} tokens/s  {tok_s * fpt / 1e9:7.2f} GFLOP/s  "
               + (f"MFU {100 * util:.2f}%" if util is not None else
-                 "MFU n/a (above the measured bf16 peak: it does not stand for this step's kernels, e.g. no AMX)"))
+                 f"MFU n/a (above the measured {precision} peak: it does not stand for this step's kernels)"))
     print(f"ratio megamoe/transformers: tokens/s x{res['megamoe'][0] / res['transformers'][0]:.2f}")
     return 0
 

@@ -9,8 +9,9 @@ triton: Triton always; CPU tensors need TRITON_INTERPRET=1 set before `kernels` 
 reference: the PyTorch reference always.
 MEGAMOE_KERNELS=auto|triton|reference chooses for every op; `set_backend()` does the same from code.
 Attention has its own switch (flash | sdpa | eager), see kernels/attention.py. The experts' grouped
-matmul (`grouped_mm`) is torch._grouped_mm where torch supports the shapes and dtype, else one
-matmul per expert (kernels/reference.py); MEGAMOE_KERNELS=reference forces the loop.
+matmul (`grouped_mm`, and `grouped_mm_wgrad` for its weight gradient) is torch._grouped_mm where
+torch supports the shapes and dtype, else one matmul per expert (kernels/reference.py);
+MEGAMOE_KERNELS=reference forces the loop.
 
 Kernel modules (each: Triton kernels, a launch-config function, a torch.autograd.Function):
   kernels/rmsnorm.py  rms_norm     any width, fp32 statistics, dx and dweight
@@ -129,12 +130,16 @@ def linear_cross_entropy(h_TH: torch.Tensor, w_VH: torch.Tensor, labels_T: torch
 
 def grouped_mm_supported(x: torch.Tensor, w: torch.Tensor) -> bool:
     """torch._grouped_mm needs 16-byte aligned rows; on CUDA it wants bf16 (Hopper kernels)."""
-    if not hasattr(torch, "_grouped_mm"):
-        return False
+    return _grouped_mm_takes(x, *w.shape[1:])
+
+
+def _grouped_mm_takes(x: torch.Tensor, *widths: int) -> bool:
+    if not hasattr(torch, "_grouped_mm") or x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        return False   # float64 (the tests' oracles) takes the per-expert loop
     if x.is_cuda and (x.dtype != torch.bfloat16 or torch.cuda.get_device_capability(x.device) < (9, 0)):
         return False
     align = 16 // x.element_size()
-    return all(d % align == 0 for d in (*w.shape[1:], x.shape[-1]))
+    return all(d % align == 0 for d in (*widths, x.shape[-1]))
 
 
 def grouped_mm(x_TK: torch.Tensor, w_ENK: torch.Tensor, counts_E: torch.Tensor, offs_E: torch.Tensor) -> torch.Tensor:
@@ -143,3 +148,13 @@ def grouped_mm(x_TK: torch.Tensor, w_ENK: torch.Tensor, counts_E: torch.Tensor, 
     if backend() != "reference" and grouped_mm_supported(x_TK, w_ENK):
         return torch._grouped_mm(x_TK, w_ENK.transpose(-2, -1), offs=offs_E)
     return reference.grouped_mm(x_TK, w_ENK, counts_E)
+
+
+def grouped_mm_wgrad(dy_TN: torch.Tensor, x_TK: torch.Tensor, counts_E: torch.Tensor,
+                     offs_E: torch.Tensor) -> torch.Tensor:
+    """The weight gradient of grouped_mm: [E, N, K], expert e's block = dy[tokens of e].T @
+    x[tokens of e] (zeros for an expert with no tokens). The same torch._grouped_mm call torch's
+    own autograd makes for grouped_mm's backward, or one matmul per expert."""
+    if backend() != "reference" and _grouped_mm_takes(x_TK, dy_TN.shape[-1]):
+        return torch._grouped_mm(dy_TN.transpose(0, 1), x_TK, offs=offs_E)
+    return reference.grouped_mm_wgrad(dy_TN, x_TK, counts_E)

@@ -160,15 +160,16 @@ def mlp_saved(H: int, I: int) -> int:
 
 def ffn_saved(cfg: ModelConfig, moe: bool) -> tuple[float, float]:
     """(activation-dtype elements, fp32 elements) per token of the FFN half of a block, its norm
-    and input included. MoE: each of the top-k copies of the token (gathered input, gate/up
-    outputs, silu, product, the output kept for the weighted combine), the shared experts, the
-    router's logits and scores (fp32) and its int64 indices/permutation (counted as 2 fp32 each)."""
+    and input included. MoE: each of the top-k copies of the token (its gate/up output, from which
+    backward recomputes the rest, and the expert output kept for the weighted combine:
+    model/dispatch.py), the shared experts, the router's logits and scores (fp32) and its int64
+    indices/permutation (counted as 2 fp32 each)."""
     H = cfg.hidden_size
     elems, fp32 = 3 * H, 1.0
     if not moe:
         return elems + mlp_saved(H, cfg.intermediate_size), fp32
     K, I, E = cfg.num_experts_per_tok, cfg.moe_intermediate_size, cfg.n_routed_experts
-    elems += K * (2 * H + 2 * I + 2 * I) + mlp_saved(H, I * cfg.n_shared_experts) * (cfg.n_shared_experts > 0)
+    elems += K * (H + 2 * I) + mlp_saved(H, I * cfg.n_shared_experts) * (cfg.n_shared_experts > 0)
     fp32 += 2 * E + 2 * K + 2 * 3 * K
     return elems, fp32
 

@@ -24,6 +24,7 @@ LEDGER = ROOT / "tests" / "MUTANTS.md"
 # not core logic): mutmut names are module.x_function or module.xǁClassǁmethod.
 SCOPE = [
     "megamoe.model.moe.*",
+    "megamoe.model.dispatch.*",
     "megamoe.model.attention.*",
     "megamoe.kernels.reference.*",
     "megamoe.data.indexed.*",

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 
 from megamoe import faults, kernels
 from megamoe.config import ModelConfig
+from megamoe.model import dispatch
 from megamoe.model.layers import MLP
 
 
@@ -238,6 +239,7 @@ class GroupedExperts(nn.Module):
         """Each (token, slot) pair runs through its expert; pairs with kept_TK False are skipped.
         `counts_E`: the router's per-expert counts of `indices_TK` (dropless), reused as they are."""
         T, K = indices_TK.shape
+        x_in, gate_up_E2IH, down_EHI = autocast_experts(x_TH, self.gate_up_proj, self.down_proj)
         flat_expert = indices_TK.reshape(-1)
         order = flat_expert.argsort(stable=True)       # (token, slot) pairs grouped by expert
         if kept_TK is not None:
@@ -248,12 +250,26 @@ class GroupedExperts(nn.Module):
             # scatter_add, not bincount: bincount reads the maximum back to the host on CUDA
             counts_E = torch.zeros(self.n_experts + 1, dtype=torch.int64, device=flat_expert.device).scatter_add_(
                 0, flat_expert, torch.ones_like(flat_expert))[:self.n_experts]
-        token_of = order // K
         offs_E = counts_E.cumsum(0).to(torch.int32)
-        x_sorted = x_TH[token_of]
-        gate, up = kernels.grouped_mm(x_sorted, self.gate_up_proj, counts_E, offs_E).chunk(2, dim=-1)
-        y_sorted = kernels.grouped_mm(F.silu(gate) * up, self.down_proj, counts_E, offs_E)
-        return combine(y_sorted, order, weights_TK, x_TH.dtype, dropped=kept_TK is not None)
+        if kept_TK is None:   # dropless: `order` is a permutation, both ways are row gathers
+            inverse = dispatch.inverse_permutation(order)
+            y_sorted = dispatch.RoutedExperts.apply(x_in, gate_up_E2IH, down_EHI, order, inverse, K, counts_E, offs_E)
+            return dispatch.Combine.apply(y_sorted, weights_TK, order, inverse).to(x_TH.dtype)
+        gate, up = kernels.grouped_mm(x_in[order // K], gate_up_E2IH, counts_E, offs_E).chunk(2, dim=-1)
+        y_sorted = kernels.grouped_mm(F.silu(gate) * up, down_EHI, counts_E, offs_E)
+        return combine(y_sorted, order, weights_TK, x_TH.dtype, dropped=True)
+
+
+def autocast_experts(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The experts' input and weights in autocast's dtype when autocast is on (as it casts F.linear's):
+    torch._grouped_mm is on no autocast list, so under bf16 autocast the experts, most of an MoE
+    model's FLOPs, would otherwise run in fp32. Without autocast (DeepSpeed's bf16: the weights
+    are bf16 already) nothing changes."""
+    device = tensors[0].device.type
+    if not torch.is_autocast_enabled(device):
+        return tensors
+    dtype = torch.get_autocast_dtype(device)
+    return tuple(t.to(dtype) for t in tensors)
 
 
 def combine(y_sorted: torch.Tensor, order: torch.Tensor, weights_TK: torch.Tensor, dtype: torch.dtype,

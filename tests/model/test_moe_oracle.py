@@ -205,3 +205,21 @@ def test_capacity_breaks_score_ties_by_position():
     for e in range(E):
         slots = [(t, j) for t in range(T) for j in range(K) if indices[t, j] == e]
         assert [kept[tj].item() for tj in slots] == [True] * capacity + [False] * (len(slots) - capacity)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(2, 70), st.integers(0, 2**31 - 1), st.booleans())
+def test_fast_top_k_equals_the_stable_sort(E, seed, special):
+    """reference.top_k_ties_to_lower's fp32 key trick picks exactly what the stable descending
+    sort does: ties to the lower expert, -0.0 tied with 0.0, negatives and infinities ordered."""
+    from megamoe.kernels.reference import top_k_ties_to_lower
+    g = torch.Generator().manual_seed(seed)
+    k = int(torch.randint(1, E + 1, (1,), generator=g))
+    if special:   # mostly ties among signed zeros, tiny and denormal values, infinities
+        vals = torch.tensor([0.0, -0.0, 1.0, -1.0, 1e-38, -1e-38, 3e-45, -3e-45, float("inf"), float("-inf")])
+        choice = vals[torch.randint(0, len(vals), (32, E), generator=g)]
+    else:
+        choice = torch.randn(32, E, generator=g).round(decimals=1)
+    expected = choice.sort(dim=-1, descending=True, stable=True).indices[:, :k]
+    assert torch.equal(top_k_ties_to_lower(choice, k), expected)
+    assert torch.equal(top_k_ties_to_lower(choice.double(), k), expected)   # the sort itself

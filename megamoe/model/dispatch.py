@@ -1,0 +1,107 @@
+"""The dropless MoE data path as hand-written autograd functions: tokens into expert order through
+the experts' SwiGLU (`RoutedExperts`), and back, weighted (`Combine`).
+
+`order` [N = T*K] lists the (token, slot) pairs grouped by expert; `inverse` is its inverse
+permutation. Both directions are plain row gathers (index_select), forward and backward: no
+index_put, no scatter-add with atomics. That makes them deterministic on GPUs and, on CPUs, about
+three times faster than advanced indexing (whose backward is an accumulating index_put).
+
+What backward keeps is chosen, not left to autograd: the experts save only their gate/up output
+[N, 2I] and recompute the gathered input and the SwiGLU product from it (an index_select and an
+elementwise op), where autograd would keep the gathered input [N, H], silu(gate) and the product
+too. Megatron-Core's fused permutation and activation recompute do the same for the same reason:
+per MoE layer and token that is K x (H + 2I) fewer activations (V2-Lite: 28 KB in bf16).
+
+Shapes: T tokens, K slots per token, N = T*K pairs, H hidden, I expert intermediate.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from megamoe import kernels
+
+
+def inverse_permutation(order: torch.Tensor) -> torch.Tensor:
+    inverse = torch.empty_like(order)
+    inverse[order] = torch.arange(order.numel(), device=order.device, dtype=order.dtype)
+    return inverse
+
+
+class RoutedExperts(torch.autograd.Function):
+    """x_TH -> y_NH in expert order: pair n = (token order[n] // K) through expert e's SwiGLU,
+    down(silu(gate) * up) with [gate | up] = gate_up[e] x. Backward sums each token's K input
+    gradients in slot order (the same sum on every device and layout)."""
+
+    @staticmethod
+    def forward(ctx, x_TH: torch.Tensor, gate_up_E2IH: torch.Tensor, down_EHI: torch.Tensor, order: torch.Tensor,
+                inverse: torch.Tensor, k: int, counts_E: torch.Tensor, offs_E: torch.Tensor) -> torch.Tensor:
+        h_N2I = kernels.grouped_mm(x_TH.index_select(0, order // k), gate_up_E2IH, counts_E, offs_E)
+        gate, up = h_N2I.chunk(2, dim=-1)
+        y_NH = kernels.grouped_mm(F.silu(gate) * up, down_EHI, counts_E, offs_E)
+        ctx.save_for_backward(x_TH, gate_up_E2IH, down_EHI, h_N2I, order, inverse, counts_E, offs_E)
+        ctx.k = k
+        return y_NH
+
+    @staticmethod
+    def backward(ctx, dy_NH: torch.Tensor):
+        x_TH, gate_up, down, h_N2I, order, inverse, counts_E, offs_E = ctx.saved_tensors
+        k, need = ctx.k, ctx.needs_input_grad
+        gate, up = h_N2I.chunk(2, dim=-1)
+        silu = F.silu(gate)
+        d_down = kernels.grouped_mm_wgrad(dy_NH, silu * up, counts_E, offs_E) if need[2] else None
+        d_act = kernels.grouped_mm(dy_NH, down.transpose(1, 2), counts_E, offs_E)
+        # the two halves autograd computes for silu(gate) * up (with its own silu backward),
+        # written into one [N, 2I] buffer rather than concatenated
+        dh_N2I = torch.empty_like(h_N2I)
+        d_gate, d_up = dh_N2I.chunk(2, dim=-1)
+        torch.ops.aten.silu_backward.grad_input(torch.mul(d_act, up, out=d_gate), gate, grad_input=d_gate)
+        torch.mul(d_act, silu, out=d_up)
+        del d_act, silu, d_gate, d_up
+        d_gate_up = dx_TH = None
+        if need[1]:
+            d_gate_up = kernels.grouped_mm_wgrad(dh_N2I, x_TH.index_select(0, order // k), counts_E, offs_E)
+        if need[0]:
+            dx_NH = kernels.grouped_mm(dh_N2I, gate_up.transpose(1, 2), counts_E, offs_E)
+            del dh_N2I
+            # each token's K copies summed in slot order, one [T, H] gather at a time
+            inverse_TK = inverse.view(-1, k)
+            dx_TH = dx_NH.index_select(0, inverse_TK[:, 0])
+            for slot in range(1, k):
+                dx_TH += dx_NH.index_select(0, inverse_TK[:, slot])
+        return dx_TH, d_gate_up, d_down, None, None, None, None, None
+
+
+class Combine(torch.autograd.Function):
+    """y_NH (expert order) -> y_TH = sum_k w[t, k] * y[pair (t, k)], accumulated in fp32 (float64
+    stays float64) as DeepSpeed AutoEP does (a [1, K] x [K, H] product per token), returned in y's
+    dtype. Saves y in slot order for the weight gradient; nothing [T, K, H]-sized is built in
+    forward beyond that un-sorted copy."""
+
+    @staticmethod
+    def forward(ctx, y_NH: torch.Tensor, weights_TK: torch.Tensor, order: torch.Tensor,
+                inverse: torch.Tensor) -> torch.Tensor:
+        T, K = weights_TK.shape
+        acc = torch.promote_types(y_NH.dtype, torch.float32)   # fp32, or float64 for the oracle
+        y_TKH = y_NH.index_select(0, inverse).view(T, K, -1)
+        w_TK = weights_TK.to(acc)
+        with torch.autocast(y_NH.device.type, enabled=False):   # the sum stays in `acc` under autocast
+            out_TH = torch.bmm(w_TK.unsqueeze(1), y_TKH.to(acc)).squeeze(1)
+        ctx.save_for_backward(y_TKH, w_TK, order)
+        ctx.w_dtype = weights_TK.dtype
+        return out_TH.to(y_NH.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_TH: torch.Tensor):
+        y_TKH, w_TK, order = ctx.saved_tensors
+        T, K = w_TK.shape
+        g_TH = grad_TH.to(w_TK.dtype)
+        grad_w_TK = None
+        if ctx.needs_input_grad[1]:
+            grad_w_TK = torch.bmm(y_TKH.to(w_TK.dtype), g_TH.unsqueeze(-1)).squeeze(-1).to(ctx.w_dtype)
+        grad_y_NH = None
+        if ctx.needs_input_grad[0]:
+            # pair n of expert order is (token order[n] // K, slot order[n] % K)
+            grad_y_NH = g_TH.index_select(0, order // K).mul_(w_TK.view(-1).index_select(0, order).unsqueeze(1))
+            grad_y_NH = grad_y_NH.to(y_TKH.dtype)
+        return grad_y_NH, grad_w_TK, None, None
