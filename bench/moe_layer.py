@@ -200,7 +200,7 @@ def main():
     p.add_argument("--inter", type=int, default=128)
     p.add_argument("--experts", type=int, default=64)
     p.add_argument("--top-k", type=int, default=6)
-    p.add_argument("--steps", type=int, default=10, help="timed rounds (one step of every layer each)")
+    p.add_argument("--steps", type=int, default=20, help="timed rounds (one step of every layer each)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--memory-of", choices=IMPLS, help=argparse.SUPPRESS)
     a = p.parse_args()

@@ -372,3 +372,47 @@ def test_routed_experts_and_combine_backward_is_exact(backend):
             assert not grads[2][-1].any() and not grads[3][-1].any()   # the idle expert's: zero
     finally:
         kernels.set_backend(None)
+
+
+def _routing(T=7, K=3, E=4):
+    from megamoe.model.dispatch import inverse_permutation
+    expert_TK = torch.randint(0, E, (T, K), generator=torch.Generator().manual_seed(1))
+    order = expert_TK.reshape(-1).argsort(stable=True)
+    counts_E = torch.bincount(expert_TK.reshape(-1), minlength=E)
+    return order, inverse_permutation(order), counts_E, counts_E.cumsum(0).to(torch.int32)
+
+
+def test_routed_experts_and_combine_give_gradients_only_where_asked():
+    """Each subset of (tokens, routing weights, gate/up, down) frozen: the others' gradients are
+    autograd's through the plain ops, and nothing is computed for a frozen one."""
+    from megamoe.model.dispatch import Combine, RoutedExperts
+    T, K, H, I, E = 7, 3, 8, 4, 4
+    order, inverse, counts_E, offs_E = _routing(T, K, E)
+    torch.manual_seed(0)
+    base = [torch.randn(T, H), torch.rand(T, K), torch.randn(E, 2 * I, H) / 3, torch.randn(E, H, I) / 2]
+    for mask in range(1, 16):
+        args = [a.clone().requires_grad_(bool(mask >> i & 1)) for i, a in enumerate(base)]
+        want_grad = [a for a in args if a.requires_grad]
+        out = Combine.apply(RoutedExperts.apply(*args[:1], *args[2:], order, inverse, K, counts_E, offs_E),
+                            args[1], order, inverse)
+        gate, up = grouped_mm(args[0][order // K], args[2], counts_E, offs_E).chunk(2, dim=-1)
+        y = torch.zeros(T * K, H).index_put((order,), grouped_mm(F.silu(gate) * up, args[3], counts_E, offs_E))
+        plain = (y.view(T, K, H) * args[1].unsqueeze(-1)).sum(1)
+        g = torch.randn_like(out)
+        for got, exp in zip(torch.autograd.grad(out, want_grad, g), torch.autograd.grad(plain, want_grad, g)):
+            torch.testing.assert_close(got, exp)
+
+
+def test_combine_sums_in_fp32_and_returns_the_inputs_dtypes():
+    from megamoe.model.dispatch import Combine
+    T, K, H = 7, 3, 8
+    order, inverse, _, _ = _routing(T, K)
+    torch.manual_seed(0)
+    y, w = torch.randn(T * K, H), torch.rand(T, K)
+    y16, w16 = y.bfloat16().requires_grad_(), w.bfloat16().requires_grad_()
+    out = Combine.apply(y16, w16, order, inverse)
+    exact = (y16.double()[inverse].view(T, K, H) * w16.double().unsqueeze(-1)).sum(1)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.double(), exact.bfloat16().double(), rtol=0, atol=0)   # one rounding, at the end
+    out.float().sum().backward()
+    assert y16.grad.dtype == w16.grad.dtype == torch.bfloat16
