@@ -158,18 +158,20 @@ def mlp_saved(H: int, I: int) -> int:
     return 4 * I
 
 
-def ffn_saved(cfg: ModelConfig, moe: bool) -> tuple[float, float]:
+def ffn_saved(cfg: ModelConfig, moe: bool, ep: int = 1) -> tuple[float, float]:
     """(activation-dtype elements, fp32 elements) per token of the FFN half of a block, its norm
-    and input included. MoE: each of the top-k copies of the token (its gate/up output, from which
-    backward recomputes the rest, and the expert output kept for the weighted combine:
-    model/dispatch.py), the shared experts, the router's logits and scores (fp32) and its int64
-    indices/permutation (counted as 2 fp32 each)."""
+    and input included. MoE: each of the top-k copies of the token, the shared experts, the
+    router's logits and scores (fp32) and its int64 indices/permutation (counted as 2 fp32 each).
+    Per copy, at EP 1 (megamoe's experts, model/dispatch.py) the gate/up output, from which
+    backward recomputes the rest, and the expert output kept for the weighted combine; at EP > 1
+    (DeepSpeed AutoEP's experts, plain autograd) also the gathered input, silu and the product."""
     H = cfg.hidden_size
     elems, fp32 = 3 * H, 1.0
     if not moe:
         return elems + mlp_saved(H, cfg.intermediate_size), fp32
     K, I, E = cfg.num_experts_per_tok, cfg.moe_intermediate_size, cfg.n_routed_experts
-    elems += K * (H + 2 * I) + mlp_saved(H, I * cfg.n_shared_experts) * (cfg.n_shared_experts > 0)
+    per_copy = H + 2 * I if ep == 1 else 2 * H + 4 * I
+    elems += K * per_copy + mlp_saved(H, I * cfg.n_shared_experts) * (cfg.n_shared_experts > 0)
     fp32 += 2 * E + 2 * K + 2 * 3 * K
     return elems, fp32
 
@@ -178,7 +180,7 @@ def block_saved_bytes(cfg: ModelConfig, moe: bool, setup: Setup) -> float:
     """Bytes one block saves per token."""
     a = _BYTES[setup.dtype]
     ae, af = attention_saved(cfg, setup.seq_length, setup.device)
-    fe, ff = ffn_saved(cfg, moe)
+    fe, ff = ffn_saved(cfg, moe, setup.ep)
     return a * (ae + fe) + 4 * (af + ff)
 
 
