@@ -177,6 +177,135 @@ def test_router_jitter_uses_the_global_torch_generator():
     assert not torch.equal(weights(1), weights(2))
 
 
+def _router(**over) -> tuple[Router, torch.Tensor]:
+    cfg = dataclasses.replace(TINY, n_group=1, topk_group=1, **over).validate()
+    router = Router(cfg).train()
+    torch.nn.init.normal_(router.weight, std=1.0)
+    return router, torch.randn(48, cfg.hidden_size, generator=torch.Generator().manual_seed(0))
+
+
+def test_router_jitter_is_the_input_times_uniform_noise_in_training_only():
+    """Switch Transformer's jitter: logits of x * U(1 - eps, 1 + eps), drawn from the global RNG
+    in that order; in eval, and with eps = 0, the plain logits and no random draw at all."""
+    eps = 0.3
+    router, x = _router(router_jitter_noise=eps)
+    torch.manual_seed(5)
+    got = router.route(x)
+    torch.manual_seed(5)
+    noisy = x * torch.empty_like(x).uniform_(1.0 - eps, 1.0 + eps)
+    want = router._top_k(noisy @ router.weight.detach().T, router.e_score_correction_bias)
+    assert torch.equal(got.indices_TK, want[1]) and torch.equal(got.weights_TK.detach(), want[0].detach())
+    plain = router._top_k(x @ router.weight.detach().T, router.e_score_correction_bias)
+    assert not torch.equal(got.indices_TK, plain[1])
+    for r in (router.eval(), _router(router_jitter_noise=0.0)[0]):
+        state = torch.get_rng_state()
+        assert torch.equal(r.route(x).indices_TK, r._top_k(x @ r.weight.detach().T, r.e_score_correction_bias)[1])
+        assert torch.equal(torch.get_rng_state(), state)
+
+
+def test_router_counts_what_training_forwards_route():
+    """tokens_per_expert_acc adds each training forward's per-expert counts (not under no_grad,
+    not in eval); bucket_expert_acc counts (token id mod 256, expert) pairs when token ids are set."""
+    from megamoe.model.moe import SPECIALISATION_BUCKETS
+    router, x = _router()
+    ids = torch.randint(0, 1000, (x.shape[0],), generator=torch.Generator().manual_seed(1))
+    router.token_ids = ids
+    a = router.route(x).indices_TK
+    b = router.route(x * 2).indices_TK
+    with torch.no_grad():
+        router.route(x * 3)
+    router.eval().route(x * 4)
+    E = router.n_experts
+    assert torch.equal(router.tokens_per_expert_acc, (torch.bincount(a.flatten(), minlength=E)
+                                                      + torch.bincount(b.flatten(), minlength=E)).float())
+    buckets = torch.zeros(SPECIALISATION_BUCKETS, E)
+    for idx in (a, b):
+        for t, row in enumerate(idx.tolist()):
+            for e in row:
+                buckets[int(ids[t]) % SPECIALISATION_BUCKETS, e] += 1
+    assert torch.equal(router.bucket_expert_acc, buckets)
+
+
+def test_router_z_loss_alone_is_the_mean_squared_logsumexp():
+    """ST-MoE's router z-loss, from the router's own logits in float64, with the balance loss off."""
+    router, x = _router(router_z_loss_coef=0.01, aux_loss_alpha=0.0)
+    router.route(x)
+    logits = x.double() @ router.weight.detach().double().T
+    assert router.last_z_loss.item() == pytest.approx(0.01 * (logits.logsumexp(-1) ** 2).mean().item(), rel=1e-5)
+    assert router.last_aux_loss.item() == 0.0
+
+
+def test_capacity_zeroes_the_weights_of_dropped_assignments_only():
+    router, x = _router(capacity_factor=0.5)
+    capped = router.route(x)
+    router.capacity_factor = None
+    free = router.route(x)
+    assert torch.equal(capped.indices_TK, free.indices_TK) and not capped.kept_TK.all()
+    want = torch.where(capped.kept_TK, free.weights_TK, torch.zeros(()))
+    torch.testing.assert_close(capped.weights_TK, want, rtol=0, atol=0)
+
+
+def test_an_moe_layer_saves_its_weights_and_selection_bias_only():
+    """The per-step counters stay out of checkpoints, and a layer without shared experts has no
+    (empty) shared-expert weights that an HF export would then carry."""
+    from megamoe.model.moe import MoE
+    routed = ["experts.down_proj", "experts.gate_up_proj", "router.e_score_correction_bias", "router.weight"]
+    shared = ["shared_experts.down_proj.weight", "shared_experts.gate_proj.weight", "shared_experts.up_proj.weight"]
+    assert sorted(MoE(TINY).state_dict()) == sorted(routed + shared)
+    assert sorted(MoE(dataclasses.replace(TINY, n_shared_experts=0).validate()).state_dict()) == routed
+
+
+@pytest.mark.parametrize("score_func", ["sigmoid", "softmax"])
+def test_router_weight_gets_the_gradient_of_the_aux_losses(score_func):
+    """The router's weight gradient from the balance and z losses alone (the routed output's
+    gradient zero) is d(alpha * L_bal + c * mean(lse^2)) / dW, written out in float64 from
+    DeepSeek-V3 eqs. 17-20 and ST-MoE: the sign and the form of what training descends on, which
+    the logged values (computed apart) do not show."""
+    alpha, c, S = 0.3, 0.02, 12
+    router, x = _router(aux_loss_alpha=alpha, router_z_loss_coef=c, scoring_func=score_func)
+    router.seq_len = S
+    r = router.route(x)
+    (r.weights_TK * 0).sum().backward()
+    W = router.weight.detach().double().requires_grad_()
+    logits = x.double() @ W.T
+    scores = logits.sigmoid() if score_func == "sigmoid" else logits.softmax(-1)
+    E, K, B = W.shape[0], r.indices_TK.shape[1], x.shape[0] // S
+    counts = torch.zeros(B, E, dtype=torch.float64)
+    for t, row in enumerate(r.indices_TK.tolist()):
+        for e in row:
+            counts[t // S, e] += 1
+    f = counts * E / (K * S)
+    P = (scores / scores.sum(-1, keepdim=True)).view(B, S, E).mean(1)
+    total = alpha * (f * P).sum(-1).mean() + c * (logits.logsumexp(-1) ** 2).mean()
+    total.backward()
+    torch.testing.assert_close(router.weight.grad.double(), W.grad, rtol=1e-4, atol=1e-7)
+
+
+def test_nan_router_fault_poisons_the_first_tokens_logits_only(monkeypatch):
+    """The injected fault (tests/train's NaN-router run) makes exactly token 0's logits NaN on
+    rank 1 in the planned iteration: the other tokens route as without it."""
+    from megamoe import faults
+    router, x = _router()
+    clean = router.eval().route(x)
+    monkeypatch.setenv(faults.ENV, faults.env(nan_router_iters=[3])[faults.ENV])
+    faults.plan.cache_clear()
+    try:
+        faults.begin_iteration(3, rank=1)
+        seen, original = {}, router._top_k
+
+        def spy(logits, bias):
+            seen["logits"] = logits
+            return original(logits, bias)
+        router._top_k = spy
+        poisoned = router.route(x)
+    finally:
+        faults.begin_iteration(None, rank=0)
+        faults.plan.cache_clear()
+    assert seen["logits"].shape == (x.shape[0], router.n_experts)
+    assert seen["logits"][0].isnan().all() and not seen["logits"][1:].isnan().any()
+    assert torch.equal(poisoned.indices_TK[1:], clean.indices_TK[1:])
+
+
 def test_router_forward_honours_an_external_bias_and_keeps_fp32_buffers():
     """AutoEP's contract passes its own expert_bias: it steers selection like ours. Casting the model
     to bf16 keeps the selection bias and the token counts in fp32."""
