@@ -257,7 +257,7 @@ class GroupedExperts(nn.Module):
             return dispatch.Combine.apply(y_sorted, weights_TK, order, inverse).to(x_TH.dtype)
         gate, up = kernels.grouped_mm(x_in[order // K], gate_up_E2IH, counts_E, offs_E).chunk(2, dim=-1)
         y_sorted = kernels.grouped_mm(F.silu(gate) * up, down_EHI, counts_E, offs_E)
-        return combine(y_sorted, order, weights_TK, x_TH.dtype, dropped=True)
+        return combine(y_sorted, order, weights_TK, x_TH.dtype)
 
 
 def autocast_experts(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -272,15 +272,13 @@ def autocast_experts(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
     return tuple(t.to(dtype) for t in tensors)
 
 
-def combine(y_sorted: torch.Tensor, order: torch.Tensor, weights_TK: torch.Tensor, dtype: torch.dtype,
-            dropped: bool = False) -> torch.Tensor:
-    """[T, H] = sum over the K slots of weight x expert output, as DeepSpeed AutoEP combines: each
-    (token, slot) output goes back to its own row (`order` is a permutation, or a subset of one when
-    capacity `dropped` some: those rows stay 0), then the weighted sum over K runs in fp32 in slot
-    order. No atomics (index_add_ on CUDA), no bf16 accumulation: deterministic, and EP 1 computes
-    what EP > 1 does."""
+def combine(y_sorted: torch.Tensor, order: torch.Tensor, weights_TK: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The capacity-dropping path's combine (the dropless one is dispatch.Combine): [T, H] = sum
+    over the K slots of weight x expert output, as DeepSpeed AutoEP combines. Each kept (token,
+    slot) output goes back to its own row (`order` lists the kept pairs; dropped rows stay 0),
+    then the weighted sum over K runs in fp32 in slot order: no atomics, no bf16 accumulation."""
     T, K = weights_TK.shape
-    y_NH = y_sorted.new_zeros(T * K, y_sorted.shape[-1]) if dropped else torch.empty_like(y_sorted)
+    y_NH = y_sorted.new_zeros(T * K, y_sorted.shape[-1])
     y_NH[order] = y_sorted
     return (y_NH.view(T, K, -1) * weights_TK.unsqueeze(-1).float()).sum(dim=1).to(dtype)
 

@@ -82,6 +82,32 @@ def test_expert_gradients_match_naive():
         torch.testing.assert_close(fast[n], p.grad, rtol=1e-4, atol=1e-6, msg=n)
 
 
+def test_capacity_dropping_experts_keep_the_model_dtype_on_both_backends():
+    """The capacity path (its own combine): in a bf16 model its output is bf16, the same under the
+    per-expert loop as under torch._grouped_mm, and a dropped pair contributes nothing."""
+    from megamoe import kernels
+    from megamoe.model.moe import GroupedExperts
+    torch.manual_seed(0)
+    experts = GroupedExperts(4, 32, 16)
+    for p in experts.parameters():
+        torch.nn.init.normal_(p, std=0.2)
+    experts.to(torch.bfloat16)
+    x, weights = torch.randn(12, 32, dtype=torch.bfloat16), torch.rand(12, 2)
+    indices = torch.randint(0, 4, (12, 2), generator=torch.Generator().manual_seed(2))
+    kept = torch.rand(12, 2, generator=torch.Generator().manual_seed(3)) > 0.3
+    outs = {}
+    for backend in ("auto", "reference"):
+        kernels.set_backend(backend)
+        try:
+            outs[backend] = experts(x, weights, indices, kept_TK=kept)
+        finally:
+            kernels.set_backend(None)
+    assert outs["auto"].dtype == torch.bfloat16
+    torch.testing.assert_close(outs["auto"], outs["reference"])
+    only_kept = experts(x, weights * kept, indices)           # dropless, dropped pairs weighted 0
+    torch.testing.assert_close(outs["auto"], only_kept)
+
+
 def test_experts_run_in_autocast_dtype_and_grads_stay_fp32():
     """torch._grouped_mm is on no autocast list: the experts cast their input and weights
     themselves, so under bf16 autocast they compute what bf16 copies compute, and the fp32
