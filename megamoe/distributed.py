@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
 
 
 def free_port() -> int:
@@ -65,15 +66,32 @@ def init_distributed(timeout_minutes: int = 30) -> None:
 
 
 def shutdown_distributed() -> None:
-    """The end of a multi-rank process: wait for every rank, then take the process groups down.
-    A rank that exits while another still talks to it over gloo aborts that one ("terminate
-    called without an active exception"); torch also asks for this before exit under NCCL."""
+    """Wait for every rank, then take the process groups down (torch asks for this before exit)."""
     global _HOST_GROUP
     import torch.distributed as dist
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
         _HOST_GROUP = None
+
+
+def end_process(code: int) -> int:
+    """The end of a launched rank: shut the groups down, flush, and leave without interpreter
+    teardown. Gloo's worker threads still alive at teardown abort the process ("terminate called
+    without an active exception", pytorch/pytorch#190489), after the run has finished and its
+    files are written, turning a good run into exit code -6; DeepSpeed keeps references to its
+    groups, so destroying them is not enough. A world of one returns `code` as usual."""
+    import logging
+
+    import torch.distributed as dist
+    multi = dist.is_initialized() and dist.get_world_size() > 1
+    shutdown_distributed()
+    if not multi:
+        return code
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 _HOST_GROUP = None

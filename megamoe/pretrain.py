@@ -24,7 +24,7 @@ if __name__ == "__main__" and not __package__:
 from megamoe.checkpoint import CheckpointError  # noqa: E402
 from megamoe.cli import report_errors  # noqa: E402
 from megamoe.data import DataError  # noqa: E402
-from megamoe.distributed import shutdown_distributed  # noqa: E402
+from megamoe.distributed import end_process  # noqa: E402
 from megamoe.train_config import ConfigConflict, parse_args  # noqa: E402
 from megamoe.trainer import Trainer  # noqa: E402
 
@@ -36,9 +36,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     config = parse_args(argv)
     # a contradiction between flags, DeepSpeed config and checkpoint: the message, not a traceback
     with report_errors("pretrain", ConfigConflict, CheckpointError, DataError, code=2) as failed:
-        code = Trainer(config).train()
-        shutdown_distributed()
-        return code
+        return end_process(Trainer(config).train())
     return failed.code
 
 

@@ -24,7 +24,7 @@ def main():
     import torch.distributed as dist
 
     from megamoe.config import ModelConfig
-    from megamoe.distributed import init_distributed, rank, shutdown_distributed
+    from megamoe.distributed import end_process, init_distributed, rank
     from megamoe.optim import GroupSpec, param_groups
     from megamoe.parallel import expert
     from megamoe.parallel.build import build_model
@@ -58,8 +58,9 @@ def main():
     peaks = [None] * dist.get_world_size()
     dist.all_gather_object(peaks, (peak * 1024, base * 1024))
     if rank() == 0:
-        json.dump({"peak_bytes": max(p - b for p, b in peaks), "per_rank": peaks}, open(sys.argv[2], "w"))
-    shutdown_distributed()
+        with open(sys.argv[2], "w") as f:
+            json.dump({"peak_bytes": max(p - b for p, b in peaks), "per_rank": peaks}, f)
+    end_process(0)
 
 
 if __name__ == "__main__":
