@@ -18,12 +18,11 @@ kinds:
 import json
 import os
 import sys
-import tempfile
 
 import torch
 
 from megamoe.config import ModelConfig
-from megamoe.distributed import init_distributed, rank, world_size
+from megamoe.distributed import end_process, init_distributed, rank, world_size
 from megamoe.model.moe import Router, set_aux_loss_scale
 from megamoe.parallel import balance, expert
 from megamoe.parallel.build import build_model
@@ -293,3 +292,4 @@ def main():
 
 if __name__ == "__main__":
     main()
+    end_process(0)   # gloo threads must not meet interpreter teardown

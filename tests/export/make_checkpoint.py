@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from megamoe.config import ModelConfig
-from megamoe.distributed import init_distributed, rank, world_size
+from megamoe.distributed import end_process, init_distributed, rank, world_size
 from megamoe.parallel.expert import initialize
 
 STEPS = 3
@@ -139,3 +139,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    end_process(0)   # gloo threads must not meet interpreter teardown

@@ -24,7 +24,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from megamoe.config import ModelConfig  # noqa: E402
-from megamoe.distributed import init_distributed, rank, world_size  # noqa: E402
+from megamoe.distributed import end_process, init_distributed, rank, world_size  # noqa: E402
 from megamoe.model.moe import set_aux_loss_scale  # noqa: E402
 from megamoe.optim import QKClip, describe_optimizer_groups  # noqa: E402
 from megamoe.trainer import initialize_engine  # noqa: E402
@@ -216,3 +216,4 @@ def main():
 if __name__ == "__main__":
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     main()
+    end_process(0)   # gloo threads must not meet interpreter teardown

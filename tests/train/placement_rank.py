@@ -43,3 +43,4 @@ def main(data: str, ds_config: str) -> None:
 
 if __name__ == "__main__":
     main(*sys.argv[1:])
+    distributed.end_process(0)   # gloo threads must not meet interpreter teardown
