@@ -82,16 +82,21 @@ def test_expert_gradients_match_naive():
         torch.testing.assert_close(fast[n], p.grad, rtol=1e-4, atol=1e-6, msg=n)
 
 
-def test_capacity_dropping_experts_keep_the_model_dtype_on_both_backends():
-    """The capacity path (its own combine): in a bf16 model its output is bf16, the same under the
-    per-expert loop as under torch._grouped_mm, and a dropped pair contributes nothing."""
-    from megamoe import kernels
+def _grouped_experts():
+    """4 experts, H 32, I 16, weights N(0, 0.2) from seed 0 (the global RNG stays seeded after)."""
     from megamoe.model.moe import GroupedExperts
     torch.manual_seed(0)
     experts = GroupedExperts(4, 32, 16)
     for p in experts.parameters():
         torch.nn.init.normal_(p, std=0.2)
-    experts.to(torch.bfloat16)
+    return experts
+
+
+def test_capacity_dropping_experts_keep_the_model_dtype_on_both_backends():
+    """The capacity path (its own combine): in a bf16 model its output is bf16, the same under the
+    per-expert loop as under torch._grouped_mm, and a dropped pair contributes nothing."""
+    from megamoe import kernels
+    experts = _grouped_experts().to(torch.bfloat16)
     x, weights = torch.randn(12, 32, dtype=torch.bfloat16), torch.rand(12, 2)
     indices = torch.randint(0, 4, (12, 2), generator=torch.Generator().manual_seed(2))
     kept = torch.rand(12, 2, generator=torch.Generator().manual_seed(3)) > 0.3
@@ -113,10 +118,7 @@ def test_experts_run_in_autocast_dtype_and_grads_stay_fp32():
     themselves, so under bf16 autocast they compute what bf16 copies compute, and the fp32
     weights get fp32 gradients."""
     from megamoe.model.moe import GroupedExperts
-    torch.manual_seed(0)
-    experts = GroupedExperts(4, 32, 16)
-    for p in experts.parameters():
-        torch.nn.init.normal_(p, std=0.2)
+    experts = _grouped_experts()
     x = torch.randn(12, 32)
     weights, indices = torch.rand(12, 2), torch.randint(0, 4, (12, 2))
     with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -362,25 +364,16 @@ def test_routed_experts_and_combine_backward_is_exact(backend):
     recomputed from the saved gate/up output) against finite differences in float64, and, in fp32
     through torch._grouped_mm or the per-expert loop, against autograd through the plain ops."""
     from megamoe import kernels
-    from megamoe.model.dispatch import Combine, RoutedExperts, inverse_permutation
-    torch.manual_seed(0)
+    from megamoe.model.dispatch import Combine, RoutedExperts
     T, K, H, I, E = 7, 3, 8, 4, 4
-    expert_TK = torch.randint(0, E - 1, (T, K))          # the last expert gets no token
-    order = expert_TK.reshape(-1).argsort(stable=True)
-    inverse = inverse_permutation(order)
-    counts_E = torch.bincount(expert_TK.reshape(-1), minlength=E)
-    offs_E = counts_E.cumsum(0).to(torch.int32)
+    routing = _routing(T, K, E, used=E - 1)                # the last expert gets no token
+    order, inverse, counts_E, offs_E = routing
 
     def fused(x, w, gate_up, down):
         y = RoutedExperts.apply(x, gate_up, down, order, inverse, K, counts_E, offs_E)
         return Combine.apply(y, w, order, inverse)
 
-    def plain(x, w, gate_up, down):
-        gate, up = kernels.grouped_mm(x[order // K], gate_up, counts_E, offs_E).chunk(2, dim=-1)
-        y = torch.zeros(T * K, H, dtype=x.dtype)
-        y[order] = kernels.grouped_mm(F.silu(gate) * up, down, counts_E, offs_E)
-        return (y.view(T, K, H) * w.unsqueeze(-1)).sum(1)
-
+    torch.manual_seed(0)
     kernels.set_backend(backend)
     try:
         for dtype in (torch.float64, torch.float32):
@@ -389,7 +382,7 @@ def test_routed_experts_and_combine_backward_is_exact(backend):
             args = [a.requires_grad_() for a in args]
             if dtype == torch.float64:
                 assert torch.autograd.gradcheck(fused, args)
-            out, want = fused(*args), plain(*args)
+            out, want = fused(*args), _plain_experts_and_combine(*args, routing)
             torch.testing.assert_close(out, want)
             g = torch.randn_like(out)
             grads = torch.autograd.grad(out, args, g)
@@ -400,12 +393,23 @@ def test_routed_experts_and_combine_backward_is_exact(backend):
         kernels.set_backend(None)
 
 
-def _routing(T=7, K=3, E=4):
+def _routing(T=7, K=3, E=4, used=None):
+    """(order, inverse, counts_E, offs_E) of a random routing of T x K pairs to the first `used`
+    of E experts."""
     from megamoe.model.dispatch import inverse_permutation
-    expert_TK = torch.randint(0, E, (T, K), generator=torch.Generator().manual_seed(1))
+    expert_TK = torch.randint(0, used or E, (T, K), generator=torch.Generator().manual_seed(1))
     order = expert_TK.reshape(-1).argsort(stable=True)
     counts_E = torch.bincount(expert_TK.reshape(-1), minlength=E)
     return order, inverse_permutation(order), counts_E, counts_E.cumsum(0).to(torch.int32)
+
+
+def _plain_experts_and_combine(x, w, gate_up, down, routing):
+    """The oracle of RoutedExperts + Combine: advanced indexing and autograd through plain ops."""
+    order, _, counts_E, offs_E = routing
+    (T, H), K = x.shape, w.shape[1]
+    gate, up = grouped_mm(x[order // K], gate_up, counts_E, offs_E).chunk(2, dim=-1)
+    y = torch.zeros(T * K, H, dtype=x.dtype).index_put((order,), grouped_mm(F.silu(gate) * up, down, counts_E, offs_E))
+    return (y.view(T, K, H) * w.unsqueeze(-1)).sum(1)
 
 
 def test_routed_experts_and_combine_give_gradients_only_where_asked():
@@ -413,7 +417,8 @@ def test_routed_experts_and_combine_give_gradients_only_where_asked():
     autograd's through the plain ops, and nothing is computed for a frozen one."""
     from megamoe.model.dispatch import Combine, RoutedExperts
     T, K, H, I, E = 7, 3, 8, 4, 4
-    order, inverse, counts_E, offs_E = _routing(T, K, E)
+    routing = _routing(T, K, E)
+    order, inverse, counts_E, offs_E = routing
     torch.manual_seed(0)
     base = [torch.randn(T, H), torch.rand(T, K), torch.randn(E, 2 * I, H) / 3, torch.randn(E, H, I) / 2]
     for mask in range(1, 16):
@@ -421,9 +426,7 @@ def test_routed_experts_and_combine_give_gradients_only_where_asked():
         want_grad = [a for a in args if a.requires_grad]
         out = Combine.apply(RoutedExperts.apply(*args[:1], *args[2:], order, inverse, K, counts_E, offs_E),
                             args[1], order, inverse)
-        gate, up = grouped_mm(args[0][order // K], args[2], counts_E, offs_E).chunk(2, dim=-1)
-        y = torch.zeros(T * K, H).index_put((order,), grouped_mm(F.silu(gate) * up, args[3], counts_E, offs_E))
-        plain = (y.view(T, K, H) * args[1].unsqueeze(-1)).sum(1)
+        plain = _plain_experts_and_combine(*args, routing)
         g = torch.randn_like(out)
         for got, exp in zip(torch.autograd.grad(out, want_grad, g), torch.autograd.grad(plain, want_grad, g)):
             torch.testing.assert_close(got, exp)
