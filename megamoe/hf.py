@@ -130,57 +130,72 @@ def to_hf_config(cfg: ModelConfig, state_dict: Mapping[str, torch.Tensor] | None
 
 def from_hf_config(hf: Any) -> ModelConfig:
     """ModelConfig of a transformers deepseek_v3 / deepseek_v2 config (object or dict)."""
-    d = hf if isinstance(hf, dict) else hf.to_dict()
-    model_type = d.get("model_type")
+    model_type = (hf if isinstance(hf, dict) else hf.to_dict()).get("model_type")
     if model_type not in ("deepseek_v3", "deepseek_v2"):
         raise HFConversionError(f"model_type {model_type!r} is not supported; expected deepseek_v3 or deepseek_v2")
+    d = _as_transformers_reads(hf)
     # num_nextn_predict_layers is not read: transformers' model has no MTP layers either (its own
     # DeepseekV3Config defaults to 1), so a directory it wrote has none. MTP tensors that are
     # present (DeepSeek's model.layers.{L}.*) are refused by from_hf_state_dict.
-    if d.get("attention_bias"):
+    if d["attention_bias"]:
         raise HFConversionError("attention_bias=true is not supported by megamoe's MLA")
-    if d.get("hidden_act", "silu") != "silu":
+    if d["hidden_act"] != "silu":
         raise HFConversionError(f"hidden_act {d['hidden_act']!r} is not supported (SwiGLU with silu only)")
-    rope = d.get("rope_parameters") or d.get("rope_scaling") or {}
-    rope_type = rope.get("rope_type", rope.get("type", "default"))
-    theta = rope.get("rope_theta", d.get("rope_theta", 10000.0))
+    rope = d["rope_parameters"]
+    rope_type, theta = rope["rope_type"], rope["rope_theta"]
     rope_scaling = None
     if rope_type == "yarn":
         rope_scaling = _yarn_from_hf(rope, d["max_position_embeddings"])
     elif rope_type != "default":
         raise HFConversionError(f"rope type {rope_type!r} is not supported (default or yarn)")
     L = d["num_hidden_layers"]
-    dense = d.get("first_k_dense_replace", 0) >= L
+    dense = d["first_k_dense_replace"] >= L
+    if not dense and not d["num_experts_per_tok"]:   # DeepseekV2Config has no default for it
+        raise HFConversionError(f"{model_type} config with MoE layers has no num_experts_per_tok")
     if model_type == "deepseek_v2":
-        if d.get("topk_method", "greedy") != "greedy":
+        if d["topk_method"] != "greedy":
             raise HFConversionError(f"deepseek_v2 topk_method {d['topk_method']!r} (group max scoring) is not "
                                     "supported; only 'greedy'")
         scoring, norm_topk = "softmax", False
         n_group = topk_group = 1
     else:
-        scoring, norm_topk = "sigmoid", bool(d.get("norm_topk_prob", True))
-        n_group, topk_group = d.get("n_group") or 1, d.get("topk_group") or 1
+        scoring, norm_topk = "sigmoid", bool(d["norm_topk_prob"])
+        n_group, topk_group = d["n_group"] or 1, d["topk_group"] or 1
     cfg = dict(
         vocab_size=d["vocab_size"], hidden_size=d["hidden_size"], intermediate_size=d["intermediate_size"],
         num_hidden_layers=L, num_attention_heads=d["num_attention_heads"],
-        max_position_embeddings=d["max_position_embeddings"], q_lora_rank=d.get("q_lora_rank"),
+        max_position_embeddings=d["max_position_embeddings"], q_lora_rank=d["q_lora_rank"],
         kv_lora_rank=d["kv_lora_rank"], qk_nope_head_dim=d["qk_nope_head_dim"],
         qk_rope_head_dim=d["qk_rope_head_dim"], v_head_dim=d["v_head_dim"], rope_theta=theta,
+        # deepseek_v2 has no rope_interleave field: it only rotates interleaved pairs
         rope_interleave=bool(d.get("rope_interleave", True)), rope_scaling=rope_scaling,
         n_routed_experts=0 if dense else d["n_routed_experts"],
-        n_shared_experts=0 if dense else (d.get("n_shared_experts") or 0),
-        num_experts_per_tok=d.get("num_experts_per_tok") or 1, moe_intermediate_size=d["moe_intermediate_size"],
-        first_k_dense_replace=0 if dense else d.get("first_k_dense_replace", 0),
+        n_shared_experts=0 if dense else (d["n_shared_experts"] or 0),
+        num_experts_per_tok=d["num_experts_per_tok"] if not dense else 1, moe_intermediate_size=d["moe_intermediate_size"],
+        first_k_dense_replace=0 if dense else d["first_k_dense_replace"],
         scoring_func=scoring, n_group=n_group, topk_group=topk_group, norm_topk_prob=norm_topk,
-        routed_scaling_factor=d.get("routed_scaling_factor", 1.0), rms_norm_eps=d["rms_norm_eps"],
-        tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
-        initializer_range=d.get("initializer_range", 0.02),
-        bos_token_id=d.get("bos_token_id"), eos_token_id=_first(d.get("eos_token_id")),
-        pad_token_id=d.get("pad_token_id"),
+        routed_scaling_factor=d["routed_scaling_factor"], rms_norm_eps=d["rms_norm_eps"],
+        tie_word_embeddings=bool(d["tie_word_embeddings"]), initializer_range=d["initializer_range"],
+        bos_token_id=d["bos_token_id"], eos_token_id=_first(d["eos_token_id"]), pad_token_id=d["pad_token_id"],
     )
     training = d.get("megamoe") or {}
     cfg.update({k: v for k, v in training.items() if k in TRAINING_FIELDS})
     return ModelConfig(**cfg).validate()
+
+
+def _as_transformers_reads(hf: Any) -> dict:
+    """The config with every field transformers' model would use: a config.json dict goes through
+    transformers' own config class, so a key the file leaves out takes transformers' default
+    (DeepseekV3Config: routed_scaling_factor 2.5, first_k_dense_replace 3, n_group 8, q_lora_rank
+    1536), not a guess of ours, and legacy spellings (rope_scaling, top-level rope_theta) are
+    normalised the way transformers loads them."""
+    if not isinstance(hf, dict):
+        return hf.to_dict()
+    from transformers import AutoConfig
+    try:
+        return AutoConfig.for_model(**hf).to_dict()
+    except (KeyError, ValueError, TypeError) as e:   # what transformers raises on a config it cannot load
+        raise HFConversionError(f"transformers cannot read this {hf['model_type']} config: {e}") from None
 
 
 def _yarn_from_hf(rope: dict, max_position_embeddings: int) -> RopeScaling:
@@ -190,7 +205,7 @@ def _yarn_from_hf(rope: dict, max_position_embeddings: int) -> RopeScaling:
         raise HFConversionError("YaRN with truncate=false is not supported (DeepSeek's YaRN rounds the "
                                 "correction range)")
     original = rope["original_max_position_embeddings"]
-    factor = rope.get("factor") or max_position_embeddings / original
+    factor = rope["factor"]   # transformers requires it
     mscale, mscale_all_dim = rope.get("mscale"), rope.get("mscale_all_dim")
     attention_factor = rope.get("attention_factor")
     if attention_factor is None and not (mscale and mscale_all_dim):

@@ -44,6 +44,10 @@ CASES = {
     "v3 yarn with mscale only": lambda: v3(rope_parameters={**YARN, "mscale": 0.8}),
     "v3 yarn with attention_factor": lambda: v3(rope_parameters={**YARN, "attention_factor": 1.3, "mscale": 1.0,
                                                                  "mscale_all_dim": 1.0}),
+    "v3 yarn, beta_fast 16 and beta_slow 2": lambda: v3(rope_parameters={**YARN, "beta_fast": 16.0, "beta_slow": 2.0,
+                                                                         "mscale": 1.0, "mscale_all_dim": 1.0}),
+    "v3 yarn with mscale_all_dim only": lambda: v3(rope_parameters={**YARN, "mscale_all_dim": 0.8}),
+    "v3 every layer dense (shared expert ignored)": lambda: v3(first_k_dense_replace=3),
     "v3 plain rope, no q_lora, tied": lambda: v3(q_lora_rank=None, tie_word_embeddings=True,
                                                  rope_parameters={"rope_type": "default", "rope_theta": 5000.0}),
     "v3 half-rotation rope, eps 1e-6": lambda: v3(rope_interleave=False, rms_norm_eps=1e-6),
@@ -100,6 +104,10 @@ def test_import_then_export_keeps_every_field_transformers_reads(name, tmp_path)
               "num_experts_per_tok", "moe_intermediate_size", "first_k_dense_replace", "routed_scaling_factor",
               "rms_norm_eps", "tie_word_embeddings"]
     fields += ["rope_interleave", "n_group", "topk_group", "norm_topk_prob"] if "v3" in name else ["topk_method"]
+    if original["first_k_dense_replace"] >= original["num_hidden_layers"]:   # no MoE layer reads these
+        moe = ("n_routed_experts", "n_shared_experts", "num_experts_per_tok", "n_group", "topk_group",
+               "routed_scaling_factor", "norm_topk_prob", "first_k_dense_replace", "moe_intermediate_size")
+        fields = [f for f in fields if f not in moe]
     for f in fields:
         assert again.get(f) == pytest.approx(original.get(f)), (f, original.get(f), again.get(f))
     # rope parameters may be spelled differently (a left-out mscale becomes an explicit factor):
@@ -154,35 +162,72 @@ def test_legacy_config_json_of_the_released_checkpoints():
 
 def test_optional_config_keys_take_transformers_defaults():
     """A config.json that leaves optional keys out imports with the values transformers itself
-    would use for them."""
-    from megamoe.config import ModelConfig
-    full = v3(rope_parameters={"rope_type": "default", "rope_theta": 10000.0}).to_dict()
+    would use for them: its config class's defaults (DeepseekV3Config's routed_scaling_factor is
+    2.5, n_group 8, bos 0), not values of ours."""
+    from transformers import DeepseekV2Config, DeepseekV3Config
     optional = ("rope_parameters", "rope_theta", "first_k_dense_replace", "norm_topk_prob", "n_group", "topk_group",
                 "routed_scaling_factor", "tie_word_embeddings", "initializer_range", "hidden_act", "bos_token_id",
-                "pad_token_id", "n_shared_experts", "num_experts_per_tok", "rope_interleave")
-    cfg = hf.from_hf_config({k: v for k, v in full.items() if k not in optional})
-    assert (cfg.rope_theta, cfg.rope_scaling, cfg.first_k_dense_replace) == (10000.0, None, 0)
-    assert (cfg.norm_topk_prob, cfg.n_group, cfg.topk_group, cfg.routed_scaling_factor) == (True, 1, 1, 1.0)
-    assert (cfg.tie_word_embeddings, cfg.initializer_range, cfg.n_shared_experts, cfg.num_experts_per_tok) == \
-        (False, 0.02, 0, 1)
-    assert cfg.bos_token_id is None and cfg.pad_token_id is None and cfg.rope_interleave is True
+                "eos_token_id", "pad_token_id", "n_shared_experts", "num_experts_per_tok", "rope_interleave",
+                "topk_method", "q_lora_rank")
+    for full, cls in ((v3(num_hidden_layers=5, n_routed_experts=16).to_dict(), DeepseekV3Config),
+                      (v2(num_hidden_layers=5, num_experts_per_tok=3).to_dict(), DeepseekV2Config)):
+        # DeepseekV2Config has no default top-k (its model would fail): that one stays
+        stripped = {k: v for k, v in full.items() if k not in optional or (k, cls) == ("num_experts_per_tok",
+                                                                                   DeepseekV2Config)}
+        theirs = cls(**stripped)
+        cfg = hf.from_hf_config(stripped)
+        assert cfg.first_k_dense_replace == theirs.first_k_dense_replace < 5 and cfg.n_routed_experts == 16 or \
+            cls is DeepseekV2Config
+        for field in ("routed_scaling_factor", "n_shared_experts", "num_experts_per_tok", "bos_token_id",
+                      "eos_token_id", "pad_token_id", "initializer_range", "tie_word_embeddings", "q_lora_rank"):
+            assert getattr(cfg, field) == getattr(theirs, field), (cls.__name__, field)
+        assert cfg.rope_theta == theirs.rope_parameters["rope_theta"] and cfg.rope_scaling is None
+        if cls is DeepseekV3Config:
+            assert (cfg.norm_topk_prob, cfg.n_group, cfg.topk_group, cfg.rope_interleave) == \
+                (theirs.norm_topk_prob, theirs.n_group, theirs.topk_group, theirs.rope_interleave)
+    with pytest.raises(hf.HFConversionError, match="num_experts_per_tok"):
+        hf.from_hf_config({k: v for k, v in v2().to_dict().items() if k != "num_experts_per_tok"})
     # and present keys are read, not defaulted
+    full = v3(rope_parameters={"rope_type": "default", "rope_theta": 10000.0}).to_dict()
     cfg = hf.from_hf_config({**full, "initializer_range": 0.01, "pad_token_id": 5, "bos_token_id": 4,
                              "tie_word_embeddings": True, "routed_scaling_factor": 2.0, "num_experts_per_tok": 3,
                              "norm_topk_prob": False})
     assert (cfg.initializer_range, cfg.pad_token_id, cfg.bos_token_id, cfg.tie_word_embeddings) == (0.01, 5, 4, True)
     assert (cfg.routed_scaling_factor, cfg.num_experts_per_tok, cfg.norm_topk_prob) == (2.0, 3, False)
-    dense = ModelConfig.load("tiny")
-    dense = type(dense)(**{**dense.to_dict(), "n_routed_experts": 0, "n_shared_experts": 0, "num_experts_per_tok": 1,
-                           "first_k_dense_replace": 0, "n_group": 1, "topk_group": 1}).validate()
-    assert hf.from_hf_config(hf.to_hf_config(dense).to_dict()) == dense   # every layer dense, no experts
+
+
+def test_a_config_json_without_optional_keys_gives_the_logits_transformers_gives(tmp_path):
+    """The oracle is transformers loading the same directory: keys left out of config.json (here
+    set away from their defaults before being dropped) must change our model as they change its."""
+    from transformers import AutoModelForCausalLM
+    CASES["v3 non-default routing"] = lambda: v3(routed_scaling_factor=1.7, norm_topk_prob=False, rope_interleave=False,
+                                                 bos_token_id=5, n_routed_experts=16)
+    try:
+        _, path = make_hf_dir("v3 non-default routing", tmp_path)
+    finally:
+        del CASES["v3 non-default routing"]
+    cfg_file = path / "config.json"
+    d = json.loads(cfg_file.read_text())
+    for k in ("routed_scaling_factor", "norm_topk_prob", "rope_interleave", "n_group", "topk_group", "bos_token_id"):
+        del d[k]
+    cfg_file.write_text(json.dumps(d))
+    original = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    cfg, sd = read_hf_dir(path)
+    assert (cfg.routed_scaling_factor, cfg.n_group, cfg.bos_token_id) == (2.5, 8, 0)
+    ours = cfg.build(seed=0)
+    ours.load_state_dict(sd, strict=True)
+    ids = torch.randint(0, cfg.vocab_size, (2, 40), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        theirs, mine = original(ids).logits, ours.eval()(ids).logits
+    assert (mine - theirs).norm() / theirs.norm() < 1e-5
 
 
 def test_yarn_keys_left_out_and_refused():
     base = v3().to_dict()
     rope = {"rope_type": "yarn", "rope_theta": 10000.0, "original_max_position_embeddings": 32}
-    cfg = hf.from_hf_config({**base, "rope_parameters": rope})          # no factor: max_pos / original
-    rs = cfg.rope_scaling
-    assert rs.factor == base["max_position_embeddings"] / 32 and (rs.beta_fast, rs.beta_slow) == (32.0, 1.0)
+    with pytest.raises(hf.HFConversionError, match="factor"):             # transformers refuses it too
+        hf.from_hf_config({**base, "rope_parameters": rope})
+    rs = hf.from_hf_config({**base, "rope_parameters": {**rope, "factor": 8.0}}).rope_scaling
+    assert rs.factor == 8.0 and (rs.beta_fast, rs.beta_slow) == (32.0, 1.0)
     with pytest.raises(hf.HFConversionError, match="truncate"):
         hf.from_hf_config({**base, "rope_parameters": {**rope, "factor": 4.0, "truncate": False}})
