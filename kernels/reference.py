@@ -138,12 +138,16 @@ def _chunk_ce_torch(logits_CV: torch.Tensor, labels_C: torch.Tensor, n_valid: to
     """One chunk's (sum of losses, d(mean loss)/d(logits) in the logits' dtype or None): the
     PyTorch path, oracle of kernels/cross_entropy.py. Softmax in fp32 from the stored logits."""
     y_C, v_C = labels_C.clamp(min=0), labels_C != ignore_index
-    x_CV = logits_CV.float()
-    lse_C = x_CV.logsumexp(-1)
-    loss = ((lse_C - x_CV.gather(1, y_C[:, None])[:, 0]) * v_C).sum()
+    x_CV = logits_CV.float()        # the chunk's logits are a temporary: worked on in place
+    x_y_C = x_CV.gather(1, y_C[:, None])[:, 0]
+    # logsumexp by hand, so the one exp pass also gives the softmax (logsumexp would allocate
+    # x - max and exp it again, a [C, V] fp32 temporary and pass per chunk)
+    max_C1 = x_CV.amax(-1, keepdim=True)
+    sum_C = x_CV.sub_(max_C1).exp_().sum(-1)
+    loss = ((sum_C.log() + max_C1[:, 0] - x_y_C) * v_C).sum()
     if not want_grad:
         return loss, None
-    g_CV = x_CV.sub_(lse_C[:, None]).exp_()                        # softmax, in place
+    g_CV = x_CV.div_(sum_C[:, None])                               # softmax, in place
     g_CV.scatter_add_(1, y_C[:, None], torch.full_like(g_CV[:, :1], -1.0))
     g_CV.mul_((v_C.to(torch.float32) / n_valid)[:, None])
     return loss, g_CV.to(logits_CV.dtype)
@@ -164,7 +168,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         n_valid = (labels_T != ignore_index).sum().to(torch.float32)   # stays on the device
         want_h, want_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         grad_h = torch.empty_like(h_TH) if want_h else None
-        grad_w = torch.zeros(w_VH.shape, dtype=torch.float32, device=w_VH.device) if want_w else None
+        grad_w = None
         total = torch.zeros((), dtype=torch.float32, device=h_TH.device)
         for s in range(0, h_TH.shape[0], chunk):
             h_CH = h_TH[s:s + chunk]
@@ -172,8 +176,11 @@ class _LinearCrossEntropy(torch.autograd.Function):
             total += loss
             if want_h:
                 grad_h[s:s + chunk] = g_CV @ w_VH
-            if want_w:
-                grad_w += (g_CV.T @ h_CH).float()
+            if want_w:   # the first chunk's product starts the fp32 sum (no zero-filled [V, H] to add to)
+                dw_VH = (g_CV.T @ h_CH).float()
+                grad_w = dw_VH if grad_w is None else grad_w.add_(dw_VH)
+        if want_w and grad_w is None:   # no tokens at all
+            grad_w = torch.zeros(w_VH.shape, dtype=torch.float32, device=w_VH.device)
         ctx.save_for_backward(grad_h, grad_w)
         ctx.w_dtype = w_VH.dtype
         return total / n_valid
