@@ -155,3 +155,102 @@ def test_headerless_token_files(tmp_path):
     p.write_bytes(p.read_bytes()[:-1])
     with pytest.raises(IndexedDatasetError, match="not a multiple"):
         open_token_dataset(f"{p}:uint16")
+
+
+def raw_pair(prefix, sizes, doc_idx, code=8, itemsize=2):
+    """A .bin/.idx pair written byte by byte from the published layout (no megamoe code)."""
+    sizes = np.asarray(sizes, dtype="<i4")
+    pointers = np.concatenate([[0], np.cumsum(sizes[:-1].astype(np.int64) * itemsize)]).astype("<i8")[:len(sizes)]
+    with open(f"{prefix}.idx", "wb") as f:
+        f.write(b"MMIDIDX\x00\x00" + struct.pack("<QBQQ", 1, code, len(sizes), len(doc_idx)))
+        f.write(sizes.tobytes() + pointers.tobytes() + np.asarray(doc_idx, dtype="<i8").tobytes())
+    with open(f"{prefix}.bin", "wb") as f:
+        f.write(np.arange(int(sizes.sum()), dtype=np.uint16).tobytes())
+    return prefix
+
+
+def test_reader_edge_cases(tmp_path):
+    """Empty datasets, documents without sequences, index bounds and get() defaults."""
+    write(tmp_path / "empty", [])
+    empty = IndexedDataset(tmp_path / "empty")
+    assert (len(empty), empty.num_tokens, empty.num_documents) == (0, 0, 0)
+    # a document with no sequence (doc_idx repeats an entry) is valid Megatron layout
+    ds = IndexedDataset(raw_pair(tmp_path / "gap", [2, 3], [0, 1, 1, 2]))
+    assert (ds.num_documents, ds.num_tokens) == (3, 5) and ds[1].tolist() == [2, 3, 4]
+    for doc_idx in ([0, 2, 1, 2], []):   # decreasing; no entry at all
+        with pytest.raises(IndexedDatasetError, match="doc_idx must start at 0"):
+            IndexedDataset(raw_pair(tmp_path / "bad", [2, 3], doc_idx))
+    write(tmp_path / "ds", DOCS)
+    ds = IndexedDataset(tmp_path / "ds")
+    assert ds.num_tokens == sum(len(d) for d in DOCS)
+    assert ds[-len(ds)].tolist() == DOCS[0] and ds[len(ds) - 1].tolist() == DOCS[-1]
+    for i in (len(ds), -len(ds) - 1):
+        with pytest.raises(IndexError):
+            ds[i]
+    assert ds.get(3).tolist() == DOCS[3] and ds.get(3, 1, 2).tolist() == DOCS[3][1:3]
+
+
+def test_readers_never_write_to_the_token_files(tmp_path):
+    """Every array a reader hands out is a read-only view: a caller's in-place edit raises instead
+    of rewriting the dataset on disk."""
+    write(tmp_path / "ds", DOCS)
+    ds = IndexedDataset(tmp_path / "ds")
+    np.arange(100, dtype=np.uint16).tofile(tmp_path / "raw.bin")
+    raw = HeaderlessTokenDataset(tmp_path / "raw.bin", np.uint16, chunk_tokens=30)
+    for a in (ds.sizes, ds.pointers, ds.doc_idx, ds[0], ds.get(3, 1), raw[0], raw.get(1, 2, 5)):
+        assert not a.flags.writeable
+        with pytest.raises(ValueError, match="read-only"):
+            a[...] = 0
+
+
+def test_prefix_spellings_and_headerless_specs(tmp_path):
+    """PREFIX, PREFIX.bin and PREFIX.idx name the same pair, unless the prefix itself ends in .bin;
+    a `:dtype` suffix is split at the last colon; an explicit dtype takes the path literally."""
+    write(tmp_path / "ds", DOCS)
+    for spec in ("ds", "ds.bin", "ds.idx"):
+        assert IndexedDataset(tmp_path / spec).prefix == str(tmp_path / "ds")
+        assert isinstance(open_token_dataset(tmp_path / spec), IndexedDataset)
+    write(tmp_path / "corpus.bin", DOCS)            # files corpus.bin.bin + corpus.bin.idx
+    assert IndexedDataset(tmp_path / "corpus.bin").prefix == str(tmp_path / "corpus.bin")
+    colon = tmp_path / "run:v1"
+    colon.mkdir()
+    np.arange(64, dtype=np.uint16).tofile(colon / "train.bin")
+    ds = open_token_dataset(f"{colon}/train.bin:uint16")
+    assert ds.path == str(colon / "train.bin") and ds.num_tokens == 64 and type(ds.num_tokens) is int
+    np.arange(64, dtype=np.uint16).tofile(tmp_path / "literal.bin:uint16")
+    assert open_token_dataset(tmp_path / "literal.bin:uint16", dtype="uint32").num_tokens == 32
+    assert ds.sizes.dtype == np.int32 and ds.doc_idx.dtype == np.int64   # IndexedDataset's interface
+
+
+def test_writer_lifecycle_leaves_no_stray_files(tmp_path, monkeypatch):
+    """Temp files live beside the output (not in the working directory); finalize is idempotent;
+    a forgotten writer removes its temp files when collected; finalize after abort writes nothing;
+    float dtypes are written without an integer range check."""
+    import gc
+    out, cwd = tmp_path / "out", tmp_path / "cwd"
+    out.mkdir(), cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    w = IndexedDatasetWriter(out / "a", np.uint16)
+    w.add_document([1, 2, 3])
+    moves = []
+    real_replace = os.replace
+    monkeypatch.setattr(os, "replace", lambda a, b: (moves.append((a, b)), real_replace(a, b)))
+    w.finalize()
+    w.finalize()
+    monkeypatch.setattr(os, "replace", real_replace)
+    # both temp files were written beside their targets: the renames are atomic (same filesystem)
+    assert len(moves) == 2 and all(os.path.dirname(a) == os.path.dirname(b) == str(out) for a, b in moves)
+    assert sorted(os.listdir(out)) == ["a.bin", "a.idx"] and IndexedDataset(out / "a")[0].tolist() == [1, 2, 3]
+    forgotten = IndexedDatasetWriter(out / "b", np.uint16)
+    forgotten.add_document([4])
+    del forgotten
+    gc.collect()
+    assert sorted(os.listdir(out)) == ["a.bin", "a.idx"]
+    aborted = IndexedDatasetWriter(out / "c", np.uint16)
+    aborted.add_document([5])
+    aborted.abort()
+    aborted.finalize()
+    assert sorted(os.listdir(out)) == ["a.bin", "a.idx"] and os.listdir(cwd) == []
+    with IndexedDatasetWriter(out / "f", np.float32) as fw:
+        fw.add_document([0.5, -1e9, 3.25])
+    assert IndexedDataset(out / "f")[0].tolist() == [0.5, -1e9, 3.25]

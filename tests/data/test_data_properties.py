@@ -323,6 +323,9 @@ def test_batches_with_token_ids_beyond_the_vocabulary_are_refused(tmp_path):
     it = DistributedBatchIterator(ok, 4, vocab_size=100)
     for _ in range(5):
         next(it)   # ids up to 99 < 100: fine
+    with pytest.raises(DataError, match="token id 99 >= the model's vocab_size 99"):
+        for _ in range(5):
+            next(DistributedBatchIterator(ok, 4, vocab_size=99))   # id 99 is one past the last row
 
 
 def test_an_empty_train_split_is_a_clear_error(tmp_path):
@@ -338,3 +341,66 @@ def test_an_empty_train_split_is_a_clear_error(tmp_path):
         build_data(DataConfig(data_path=["nan", str(tmp_path / "d")], seq_length=16))
     train, valid = build_data(DataConfig(data_path=[str(tmp_path / "d")], split="1,0", seq_length=16))
     assert train is not None and valid is None
+
+
+def test_split_documents_refusals_and_repairs():
+    """Fractions must be non-negative with a positive sum; a non-zero fraction that Megatron's
+    rounding leaves empty takes one document from the largest split (when there are enough)."""
+    from megamoe.data.dataset import split_documents
+    for bad in ([0, 0], [0.0], [-0.5, 1.5], [1.0, -0.1]):
+        with pytest.raises(ValueError, match="non-negative with a positive sum"):
+            split_documents(5, bad)
+    parts = lambda n, fr: [p.tolist() for p in split_documents(n, fr)]   # noqa: E731
+    assert parts(2, [0.9, 0.1]) == [[0], [1]]            # as many non-zero fractions as documents
+    assert parts(2, [0.1, 0.9]) == [[0], [1]]            # the donor is the largest split, not the first
+    assert parts(2, [0.9, 0.0, 0.1]) == [[0], [], [1]]   # zero fractions do not count as needing one
+    assert parts(4, [0.05, 0.05, 0.9]) == [[0], [1], [2, 3]]
+    assert parts(2, [0.5, 0.3, 0.2]) == [[0], [1], []]   # more non-zero fractions than documents: plain rounding
+
+
+def test_build_pretraining_data_splits_names_and_defaults(tmp_path):
+    """Every split of every source is built (a skipped one does not end the loop), named
+    prefix[train|valid|test|k]; the default seed is Megatron's 1234; headerless_dtype applies to
+    paths without a :dtype suffix; a split whose fraction rounds to no document is None."""
+    from megamoe.data.dataset import build_pretraining_data, sample_source
+    a = _write(tmp_path / "a", [list(range(100 * d, 100 * d + 20)) for d in range(20)])
+    four = build_pretraining_data([str(a)], 4, seed=3, splits=(0.4, 0.0, 0.3, 0.3))
+    assert four[1] is None and [d.name for d in (four[0], four[2], four[3])] == [f"{a}[train]", f"{a}[test]", f"{a}[3]"]
+    five = build_pretraining_data([str(a)], 4, seed=3, splits=(0.4, 0.2, 0.2, 0.1, 0.1))
+    assert [d.name for d in five] == [f"{a}[{s}]" for s in ("train", "valid", "test", 3, 4)]
+    # a tiny middle split of one source (one 1-token document) is skipped, the one after it is not
+    b = _write(tmp_path / "b", [list(range(10))] * 8 + [[1]] + [list(range(10))])
+    train, tiny, last = build_pretraining_data([str(b)], 4, seed=3, splits=(0.8, 0.1, 0.1))
+    assert tiny is None and last is not None and last.name == f"{b}[test]"
+    default = build_pretraining_data([str(a)], 4)[0]
+    assert all(np.array_equal(default[i], build_pretraining_data([str(a)], 4, seed=1234)[0][i]) for i in range(8))
+    assert not all(np.array_equal(default[i], build_pretraining_data([str(a)], 4, seed=1235)[0][i]) for i in range(8))
+    np.arange(500, dtype=np.uint16).tofile(tmp_path / "raw.bin")
+    raw, = build_pretraining_data([str(tmp_path / "raw.bin")], 8, splits=(1.0,), headerless_dtype="uint16")
+    assert len(raw) == (500 - 1) // 8 and np.array_equal(np.diff(raw[0]), np.ones(8))
+    one = _write(tmp_path / "one", [list(range(30))])
+    empty, valid = build_pretraining_data([str(one)], 4, splits=(0.01, 0.99))   # train rounds to 0 docs
+    assert empty is None and valid is not None
+    # where a sample came from: the component's name, through nested blends; repr without a name
+    blend = build_pretraining_data(["1", str(a), "1", str(b)], 4, splits=(1.0,))[0]
+    assert blend.seq_length == 4
+    nested = BlendedDataset([blend, four[3]], [0.5, 0.5])
+    for i in range(0, 200, 7):
+        c, j = nested.dataset_index(i)
+        inner = nested.datasets[c]
+        expect = inner.name if c == 1 else inner.datasets[inner.dataset_index(j)[0]].name
+        assert sample_source(nested, i) == expect
+    assert sample_source([[1, 2]], 0) == "[[1, 2]]"
+
+
+def test_packed_dataset_names_itself_after_its_source():
+    class Tokens:                     # any reader with sizes and get(); no prefix attribute
+        sizes = np.array([10, 10])
+
+        def get(self, idx, offset=0, length=None):
+            return np.arange(offset, offset + length)
+
+    ds = PackedDataset(Tokens(), np.arange(2), 4, seed=0)
+    assert ds.name == "dataset" and PackedDataset(Tokens(), np.arange(2), 4, seed=0, name="x").name == "x"
+    Tokens.prefix = "/data/corpus"
+    assert PackedDataset(Tokens(), np.arange(2), 4, seed=0).name == "/data/corpus"

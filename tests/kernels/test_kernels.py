@@ -435,3 +435,29 @@ def test_fused_loss_with_the_triton_chunk_equals_the_torch_one():
             kernels.set_backend(None)
     for a, b in zip(out["triton"], out["reference"]):
         assert rel_err(a, b) <= 2e-6
+
+
+def _within_half_ulp(got: torch.Tensor, exact: torch.Tensor) -> bool:
+    """got (bf16) is exact (float64) rounded once: within half a bf16 spacing (+ fp32 noise)."""
+    spacing = torch.exp2(torch.floor(torch.log2(exact.abs().clamp_min(1e-30))) - 7)
+    return bool(((got.double() - exact).abs() <= 0.5 * spacing * (1 + 1e-3) + 1e-12).all())
+
+
+def test_reference_ops_compute_in_fp32_and_round_once():
+    """A bf16 input to the references gives the float64 result rounded once to bf16 (statistics,
+    rotation and softmax in fp32, not in the input's dtype); defaults are the model's."""
+    g = torch.Generator().manual_seed(0)
+    x = (torch.randn(64, 256, generator=g) * 3).bfloat16()
+    w = torch.randn(256, generator=g).bfloat16()
+    assert _within_half_ulp(reference.rms_norm(x, w, 1e-6), reference.rms_norm(x.double(), w.double(), 1e-6))
+    q = torch.randn(2, 8, 4, 16, generator=g).bfloat16()
+    ang = torch.rand(1, 8, 8, generator=g, dtype=torch.float64) * 6
+    cos, sin = ang.cos().float(), ang.sin().float()
+    for il in (True, False):
+        assert _within_half_ulp(reference.apply_rope(q, cos, sin, il),
+                                reference.apply_rope(q.double(), cos.double(), sin.double(), il))
+    assert torch.equal(reference.apply_rope(q, cos, sin), reference.apply_rope(q, cos, sin, True))
+    k, v = torch.randn(2, 8, 4, 16, generator=g), torch.randn(2, 8, 4, 16, generator=g)
+    assert torch.equal(reference.attention(q.float(), k, v, 0.25), reference.attention(q.float(), k, v, 0.25, True))
+    assert not torch.equal(reference.attention(q.float(), k, v, 0.25), reference.attention(q.float(), k, v, 0.25, False))
+    assert reference.attention(q, k.bfloat16(), v.bfloat16(), 0.25).dtype == torch.bfloat16

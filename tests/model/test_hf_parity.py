@@ -242,3 +242,59 @@ def test_export_builds_in_a_hidden_sibling_and_cleans_up_on_failure(tmp_path, mo
     with pytest.raises(OSError, match="disk full"):
         hf.save_hf_dir(tmp_path / "failed", BASE, BASE.build().state_dict())
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]        # no target, no temporary left
+
+
+def test_state_dict_round_trip_without_shared_experts_is_exact():
+    """n_shared_experts=0: the zero-sized shared experts written for transformers are dropped again
+    on import, and every other tensor comes back bit-exact under its own name."""
+    cfg = CONFIGS["no shared expert, top-3 of 8, 4 groups"]
+    native = cfg.build(seed=2).state_dict()
+    hf_sd = hf.to_hf_state_dict(native, cfg)
+    assert any("shared_experts" in k and v.numel() == 0 for k, v in hf_sd.items())
+    back = hf.from_hf_state_dict(hf_sd, cfg)
+    assert set(back) == set(native) and all(torch.equal(back[k], native[k]) for k in native)
+
+
+def test_bad_hf_state_dicts_are_named_errors():
+    """Unknown tensors, a main-model tensor at layer index L (an MTP layer), and missing or
+    incomplete experts each give HFConversionError naming them, never a KeyError or TypeError."""
+    sd = hf.to_hf_state_dict(BASE.build().state_dict(), BASE)
+    L = BASE.num_hidden_layers
+    for extra, message in (({"lm_head.bias": torch.zeros(2)}, r"cannot place.*'lm_head\.bias'"),
+                           ({"model.layers.0.mlp.foo.weight": torch.zeros(2)}, r"cannot place.*mlp\.foo"),
+                           ({f"model.layers.{L}.input_layernorm.weight": torch.zeros(2)},
+                            rf"multi-token-prediction layer\(s\) \[{L}\]")):
+        with pytest.raises(hf.HFConversionError, match=message):
+            hf.from_hf_state_dict({**sd, **extra}, BASE)
+    i = BASE.moe_layer_indices[0]
+    for drop, message in ((f"model.layers.{i}.mlp.experts.3.up_proj.weight", r"expert\(s\) \[3\] are missing or incomplete"),
+                          (f"model.layers.{i}.mlp.experts.1.", r"expert\(s\) \[1\] are missing")):
+        with pytest.raises(hf.HFConversionError, match=message):
+            hf.from_hf_state_dict({k: v for k, v in sd.items() if not k.startswith(drop)}, BASE)
+
+
+def test_native_state_dict_export_checks():
+    """Export refuses MTP modules unless drop_mtp (the default is to refuse, in every entry point),
+    refuses native tensors without a counterpart, leaves lm_head out when tied, and to_hf_config
+    checks the state dict it is given."""
+    mtp = variant(num_nextn_predict_layers=1)
+    sd = mtp.build().state_dict()
+    for call in (lambda: hf.check_exportable(mtp), lambda: hf.to_hf_config(mtp), lambda: hf.to_hf_state_dict(sd, mtp)):
+        with pytest.raises(hf.HFConversionError, match="drop-mtp"):
+            call()
+    assert not any(k.startswith("mtp") for k in hf.to_hf_state_dict(sd, mtp, drop_mtp=True))
+    with pytest.raises(hf.HFConversionError, match=r"no transformers counterpart: \['stray'\]"):
+        hf.to_hf_state_dict({**BASE.build().state_dict(), "stray": torch.zeros(1)}, BASE)
+    tied = CONFIGS["tied embeddings"]
+    assert "lm_head.weight" not in hf.to_hf_state_dict(tied.build().state_dict(), tied)
+    soft = variant(scoring_func="softmax", norm_topk_prob=False, n_group=1, topk_group=1)
+    model = soft.build()
+    next(r for _, r in model.routers()).e_score_correction_bias[0] = 0.1
+    with pytest.raises(hf.HFConversionError, match="selection bias"):
+        hf.to_hf_config(soft, model.state_dict())
+
+
+def test_yarn_export_keeps_rope_theta():
+    cfg = variant(rope_theta=50000.0, rope_scaling=RopeScaling(factor=4.0, original_max_position_embeddings=64))
+    assert hf.to_hf_config(cfg).rope_parameters["rope_theta"] == 50000.0
+    assert hf.from_hf_config(hf.to_hf_config(cfg).to_dict()).rope_theta == 50000.0

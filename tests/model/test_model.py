@@ -143,6 +143,22 @@ def test_cached_decoding_equals_full_forward(kw):
     torch.testing.assert_close(torch.cat(parts, 1), full, rtol=1e-5, atol=2e-6)
 
 
+def test_bf16_decoding_keeps_a_bf16_cache_and_follows_the_full_forward():
+    """A bf16 model decodes from a bf16 latent cache (half the memory of fp32) and its cached
+    logits follow the uncached bf16 forward within bf16 rounding."""
+    model = TINY.build(seed=2).eval().to(torch.bfloat16)
+    ids = torch.randint(0, TINY.vocab_size, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        full = model(ids).logits
+        caches = model.new_caches(2, 12)
+        assert all(c.kv_BTC.dtype == c.pe_BTR.dtype == torch.bfloat16 for c in caches)
+        parts = [model(ids[:, :5], caches=caches).logits]
+        parts += [model(ids[:, i:i + 1], caches=caches, start_pos=i).logits for i in range(5, 12)]
+    got = torch.cat(parts, 1)
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), full.float(), rtol=0.05, atol=0.05)
+
+
 def test_greedy_generation_equals_argmax_of_uncached_forward():
     model = TINY.build(seed=4).eval()
     prompt = torch.randint(3, TINY.vocab_size, (2, 5))
