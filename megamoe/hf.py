@@ -145,7 +145,7 @@ def from_hf_config(hf: Any) -> ModelConfig:
     rope_type, theta = rope["rope_type"], rope["rope_theta"]
     rope_scaling = None
     if rope_type == "yarn":
-        rope_scaling = _yarn_from_hf(rope, d["max_position_embeddings"])
+        rope_scaling = _yarn_from_hf(rope)
     elif rope_type != "default":
         raise HFConversionError(f"rope type {rope_type!r} is not supported (default or yarn)")
     L = d["num_hidden_layers"]
@@ -160,7 +160,10 @@ def from_hf_config(hf: Any) -> ModelConfig:
         n_group = topk_group = 1
     else:
         scoring, norm_topk = "sigmoid", bool(d["norm_topk_prob"])
-        n_group, topk_group = d["n_group"] or 1, d["topk_group"] or 1
+        n_group, topk_group = d["n_group"], d["topk_group"]
+        if n_group is None or topk_group is None:   # transformers' router cannot run it either
+            raise HFConversionError("deepseek_v3 config with n_group / topk_group null; set both (1 and 1: no "
+                                    "group-limited routing)")
     cfg = dict(
         vocab_size=d["vocab_size"], hidden_size=d["hidden_size"], intermediate_size=d["intermediate_size"],
         num_hidden_layers=L, num_attention_heads=d["num_attention_heads"],
@@ -170,7 +173,7 @@ def from_hf_config(hf: Any) -> ModelConfig:
         # deepseek_v2 has no rope_interleave field: it only rotates interleaved pairs
         rope_interleave=bool(d.get("rope_interleave", True)), rope_scaling=rope_scaling,
         n_routed_experts=0 if dense else d["n_routed_experts"],
-        n_shared_experts=0 if dense else (d["n_shared_experts"] or 0),
+        n_shared_experts=0 if dense else d["n_shared_experts"],
         num_experts_per_tok=d["num_experts_per_tok"] if not dense else 1, moe_intermediate_size=d["moe_intermediate_size"],
         first_k_dense_replace=0 if dense else d["first_k_dense_replace"],
         scoring_func=scoring, n_group=n_group, topk_group=topk_group, norm_topk_prob=norm_topk,
@@ -191,14 +194,15 @@ def _as_transformers_reads(hf: Any) -> dict:
     normalised the way transformers loads them."""
     if not isinstance(hf, dict):
         return hf.to_dict()
+    from huggingface_hub.errors import StrictDataclassError
     from transformers import AutoConfig
     try:
         return AutoConfig.for_model(**hf).to_dict()
-    except (KeyError, ValueError, TypeError) as e:   # what transformers raises on a config it cannot load
+    except (KeyError, ValueError, TypeError, StrictDataclassError) as e:   # transformers refuses to load it
         raise HFConversionError(f"transformers cannot read this {hf['model_type']} config: {e}") from None
 
 
-def _yarn_from_hf(rope: dict, max_position_embeddings: int) -> RopeScaling:
+def _yarn_from_hf(rope: dict) -> RopeScaling:
     """transformers' YaRN parameters (modeling_rope_utils._compute_yarn_parameters and DeepSeek's
     yarn_apply_mscale), including configs that leave mscale / mscale_all_dim out."""
     if rope.get("truncate", True) is False:
