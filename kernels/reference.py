@@ -179,8 +179,6 @@ class _LinearCrossEntropy(torch.autograd.Function):
             if want_w:   # the first chunk's product starts the fp32 sum (no zero-filled [V, H] to add to)
                 dw_VH = (g_CV.T @ h_CH).float()
                 grad_w = dw_VH if grad_w is None else grad_w.add_(dw_VH)
-        if want_w and grad_w is None:   # no tokens at all
-            grad_w = torch.zeros(w_VH.shape, dtype=torch.float32, device=w_VH.device)
         ctx.save_for_backward(grad_h, grad_w)
         ctx.w_dtype = w_VH.dtype
         return total / n_valid
