@@ -187,3 +187,17 @@ def test_batches_carry_their_documents_when_asked(one):
     assert torch.equal(d.doc_ids_BS, want.doc_ids_BS) and torch.equal(d.cu_seqlens, want.cu_seqlens)
     assert d.cu_seqlens[-1] == 4 * S and len(d.cu_seqlens) > 5   # the rows, and at least one split inside
     assert "documents" not in next(DistributedBatchIterator(train, 4))
+
+
+def test_prefetched_blend_reports_per_dataset_counts_of_what_it_handed_out(tmp_path):
+    """Over a blend, the Prefetcher's per-dataset counts are the blend's counts at the samples
+    handed out (not at the one read ahead); len and repr of a blend name its parts."""
+    pa, _ = make(tmp_path / "a", 200, base=0, seed=1)
+    pb, _ = make(tmp_path / "b", 100, base=1_000_000, seed=2)
+    blend, _ = build_pretraining_data(["3", pa, "1", pb], S, seed=4)
+    assert len(blend) == sum(len(d) for d in blend.datasets)
+    assert repr(blend) == f"BlendedDataset([0.750:{blend.datasets[0]!r}, 0.250:{blend.datasets[1]!r}])"
+    pre = Prefetcher(DistributedBatchIterator(blend, 4), lambda b: b)
+    for _ in range(5):
+        next(pre)
+    assert pre.consumed_per_dataset() == blend.consumed_per_dataset(20) and sum(pre.consumed_per_dataset()) == 20

@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from megamoe.data.tokenizer import load_tokenizer, train_sentencepiece
+from megamoe.data.tokenizer import load_tokenizer
 
 TEXT = "To be, or not to be: that is the question.\n\nWhether 'tis nobler  in the mind 1599 — ünïcode ✓"
 

@@ -456,8 +456,42 @@ def test_reference_ops_compute_in_fp32_and_round_once():
     for il in (True, False):
         assert _within_half_ulp(reference.apply_rope(q, cos, sin, il),
                                 reference.apply_rope(q.double(), cos.double(), sin.double(), il))
+        c16, s16 = cos.bfloat16(), sin.bfloat16()                # bf16 tables too: still fp32 inside
+        assert _within_half_ulp(reference.apply_rope(q, c16, s16, il),
+                                reference.apply_rope(q.double(), c16.double(), s16.double(), il))
     assert torch.equal(reference.apply_rope(q, cos, sin), reference.apply_rope(q, cos, sin, True))
     k, v = torch.randn(2, 8, 4, 16, generator=g), torch.randn(2, 8, 4, 16, generator=g)
     assert torch.equal(reference.attention(q.float(), k, v, 0.25), reference.attention(q.float(), k, v, 0.25, True))
     assert not torch.equal(reference.attention(q.float(), k, v, 0.25), reference.attention(q.float(), k, v, 0.25, False))
     assert reference.attention(q, k.bfloat16(), v.bfloat16(), 0.25).dtype == torch.bfloat16
+
+
+def test_lm_chunk_is_the_largest_under_the_budget_and_sized_by_the_vocab(monkeypatch):
+    for V, budget in ((129280, 1 << 28), (50, 4000), (32000, 1 << 20)):
+        c = reference.lm_chunk_tokens(V, budget)
+        assert c == 16 if 16 * 4 * V > budget else (c * 4 * V <= budget < (c + 1) * 4 * V)
+    seen = []
+    monkeypatch.setattr(reference, "lm_chunk_tokens", lambda v, budget_bytes=1 << 28: seen.append(v) or 16)
+    reference.linear_cross_entropy(torch.randn(5, 8), torch.randn(40, 8), torch.randint(0, 40, (5,)))
+    assert seen == [40]                                          # the vocab, not the hidden size
+
+
+def test_linear_cross_entropy_with_one_input_frozen_and_far_apart_rows():
+    """Only h or only w wanting a gradient (a frozen head, frozen embeddings) gives that one
+    gradient; rows whose logits sit hundreds apart stay exact (each row's own max is subtracted)."""
+    import torch.nn.functional as F
+    g = torch.Generator().manual_seed(1)
+    T, H, V = 9, 8, 30
+    h0, w0 = torch.randn(T, H, generator=g), torch.randn(V, H, generator=g)
+    h0[:4] *= 60                                                 # logits of hundreds in some rows
+    y = torch.randint(0, V, (T,), generator=g)
+    for frozen in ("h", "w"):
+        h, w = h0.clone().requires_grad_(frozen != "h"), w0.clone().requires_grad_(frozen != "w")
+        h64, w64 = h0.double().requires_grad_(frozen != "h"), w0.double().requires_grad_(frozen != "w")
+        loss, ref = reference.linear_cross_entropy(h, w, y, -100, 4), F.cross_entropy(h64 @ w64.T, y)
+        assert abs(loss.item() - ref.item()) <= 1e-5 * abs(ref.item())
+        loss.backward()
+        ref.backward()
+        live, live64 = (w, w64) if frozen == "h" else (h, h64)
+        assert (h.grad is None) == (frozen == "h") and (w.grad is None) == (frozen == "w")
+        torch.testing.assert_close(live.grad.double(), live64.grad, rtol=1e-4, atol=1e-5)

@@ -231,3 +231,20 @@ def test_yarn_keys_left_out_and_refused():
     assert rs.factor == 8.0 and (rs.beta_fast, rs.beta_slow) == (32.0, 1.0)
     with pytest.raises(hf.HFConversionError, match="truncate"):
         hf.from_hf_config({**base, "rope_parameters": {**rope, "factor": 4.0, "truncate": False}})
+
+
+def test_yarn_fields_and_dense_or_null_expert_fields_import_as_written():
+    """beta_fast / beta_slow are read (at small rope dims they may not move the logits, so the
+    fields are checked); an all-dense config imports as the dense twin (no experts, top-1); null
+    expert fields that transformers cannot load or run are refused, not guessed."""
+    rs = hf.from_hf_config(v3(rope_parameters={**YARN, "beta_fast": 16.0, "beta_slow": 2.0, "mscale": 1.0,
+                                               "mscale_all_dim": 1.0}).to_dict()).rope_scaling
+    assert (rs.beta_fast, rs.beta_slow, rs.mscale, rs.mscale_all_dim) == (16.0, 2.0, 1.0, 1.0)
+    dense = hf.from_hf_config(v3(first_k_dense_replace=3, n_shared_experts=2, num_experts_per_tok=4).to_dict())
+    assert (dense.n_routed_experts, dense.n_shared_experts, dense.num_experts_per_tok, dense.first_k_dense_replace) \
+        == (0, 0, 1, 0)
+    for bad, message in (({**v2().to_dict(), "n_shared_experts": None}, "n_shared_experts"),
+                         ({**v3().to_dict(), "n_group": None}, "n_group / topk_group null"),
+                         ({**v3().to_dict(), "topk_group": None}, "n_group / topk_group null")):
+        with pytest.raises(hf.HFConversionError, match=message):
+            hf.from_hf_config(bad)

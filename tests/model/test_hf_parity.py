@@ -213,6 +213,22 @@ def test_shards_fill_greedily_up_to_the_exact_limit_and_only_sharded_exports_hav
     index = json.loads((tmp_path / "exact" / "model.safetensors.index.json").read_text())
     first = sorted(k for k, f in index["weight_map"].items() if f.startswith("model-00001-"))
     assert first == names[:2]
+    # a later shard filled to exactly the limit too: the greedy rule, shard by shard
+    def greedy(limit):
+        shards, size = [[]], 0
+        for k in names:
+            if shards[-1] and size + nbytes[k] > limit:
+                shards, size = shards + [[]], 0
+            shards[-1].append(k)
+            size += nbytes[k]
+        return shards
+    limit = next(a for a in sorted({nbytes[x] + nbytes[y] for x, y in zip(names, names[1:])})
+                 if any(sum(nbytes[k] for k in sh) == a for sh in greedy(a)[1:]))
+    hf.save_hf_dir(tmp_path / "later", BASE, sd, max_shard_bytes=limit)
+    index = json.loads((tmp_path / "later" / "model.safetensors.index.json").read_text())
+    expect = greedy(limit)
+    assert [sorted(k for k, f in index["weight_map"].items() if f.startswith(f"model-{i + 1:05d}-"))
+            for i in range(len(expect))] == [sorted(sh) for sh in expect]
     hf.save_hf_dir(tmp_path / "two", BASE, sd, max_shard_bytes=sum(nbytes.values()) - 1)
     index = json.loads((tmp_path / "two" / "model.safetensors.index.json").read_text())
     assert sorted(set(index["weight_map"].values())) == ["model-00001-of-00002.safetensors",

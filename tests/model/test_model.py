@@ -461,3 +461,20 @@ def test_combine_sums_in_fp32_and_returns_the_inputs_dtypes():
     torch.testing.assert_close(out.double(), exact.bfloat16().double(), rtol=0, atol=0)   # one rounding, at the end
     out.float().sum().backward()
     assert y16.grad.dtype == w16.grad.dtype == torch.bfloat16
+
+
+def test_the_forward_tracks_max_logits_within_documents():
+    """The model's forward hands its documents to QK-clip's max-logit tracking: with documents the
+    per-head maxima never exceed the causal ones and, where a cross-document pair held the max,
+    are lower."""
+    from megamoe.kernels.attention import documents_of
+    model = TINY.build(seed=2).train()
+    model.set_track_max_logit(True)
+    ids = torch.randint(3, TINY.vocab_size, (2, 24), generator=torch.Generator().manual_seed(0))
+    ids[:, [5, 11, 17]] = 2
+    with torch.no_grad():
+        model(ids, documents=documents_of(ids, eos_id=2))
+        within = model.pop_max_logits()
+        model(ids)
+        causal = model.pop_max_logits()
+    assert torch.isfinite(within).all() and (within <= causal).all() and (within < causal).any()

@@ -352,3 +352,16 @@ def test_fast_top_k_equals_the_stable_sort(E, seed, special):
     expected = choice.sort(dim=-1, descending=True, stable=True).indices[:, :k]
     assert torch.equal(top_k_ties_to_lower(choice, k), expected)
     assert torch.equal(top_k_ties_to_lower(choice.double(), k), expected)   # the sort itself
+
+
+def test_a_built_router_reports_zero_metrics_before_any_forward():
+    """After a build (meta device, then buffers reset where the model lives), each router's
+    step metrics read as zeros, counts as int32 like a forward's, and its bias is fp32 zeros."""
+    model = TINY.build(seed=0)
+    for _, r in model.routers():
+        assert r.last_tokens_per_expert.dtype == torch.int32 and not r.last_tokens_per_expert.any()
+        assert [float(t) for t in (r.last_aux_loss, r.last_z_loss, r.last_dropped_fraction)] == [0.0, 0.0, 0.0]
+        assert r.e_score_correction_bias.dtype == torch.float32 and not r.e_score_correction_bias.any()
+    ids = torch.randint(0, TINY.vocab_size, (1, 8))
+    model.train()(ids, labels=ids)
+    assert all(r.last_tokens_per_expert.dtype == torch.int32 for _, r in model.routers())
