@@ -2,6 +2,7 @@
 
     python tests/mutation.py            # run, then report
     python tests/mutation.py --report   # report the last run only
+    python tests/mutation.py --recheck-listed   # also re-run the listed survivors (before a release)
     rm -rf mutants                      # forget every cached result (a clean run: 19 min on 2 cores)
 
 Every surviving mutant must be killed by a test or listed in tests/MUTANTS.md (its mutmut name in
@@ -68,24 +69,36 @@ def in_scope(name: str) -> bool:
     return any(fnmatch.fnmatchcase(name, pat) for pat in SCOPE)
 
 
+def ledger_names() -> set[str]:
+    """The mutants tests/MUTANTS.md explains (their names in backticks)."""
+    return set(re.findall(r"`([\w.ǁ]+__mutmut_\d+)`", LEDGER.read_text(encoding="utf-8"))) if LEDGER.exists() else set()
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--report", action="store_true", help="only report the last run")
+    ap.add_argument("--recheck-listed", action="store_true",
+                    help="also re-run the earlier survivors tests/MUTANTS.md lists (finds entries a new test "
+                         "now kills; each survivor runs every test that covers it, so this takes minutes)")
     args = ap.parse_args()
+    listed = ledger_names()
     if not args.report:
         t0 = time.time()
         # mutmut keeps each mutant's result until its function changes: new and changed mutants run
         # here; then the survivors of EARLIER runs (cached, so not run against today's tests) run
-        # again by name. A clean run (no mutants/ yet) has nothing cached to re-run.
-        before = {n for n, s in results().items() if s != "killed"} if (ROOT / "mutants").exists() else set()
+        # again by name: those not yet explained, or all with --recheck-listed. A listed survivor in
+        # an unchanged function stays a survivor unless a new test kills it, which only makes its
+        # ledger entry stale. A clean run (no mutants/ yet) has nothing cached to re-run.
+        before = {n for n, s in results().items()
+                  if s not in ("killed", "timeout") and (args.recheck_listed or n not in listed)} \
+            if (ROOT / "mutants").exists() else set()
         run_mutmut()
-        again = [n for n, s in results().items() if s != "killed" and n in before]
+        again = [n for n, s in results().items() if s not in ("killed", "timeout") and n in before]
         if again:
             run_mutmut(*again)
         print(f"mutmut: {time.time() - t0:.0f} s ({len(again)} earlier survivors re-run)")
     status = results()
     counts = collections.Counter(status.values())
-    listed = set(re.findall(r"`([\w.ǁ]+__mutmut_\d+)`", LEDGER.read_text(encoding="utf-8"))) if LEDGER.exists() else set()
     survivors = sorted(n for n, s in status.items() if s == "survived")
     unexplained = [n for n in survivors if n not in listed]
     stale = sorted(n for n in listed if status.get(n) not in (None, "survived"))
