@@ -185,9 +185,12 @@ class _LinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss):
+        # The saved gradients are this Function's own buffers: scaled in place, so the [V, H] fp32
+        # weight gradient is not held twice (3.7 GB each at DeepSeek-V3's head). A second backward
+        # through a retained graph is then refused by autograd's version check, not mis-scaled.
         grad_h, grad_w = ctx.saved_tensors
-        dh = grad_h * grad_loss.to(grad_h.dtype) if grad_h is not None else None
-        dw = (grad_w * grad_loss).to(ctx.w_dtype) if grad_w is not None else None
+        dh = grad_h.mul_(grad_loss.to(grad_h.dtype)) if grad_h is not None else None
+        dw = grad_w.mul_(grad_loss).to(ctx.w_dtype) if grad_w is not None else None
         return dh, dw, None, None, None, None
 
 

@@ -495,3 +495,20 @@ def test_linear_cross_entropy_with_one_input_frozen_and_far_apart_rows():
         live, live64 = (w, w64) if frozen == "h" else (h, h64)
         assert (h.grad is None) == (frozen == "h") and (w.grad is None) == (frozen == "w")
         torch.testing.assert_close(live.grad.double(), live64.grad, rtol=1e-4, atol=1e-5)
+
+
+def test_fused_loss_backward_scales_its_saved_gradients_in_place():
+    """Backward scales the gradients computed in forward in place (no second [V, H] fp32 buffer):
+    the result equals the unfused gradient times the upstream scale, and a second backward through
+    a retained graph is refused by autograd instead of scaling them twice."""
+    import torch.nn.functional as F
+    g = torch.Generator().manual_seed(2)
+    h, w = torch.randn(6, 4, generator=g, requires_grad=True), torch.randn(10, 4, generator=g, requires_grad=True)
+    y = torch.randint(0, 10, (6,), generator=g)
+    (reference.linear_cross_entropy(h, w, y) * 2.5).backward(retain_graph=False)
+    want = torch.autograd.grad(F.cross_entropy(h @ w.T, y) * 2.5, (h, w))
+    torch.testing.assert_close((h.grad, w.grad), want)
+    loss = reference.linear_cross_entropy(h, w, y)
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
