@@ -7,8 +7,9 @@ precision, one process. The precision is the one this CPU runs fast (BENCH_PRECI
 autocast over fp32 master weights where bf16 matmuls outrun fp32 ones, i.e. AMX; fp32 otherwise)
 and is printed. MFU = achieved model FLOP/s (megamoe.monitor's FLOPs per token: 6 x active
 non-embedding params + causal MLA attention) over the matmul peak at that precision measured in
-this run. Steps alternate between the two models and the median step time is used, so load from
-other processes hits both alike. Prints a ratio megamoe / transformers.
+this run. Ten steps each (BENCH_STEPS) alternate between the two models and the median step time
+is used, so load from other processes hits both alike (with 4 the ratio swung by +-0.06 from run
+to run on a shared machine). Prints a ratio megamoe / transformers.
 """
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ from megamoe import hf  # noqa: E402
 from megamoe.config import ModelConfig  # noqa: E402
 from megamoe.monitor import faster_cpu_precision, flops_per_token, measure_cpu_matmul_peak, mfu  # noqa: E402
 
-BATCH, SEQ, WARMUP, STEPS = int(os.environ.get("BENCH_BATCH", 2)), 256, 1, int(os.environ.get("BENCH_STEPS", 4))
+BATCH, SEQ, WARMUP, STEPS = int(os.environ.get("BENCH_BATCH", 2)), 256, 1, int(os.environ.get("BENCH_STEPS", 10))
 
 
 def main() -> int:
