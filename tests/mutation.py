@@ -101,14 +101,16 @@ def main() -> int:
     counts = collections.Counter(status.values())
     survivors = sorted(n for n, s in status.items() if s == "survived")
     unexplained = [n for n in survivors if n not in listed]
-    stale = sorted(n for n in listed if status.get(n) not in (None, "survived"))
+    # a listed name that is no longer a survivor: killed now, or gone (its function changed, so
+    # mutmut numbered its mutants afresh and the entry may now name a different change)
+    stale = sorted(n for n in listed if in_scope(n) and status.get(n) != "survived")
     print(f"mutants tried {len(status)}: " + ", ".join(f"{k} {v}" for k, v in counts.most_common()))
     print(f"surviving {len(survivors)}: {len(survivors) - len(unexplained)} listed in tests/MUTANTS.md, "
           f"{len(unexplained)} not listed")
     for n in unexplained:
         print(f"  survived, not in MUTANTS.md: {n}   (mutmut show {n})")
     for n in stale:
-        print(f"  listed in MUTANTS.md but now {status[n]}: {n} (remove it from the ledger)")
+        print(f"  listed in MUTANTS.md but now {status.get(n, 'no such mutant')}: {n} (remove it from the ledger)")
     # a timeout is a caught mutant too (it made a test hang: mutmut's own score counts it so)
     other = sorted(n for n, s in status.items() if s not in ("killed", "survived", "timeout"))
     for n in other:
