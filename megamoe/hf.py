@@ -130,7 +130,7 @@ def to_hf_config(cfg: ModelConfig, state_dict: Mapping[str, torch.Tensor] | None
 
 def from_hf_config(hf: Any) -> ModelConfig:
     """ModelConfig of a transformers deepseek_v3 / deepseek_v2 config (object or dict)."""
-    model_type = (hf if isinstance(hf, dict) else hf.to_dict()).get("model_type")
+    model_type = hf.get("model_type") if isinstance(hf, dict) else hf.model_type
     if model_type not in ("deepseek_v3", "deepseek_v2"):
         raise HFConversionError(f"model_type {model_type!r} is not supported; expected deepseek_v3 or deepseek_v2")
     d = _as_transformers_reads(hf)
