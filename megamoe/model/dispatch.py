@@ -28,6 +28,14 @@ def inverse_permutation(order: torch.Tensor) -> torch.Tensor:
     return inverse
 
 
+def swiglu_experts(x_NH: torch.Tensor, gate_up_E2IH: torch.Tensor, down_EHI: torch.Tensor, counts_E: torch.Tensor,
+                   offs_E: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(h_N2I = [gate | up], y_NH = down(silu(gate) * up)) for rows already in expert order."""
+    h_N2I = kernels.grouped_mm(x_NH, gate_up_E2IH, counts_E, offs_E)
+    gate, up = h_N2I.chunk(2, dim=-1)
+    return h_N2I, kernels.grouped_mm(F.silu(gate) * up, down_EHI, counts_E, offs_E)
+
+
 class RoutedExperts(torch.autograd.Function):
     """x_TH -> y_NH in expert order: pair n = (token order[n] // K) through expert e's SwiGLU,
     down(silu(gate) * up) with [gate | up] = gate_up[e] x. Backward sums each token's K input
@@ -36,9 +44,7 @@ class RoutedExperts(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x_TH: torch.Tensor, gate_up_E2IH: torch.Tensor, down_EHI: torch.Tensor, order: torch.Tensor,
                 inverse: torch.Tensor, k: int, counts_E: torch.Tensor, offs_E: torch.Tensor) -> torch.Tensor:
-        h_N2I = kernels.grouped_mm(x_TH.index_select(0, order // k), gate_up_E2IH, counts_E, offs_E)
-        gate, up = h_N2I.chunk(2, dim=-1)
-        y_NH = kernels.grouped_mm(F.silu(gate) * up, down_EHI, counts_E, offs_E)
+        h_N2I, y_NH = swiglu_experts(x_TH.index_select(0, order // k), gate_up_E2IH, down_EHI, counts_E, offs_E)
         ctx.save_for_backward(x_TH, gate_up_E2IH, down_EHI, h_N2I, order, inverse, counts_E, offs_E)
         ctx.k = k
         return y_NH

@@ -255,8 +255,7 @@ class GroupedExperts(nn.Module):
             inverse = dispatch.inverse_permutation(order)
             y_sorted = dispatch.RoutedExperts.apply(x_in, gate_up_E2IH, down_EHI, order, inverse, K, counts_E, offs_E)
             return dispatch.Combine.apply(y_sorted, weights_TK, order, inverse).to(x_TH.dtype)
-        gate, up = kernels.grouped_mm(x_in[order // K], gate_up_E2IH, counts_E, offs_E).chunk(2, dim=-1)
-        y_sorted = kernels.grouped_mm(F.silu(gate) * up, down_EHI, counts_E, offs_E)
+        _, y_sorted = dispatch.swiglu_experts(x_in[order // K], gate_up_E2IH, down_EHI, counts_E, offs_E)
         return combine(y_sorted, order, weights_TK, x_TH.dtype)
 
 
