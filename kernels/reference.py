@@ -115,17 +115,25 @@ def attention(q_BSHD: torch.Tensor, k_BSHD: torch.Tensor, v_BSHE: torch.Tensor, 
     return out.transpose(1, 2).to(q_BSHD.dtype)
 
 
+def _expert_rows(counts_E: torch.Tensor, rows: int) -> list[int]:
+    """Row counts per expert, then the rows past the last expert's (DeepSpeed AutoEP pads its
+    expert-ordered input to an aligned length; those rows belong to no expert)."""
+    counts = counts_E.tolist()
+    return [*counts, rows - sum(counts)]
+
+
 def grouped_mm(x_TK: torch.Tensor, w_ENK: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
     """y[t] = x[t] @ w[e].T for the tokens t of expert e (tokens sorted by expert): one matmul
-    per expert. [T, N] out."""
-    chunks = x_TK.split(counts_E.tolist())
-    return torch.cat([chunk @ w_ENK[e].T for e, chunk in enumerate(chunks)], dim=0)
+    per expert. [T, N] out; rows past the last expert's are zeros."""
+    *chunks, rest = x_TK.split(_expert_rows(counts_E, x_TK.shape[0]))
+    out = [chunk @ w_ENK[e].T for e, chunk in enumerate(chunks)]
+    return torch.cat([*out, rest.new_zeros(rest.shape[0], w_ENK.shape[1], dtype=out[0].dtype)], dim=0)
 
 
 def grouped_mm_wgrad(dy_TN: torch.Tensor, x_TK: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
     """The weight gradient of grouped_mm, one matmul per expert: [E, N, K]."""
-    split = counts_E.tolist()
-    return torch.stack([dy.T @ x for dy, x in zip(dy_TN.split(split), x_TK.split(split))])
+    split = _expert_rows(counts_E, x_TK.shape[0])
+    return torch.stack([dy.T @ x for dy, x in zip(dy_TN.split(split)[:-1], x_TK.split(split)[:-1])])
 
 
 def lm_chunk_tokens(vocab: int, budget_bytes: int = 1 << 28) -> int:

@@ -162,15 +162,17 @@ def ffn_saved(cfg: ModelConfig, moe: bool, ep: int = 1) -> tuple[float, float]:
     """(activation-dtype elements, fp32 elements) per token of the FFN half of a block, its norm
     and input included. MoE: each of the top-k copies of the token, the shared experts, the
     router's logits and scores (fp32) and its int64 indices/permutation (counted as 2 fp32 each).
-    Per copy, at EP 1 (megamoe's experts, model/dispatch.py) the gate/up output, from which
-    backward recomputes the rest, and the expert output kept for the weighted combine; at EP > 1
-    (DeepSpeed AutoEP's experts, plain autograd) also the gathered input, silu and the product."""
+    Per copy the gate/up output, from which backward recomputes the rest (model/dispatch.py), and
+    the expert output kept for the weighted combine; at EP > 1 also the input in expert order that
+    AutoEP's all-to-all delivers (at EP 1 the gather from the token's row is redone in backward).
+    (DeepSpeed's own experts, which AutoEP runs on pre-Hopper GPUs, keep silu and the product too:
+    2I more per copy.)"""
     H = cfg.hidden_size
     elems, fp32 = 3 * H, 1.0
     if not moe:
         return elems + mlp_saved(H, cfg.intermediate_size), fp32
     K, I, E = cfg.num_experts_per_tok, cfg.moe_intermediate_size, cfg.n_routed_experts
-    per_copy = H + 2 * I if ep == 1 else 2 * H + 4 * I
+    per_copy = H + 2 * I if ep == 1 else 2 * H + 2 * I
     elems += K * per_copy + mlp_saved(H, I * cfg.n_shared_experts) * (cfg.n_shared_experts > 0)
     fp32 += 2 * E + 2 * K + 2 * 3 * K
     return elems, fp32

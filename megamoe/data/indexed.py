@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import os
 import struct
-from pathlib import Path
 from typing import Iterable, Optional, Union
 
 import numpy as np

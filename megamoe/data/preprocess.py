@@ -25,7 +25,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from .indexed import IndexedDataset, IndexedDatasetWriter, best_dtype, data_file, open_token_dataset
+from .indexed import IndexedDatasetWriter, best_dtype, data_file, open_token_dataset
 from .text_sources import expand_inputs, iter_documents
 from .tokenizer import Tokenizer, load_tokenizer
 

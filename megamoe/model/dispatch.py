@@ -16,6 +16,8 @@ Shapes: T tokens, K slots per token, N = T*K pairs, H hidden, I expert intermedi
 """
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 import torch.nn.functional as F
 
@@ -53,29 +55,67 @@ class RoutedExperts(torch.autograd.Function):
     def backward(ctx, dy_NH: torch.Tensor):
         x_TH, gate_up, down, h_N2I, order, inverse, counts_E, offs_E = ctx.saved_tensors
         k, need = ctx.k, ctx.needs_input_grad
-        gate, up = h_N2I.chunk(2, dim=-1)
-        silu = F.silu(gate)
-        d_down = kernels.grouped_mm_wgrad(dy_NH, silu * up, counts_E, offs_E) if need[2] else None
-        d_act = kernels.grouped_mm(dy_NH, down.transpose(1, 2), counts_E, offs_E)
-        # the two halves autograd computes for silu(gate) * up (with its own silu backward),
-        # written into one [N, 2I] buffer rather than concatenated
-        dh_N2I = torch.empty_like(h_N2I)
-        d_gate, d_up = dh_N2I.chunk(2, dim=-1)
-        torch.ops.aten.silu_backward.grad_input(torch.mul(d_act, up, out=d_gate), gate, grad_input=d_gate)
-        torch.mul(d_act, silu, out=d_up)
-        del d_act, silu, d_gate, d_up
-        d_gate_up = dx_TH = None
-        if need[1]:
-            d_gate_up = kernels.grouped_mm_wgrad(dh_N2I, x_TH.index_select(0, order // k), counts_E, offs_E)
-        if need[0]:
-            dx_NH = kernels.grouped_mm(dh_N2I, gate_up.transpose(1, 2), counts_E, offs_E)
-            del dh_N2I
+        dx_NH, d_gate_up, d_down = swiglu_experts_backward(
+            dy_NH, h_N2I, lambda: x_TH.index_select(0, order // k), gate_up, down, counts_E, offs_E, need[:3])
+        dx_TH = None
+        if dx_NH is not None:
             # each token's K copies summed in slot order, one [T, H] gather at a time
             inverse_TK = inverse.view(-1, k)
             dx_TH = dx_NH.index_select(0, inverse_TK[:, 0])
             for slot in range(1, k):
                 dx_TH += dx_NH.index_select(0, inverse_TK[:, slot])
         return dx_TH, d_gate_up, d_down, None, None, None, None, None
+
+
+class SortedExperts(torch.autograd.Function):
+    """RoutedExperts for rows that arrive in expert order, with gate and up as separate [E, I, H]
+    weights: DeepSpeed AutoEP's experts (w1 gate, w2 down, w3 up) after its all-to-all and
+    permutation, where autograd would keep the input, gate, up, silu(gate) and the product (and,
+    with AutoEP's fused gate/up on Hopper, a concatenated copy of every local expert's w1 and w3
+    per layer). This keeps the input and [gate | up] and rebuilds the rest in backward. Rows past
+    the last offset (AutoEP's alignment padding) are left as torch._grouped_mm leaves them, as
+    AutoEP's own path does: its un-permutation drops them."""
+
+    @staticmethod
+    def forward(ctx, x_NH: torch.Tensor, w1_EIH: torch.Tensor, w2_EHI: torch.Tensor, w3_EIH: torch.Tensor,
+                counts_E: torch.Tensor, offs_E: torch.Tensor) -> torch.Tensor:
+        h_N2I, y_NH = swiglu_experts(x_NH, torch.cat([w1_EIH, w3_EIH], dim=1), w2_EHI, counts_E, offs_E)
+        ctx.save_for_backward(x_NH, w1_EIH, w2_EHI, w3_EIH, h_N2I, counts_E, offs_E)
+        return y_NH
+
+    @staticmethod
+    def backward(ctx, dy_NH: torch.Tensor):
+        x_NH, w1, w2, w3, h_N2I, counts_E, offs_E = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        dx_NH, d_gate_up, d_down = swiglu_experts_backward(
+            dy_NH, h_N2I, lambda: x_NH, torch.cat([w1, w3], dim=1), w2, counts_E, offs_E,
+            (need[0], need[1] or need[3], need[2]))
+        d_w1 = d_w3 = None
+        if d_gate_up is not None:
+            d_w1, d_w3 = (d.contiguous() for d in d_gate_up.chunk(2, dim=1))
+        return dx_NH, d_w1, d_down, d_w3, None, None
+
+
+def swiglu_experts_backward(dy_NH: torch.Tensor, h_N2I: torch.Tensor, x_NH: Callable[[], torch.Tensor],
+                            gate_up_E2IH: torch.Tensor, down_EHI: torch.Tensor, counts_E: torch.Tensor,
+                            offs_E: torch.Tensor, need: tuple[bool, bool, bool]):
+    """(dx_NH, d_gate_up, d_down) of swiglu_experts from its saved [gate | up], each None unless
+    `need` (input, gate_up, down) asks for it; `x_NH()` gives the expert-order input, rebuilt
+    only when the gate/up weight gradient needs it."""
+    gate, up = h_N2I.chunk(2, dim=-1)
+    silu = F.silu(gate)
+    d_down = kernels.grouped_mm_wgrad(dy_NH, silu * up, counts_E, offs_E) if need[2] else None
+    d_act = kernels.grouped_mm(dy_NH, down_EHI.transpose(1, 2), counts_E, offs_E)
+    # the two halves autograd computes for silu(gate) * up (with its own silu backward),
+    # written into one [N, 2I] buffer rather than concatenated
+    dh_N2I = torch.empty_like(h_N2I)
+    d_gate, d_up = dh_N2I.chunk(2, dim=-1)
+    torch.ops.aten.silu_backward.grad_input(torch.mul(d_act, up, out=d_gate), gate, grad_input=d_gate)
+    torch.mul(d_act, silu, out=d_up)
+    del d_act, silu, d_gate, d_up
+    d_gate_up = kernels.grouped_mm_wgrad(dh_N2I, x_NH(), counts_E, offs_E) if need[1] else None
+    dx_NH = kernels.grouped_mm(dh_N2I, gate_up_E2IH.transpose(1, 2), counts_E, offs_E) if need[0] else None
+    return dx_NH, d_gate_up, d_down
 
 
 class Combine(torch.autograd.Function):

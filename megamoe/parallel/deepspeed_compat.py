@@ -5,6 +5,8 @@ Module-level names swapped while `deepspeed.initialize` runs (and restored after
   inside each expert-parallel layer (megamoe.parallel.expert);
 - `...auto_ep_layer.repack_expert_weights` and `GroupedExperts`: each rank builds only its slice
   of the routed experts, on its device, from a model whose experts were left on the meta device;
+  the class built is a subclass megamoe hands in (megamoe.parallel.expert: the experts' backward
+  keeps what megamoe's own experts keep, not what autograd keeps);
 - `deepspeed.set_optimizer_flags`: Muon goes on exactly the hidden matrices (megamoe.optim).
 And two methods of the ZeRO-1/2 optimizer object (one instance, after initialize) lose host
 syncs that cost a GPU stall each per step without changing a result (`sync_free_zero_step`):
@@ -64,8 +66,11 @@ def autoep_router_class(factory: Callable[..., Any]):
 
 
 @contextlib.contextmanager
-def autoep_local_experts(local_weights: Callable[[Any, int, int], Any]) -> Iterator[None]:
-    """While active, AutoEPMoELayer.__init__ asks `local_weights(experts_source, start, end)` for
+def autoep_local_experts(local_weights: Callable[[Any, int, int], Any],
+                         experts_class: Callable[[type], type] = lambda grouped: grouped) -> Iterator[None]:
+    """While active, AutoEPMoELayer.__init__ builds its experts as `experts_class(GroupedExperts)`
+    (deepspeed.moe.ep_experts's class, or a subclass made from it) and asks
+    `local_weights(experts_source, start, end)` for
     this rank's expert weights (w1 gate [n, I, H], w2 down [n, H, I], w3 up [n, I, H]) before
     repacking them from the source module as DeepSpeed does; None means: repack. Where it answers,
     the layer's own GroupedExperts is allocated on the answer's device (DeepSpeed allocates it on
@@ -74,7 +79,7 @@ def autoep_local_experts(local_weights: Callable[[Any, int, int], Any]) -> Itera
     nothing, and each rank builds only its slice, where it will live."""
     import deepspeed.module_inject.auto_ep_layer as auto_ep_layer
     import torch
-    repack, grouped = auto_ep_layer.repack_expert_weights, auto_ep_layer.GroupedExperts
+    repack, grouped = auto_ep_layer.repack_expert_weights, experts_class(auto_ep_layer.GroupedExperts)
     pending = []   # the device of the slice just built, for the GroupedExperts built next
 
     def local_or_repack(experts_source, spec, ep_rank, ep_size):

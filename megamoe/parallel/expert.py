@@ -50,6 +50,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from megamoe.config import ModelConfig
+from megamoe.model import dispatch
 from megamoe.model.moe import Router
 from megamoe.parallel import deepspeed_compat
 
@@ -307,6 +308,26 @@ def _local_expert_weights(experts_source: nn.Module, start: int, end: int):
     return gate.contiguous(), down, up.contiguous()
 
 
+def recomputing_experts(grouped: type) -> type:
+    """AutoEP's GroupedExperts (`grouped`), computing through megamoe.model.dispatch.SortedExperts:
+    same parameters (w1, w2, w3), same results, but backward keeps the expert-ordered input and
+    [gate | up] per routed copy and recomputes silu(gate) * up, where autograd over AutoEP's
+    grouped GEMMs keeps gate, up, silu(gate) and the product too (V2-Lite: 2H + 2I instead of
+    2H + 4I saved values per copy with the combine's copy of the output; megamoe.plan counts it).
+    DeepSpeed's Triton grouped GEMM (chosen on GPUs older than Hopper, where torch._grouped_mm
+    falls back to a loop) and activations other than SwiGLU run DeepSpeed's own forward."""
+
+    class RecomputingGroupedExperts(grouped):
+        def forward(self, x: torch.Tensor, num_tokens_per_expert: torch.Tensor) -> torch.Tensor:
+            if self.use_triton_grouped_mm or self.activation != "swiglu":
+                return super().forward(x, num_tokens_per_expert)
+            offs = num_tokens_per_expert.cumsum(0, dtype=torch.int32)
+            w1, w2, w3 = (w.to(x.dtype) for w in (self.w1, self.w2, self.w3))   # as AutoEP casts
+            return dispatch.SortedExperts.apply(x, w1, w2, w3, num_tokens_per_expert, offs)
+
+    return RecomputingGroupedExperts
+
+
 def _check_storage(model: nn.Module, use_autoep: bool) -> None:
     """Only routed experts that AutoEP will slice may still be on the meta device."""
     pattern = re.compile(MOE_LAYER_PATTERN)
@@ -350,7 +371,8 @@ def initialize(model: nn.Module, model_cfg: ModelConfig, ds_config: dict, ep_siz
     if use_autoep:
         derived = {**expert_parallel_config(model_cfg, ep_size), **accelerator_tuning()}
         ds_config["expert_parallel"] = _merge_user_block(derived, user_block)
-        with megamoe_router_in_autoep(model_cfg), deepspeed_compat.autoep_local_experts(_local_expert_weights):
+        with megamoe_router_in_autoep(model_cfg), \
+                deepspeed_compat.autoep_local_experts(_local_expert_weights, recomputing_experts):
             out = deepspeed.initialize(model=model, config=ds_config, **deepspeed_initialize_kwargs)
         n = verify_megamoe_routers(out[0], model_cfg)
         if n == 0:

@@ -391,3 +391,45 @@ def test_expert_name_mapping_touches_only_expert_weights():
         native_expert_state_dict({"layers.1.ffn.experts.w3": w3})
     with pytest.raises(ValueError, match=r"differ in shape"):
         native_expert_state_dict({"layers.1.ffn.experts.w1": w1, "layers.1.ffn.experts.w3": w3[:, :2]})
+
+
+def test_recomputing_experts_match_autoep_experts(monkeypatch):
+    """The GroupedExperts megamoe has AutoEP build (expert.recomputing_experts) against DeepSpeed's
+    own on the same weights and AutoEP-shaped input (an idle expert, alignment rows past the last
+    expert's): same parameters, same output and gradients; DeepSpeed's forward where it picks its
+    Triton grouped GEMM."""
+    import torch
+    from deepspeed.moe.ep_experts import GroupedExperts
+
+    from megamoe.parallel.deepspeed_compat import autoep_local_experts
+    torch.manual_seed(0)
+    ds = GroupedExperts(dim=16, hidden_dim=8, num_experts=4)
+    for w in ds.parameters():
+        torch.nn.init.normal_(w, std=0.3)
+    ours = expert.recomputing_experts(GroupedExperts)(dim=16, hidden_dim=8, num_experts=4)
+    ours.load_state_dict(ds.state_dict())
+    assert isinstance(ours, GroupedExperts) and [n for n, _ in ours.named_parameters()] == ["w1", "w2", "w3"]
+    counts = torch.tensor([5, 0, 7, 4], dtype=torch.int32)
+    n = int(counts.sum())
+    x = torch.cat([torch.randn(n, 16), torch.zeros(8, 16)])
+    g = torch.cat([torch.randn(n, 16), torch.zeros(8, 16)])
+    outs, grads = [], []
+    for m in (ds, ours):
+        xi = x.clone().requires_grad_()
+        y = m(xi, counts)
+        y.backward(g)
+        outs.append(y[:n])
+        grads.append([xi.grad[:n], *(w.grad for w in m.parameters())])
+    torch.testing.assert_close(outs[1], outs[0])
+    for got, want in zip(grads[1], grads[0]):
+        torch.testing.assert_close(got, want)
+    import deepspeed.moe.ep_experts as ep_experts      # DeepSpeed's Triton path stays DeepSpeed's forward
+    monkeypatch.setattr(ep_experts, "_run_experts_triton_grouped_mm", lambda *a: "deepspeed's triton path")
+    ours.use_triton_grouped_mm = True
+    assert ours(x, counts) == "deepspeed's triton path"
+    import deepspeed.module_inject.auto_ep_layer as auto_ep_layer   # and the swap restores the class
+    original = auto_ep_layer.GroupedExperts
+    with autoep_local_experts(lambda *a: None, expert.recomputing_experts):
+        assert issubclass(auto_ep_layer.GroupedExperts(16, 8, 4).__class__, original)
+        assert auto_ep_layer.GroupedExperts(16, 8, 4).__class__ is not original
+    assert auto_ep_layer.GroupedExperts is original

@@ -448,6 +448,75 @@ def test_routed_experts_and_combine_give_gradients_only_where_asked():
             torch.testing.assert_close(got, exp)
 
 
+def _sorted_experts_case(dtype, pad=3):
+    """Rows in expert order as DeepSpeed AutoEP hands them to its experts (one idle expert, `pad`
+    zero rows past the last expert's) and separate gate (w1), down (w2), up (w3) weights."""
+    N, H, I, E = 11, 8, 4, 4
+    counts_E = torch.tensor([4, 0, 5, 2])
+    torch.manual_seed(0)
+    x = torch.cat([torch.randn(N, H, dtype=dtype), torch.zeros(pad, H, dtype=dtype)])
+    w1, w3 = torch.randn(E, I, H, dtype=dtype) / 3, torch.randn(E, I, H, dtype=dtype) / 3
+    w2 = torch.randn(E, H, I, dtype=dtype) / 2
+    return [t.requires_grad_() for t in (x, w1, w2, w3)], counts_E, counts_E.cumsum(0).to(torch.int32), N
+
+
+def test_sorted_experts_equal_autograd_through_plain_ops():
+    """AutoEP's layout (gate and up as separate weights, rows already in expert order, alignment
+    rows past the last expert): output and every gradient equal autograd's through one matmul per
+    expert, in float64 (the per-expert loop) and fp32 (torch._grouped_mm), for each subset of
+    inputs that needs a gradient."""
+    from megamoe.model.dispatch import SortedExperts
+    for dtype in (torch.float64, torch.float32):
+        (x, w1, w2, w3), counts_E, offs_E, N = _sorted_experts_case(dtype)
+        split = counts_E.tolist()
+
+        def plain(x, w1, w2, w3):
+            out = []
+            for e, rows in enumerate(x[:N].split(split)):
+                out.append((F.silu(rows @ w1[e].T) * (rows @ w3[e].T)) @ w2[e].T)
+            return torch.cat(out)
+        g = torch.randn(N, x.shape[1], dtype=dtype)
+        for mask in range(1, 16):
+            args = [a.detach().clone().requires_grad_(bool(mask >> i & 1)) for i, a in enumerate((x, w1, w2, w3))]
+            want_grad = [a for a in args if a.requires_grad]
+            out = SortedExperts.apply(*args, counts_E, offs_E)
+            want = plain(*args)
+            torch.testing.assert_close(out[:N], want)
+            got = torch.autograd.grad(out, want_grad, torch.cat([g, torch.zeros(len(x) - N, g.shape[1], dtype=dtype)]))
+            for a, gg, ww in zip(want_grad, got, torch.autograd.grad(want, want_grad, g)):
+                torch.testing.assert_close(gg[:N] if a is args[0] else gg, ww[:N] if a is args[0] else ww)
+        if dtype == torch.float64:
+            torch.testing.assert_close(out[N:], torch.zeros_like(out[N:]), rtol=0, atol=0)   # the loop's padding rows
+
+
+def test_sorted_experts_keep_the_input_and_gate_up_only():
+    """What backward keeps, by the saved-tensor hooks: besides the weights and counts, the
+    [N, H] input and the [N, 2I] gate/up output; autograd through DeepSpeed AutoEP's grouped GEMMs
+    keeps gate, up, silu(gate) and the product as well (the planner's 2H + 2I vs 2H + 4I per copy,
+    output included)."""
+    from deepspeed.moe.ep_experts import _run_experts_grouped_mm
+
+    from megamoe.model.dispatch import SortedExperts
+    (x, w1, w2, w3), counts_E, offs_E, _ = _sorted_experts_case(torch.float32, pad=0)
+    weights = {w.data_ptr() for w in (w1, w2, w3)}
+
+    def saved_activation_elements(fn):
+        saved = []
+
+        def pack(t):
+            if t.untyped_storage().data_ptr() not in weights and t.dtype.is_floating_point:
+                saved.append((t.untyped_storage().data_ptr(), t.numel()))
+            return t
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            fn()
+        return sum(dict(saved).values())   # a tensor saved twice (or two views of it) counts once
+    N, H, I = x.shape[0], x.shape[1], w1.shape[1]
+    ours = saved_activation_elements(lambda: SortedExperts.apply(x, w1, w2, w3, counts_E, offs_E))
+    autograd = saved_activation_elements(lambda: _run_experts_grouped_mm(w1, w2, w3, x, counts_E))
+    assert ours == N * (H + 2 * I)
+    assert autograd == N * (H + 4 * I)
+
+
 def test_combine_sums_in_fp32_and_returns_the_inputs_dtypes():
     from megamoe.model.dispatch import Combine
     T, K, H = 7, 3, 8
