@@ -34,6 +34,7 @@ SCOPE = [
     "megamoe.parallel.expert.x_native_expert_state_dict*",
     "megamoe.parallel.expert.x_autoep_expert_state_dict*",
     "megamoe.parallel.expert.x__is_experts*",
+    "megamoe.parallel.expert.x_recomputing_experts*",
     "megamoe.parallel.expert.xǁExpertParallelRouterǁ*",
     "megamoe.guard.*",
 ]

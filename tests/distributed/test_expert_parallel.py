@@ -396,37 +396,60 @@ def test_expert_name_mapping_touches_only_expert_weights():
 def test_recomputing_experts_match_autoep_experts(monkeypatch):
     """The GroupedExperts megamoe has AutoEP build (expert.recomputing_experts) against DeepSpeed's
     own on the same weights and AutoEP-shaped input (an idle expert, alignment rows past the last
-    expert's): same parameters, same output and gradients; DeepSpeed's forward where it picks its
-    Triton grouped GEMM."""
+    expert's): same parameters, same output and gradients, 2I fewer values saved per row; float64
+    (the per-expert loop, which torch._grouped_mm does not take) against DeepSpeed's fp32; bf16
+    weights cast to the input's dtype as AutoEP casts them; DeepSpeed's own forward, with the same
+    arguments, for other activations and where it picks its Triton grouped GEMM."""
     import torch
+    import deepspeed.moe.ep_experts as ep_experts
     from deepspeed.moe.ep_experts import GroupedExperts
 
     from megamoe.parallel.deepspeed_compat import autoep_local_experts
+    H, I, E = 16, 8, 4
     torch.manual_seed(0)
-    ds = GroupedExperts(dim=16, hidden_dim=8, num_experts=4)
+    ds = GroupedExperts(dim=H, hidden_dim=I, num_experts=E)
     for w in ds.parameters():
         torch.nn.init.normal_(w, std=0.3)
-    ours = expert.recomputing_experts(GroupedExperts)(dim=16, hidden_dim=8, num_experts=4)
+    Ours = expert.recomputing_experts(GroupedExperts)
+    ours = Ours(dim=H, hidden_dim=I, num_experts=E)
     ours.load_state_dict(ds.state_dict())
     assert isinstance(ours, GroupedExperts) and [n for n, _ in ours.named_parameters()] == ["w1", "w2", "w3"]
     counts = torch.tensor([5, 0, 7, 4], dtype=torch.int32)
     n = int(counts.sum())
-    x = torch.cat([torch.randn(n, 16), torch.zeros(8, 16)])
-    g = torch.cat([torch.randn(n, 16), torch.zeros(8, 16)])
-    outs, grads = [], []
-    for m in (ds, ours):
+    x = torch.cat([torch.randn(n, H), torch.zeros(8, H)])
+    g = torch.cat([torch.randn(n, H), torch.zeros(8, H)])
+
+    def run(m, x):
         xi = x.clone().requires_grad_()
-        y = m(xi, counts)
-        y.backward(g)
-        outs.append(y[:n])
-        grads.append([xi.grad[:n], *(w.grad for w in m.parameters())])
-    torch.testing.assert_close(outs[1], outs[0])
-    for got, want in zip(grads[1], grads[0]):
-        torch.testing.assert_close(got, want)
-    import deepspeed.moe.ep_experts as ep_experts      # DeepSpeed's Triton path stays DeepSpeed's forward
-    monkeypatch.setattr(ep_experts, "_run_experts_triton_grouped_mm", lambda *a: "deepspeed's triton path")
+        m.zero_grad(set_to_none=True)
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+            y = m(xi, counts)
+        y.backward(g.to(y.dtype))
+        activations = {t.untyped_storage().data_ptr(): t.numel() for t in saved if t.dim() == 2}
+        return [y[:n], xi.grad[:n], *(w.grad for w in m.parameters())], sum(activations.values())
+    want, want_saved = run(ds, x)
+    got, got_saved = run(ours, x)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b)
+    assert (want_saved, got_saved) == (len(x) * (H + 4 * I), len(x) * (H + 2 * I))
+    got64, _ = run(ours.double(), x.double())
+    for a, b in zip(got64, want):
+        torch.testing.assert_close(a.float(), b)
+    ours.bfloat16()
+    got16, _ = run(ours, x)
+    assert got16[0].dtype == torch.float32 and all(w.grad.dtype == torch.bfloat16 for w in ours.parameters())
+    geglu = [Ours(dim=H, hidden_dim=I, num_experts=E, activation="geglu_tanh"),
+             GroupedExperts(dim=H, hidden_dim=I, num_experts=E, activation="geglu_tanh")]
+    geglu[0].load_state_dict(ds.state_dict()), geglu[1].load_state_dict(ds.state_dict())
+    (y0, *_), saved0 = run(geglu[0], x)
+    (y1, *_), saved1 = run(geglu[1], x)
+    torch.testing.assert_close(y0, y1, rtol=0, atol=0)
+    assert saved0 == saved1
+    monkeypatch.setattr(ep_experts, "_run_experts_triton_grouped_mm", lambda *args: args)
     ours.use_triton_grouped_mm = True
-    assert ours(x, counts) == "deepspeed's triton path"
+    args = ours(x, counts)
+    assert args[3] is x and args[4] is counts and args[0] is ours.w1
     import deepspeed.module_inject.auto_ep_layer as auto_ep_layer   # and the swap restores the class
     original = auto_ep_layer.GroupedExperts
     with autoep_local_experts(lambda *a: None, expert.recomputing_experts):
