@@ -42,7 +42,7 @@ from typing import Optional
 
 from megamoe.config import ModelConfig
 from megamoe.monitor import flops_per_token, read_scalars
-from megamoe.train_config import ds_config_at_precision
+from megamoe.train_config import DEMO_SCHEDULE_FLAGS, ds_config_at_precision
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -159,8 +159,8 @@ def train(spec: Spec, seed: int, iters: int, data: dict, run_dir: Path, extra: l
            str(free_port()), "-m", "megamoe.pretrain", "--deepspeed-config", str(data["ds_config"]),
            "--model-config", str(cfg_file), "--expert-model-parallel-size", str(ep),
            "--data-path", str(data["train"]), "--valid-data-path", str(data["valid"]), "--tokenizer", str(data["tok"]),
-           "--seq-length", str(SEQ), "--train-iters", str(iters), "--lr", "2e-3", "--min-lr", "2e-4",
-           "--lr-warmup-iters", "10", "--lr-decay-style", "cosine", "--log-interval", str(max(iters // 30, 1)),
+           "--seq-length", str(SEQ), "--train-iters", str(iters), *DEMO_SCHEDULE_FLAGS,
+           "--log-interval", str(max(iters // 30, 1)),
            "--eval-interval", str(eval_interval), "--eval-iters", "8", "--save", str(run_dir / "checkpoints"),
            "--save-interval", str(iters), "--tensorboard-dir", str(run_dir / "tensorboard"), "--seed", str(seed),
            *extra]

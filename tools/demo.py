@@ -62,7 +62,7 @@ def main() -> int:
     print(f"{prefix}.bin/.idx ({time.perf_counter() - t:.1f} s)")
 
     from megamoe.monitor import faster_cpu_precision
-    from megamoe.train_config import ds_config_at_precision
+    from megamoe.train_config import DEMO_SCHEDULE_FLAGS, ds_config_at_precision
     precision = faster_cpu_precision()     # bf16 where the CPU has AMX; elsewhere bf16 is ~100x slower
     ds_config = ds_config_at_precision(ROOT / "ds_configs" / "zero2.json", precision, OUT)
     t = step(f"4/5 pretrain small-moe: 2 CPU ranks, expert parallel 2, ZeRO-2, {precision}, {ITERS} iterations")
@@ -76,8 +76,8 @@ def main() -> int:
            "--deepspeed-config", str(ds_config),
            "--model-config", "small-moe", "--expert-model-parallel-size", "2",
            "--data-path", str(prefix), "--split", "98,2", "--tokenizer", str(tok), "--seq-length", str(SEQ),
-           "--train-iters", str(ITERS), "--lr", "2e-3", "--min-lr", "2e-4", "--lr-warmup-iters", "10",
-           "--lr-decay-style", "cosine", "--log-interval", "20", "--eval-interval", "100", "--eval-iters", "4",
+           "--train-iters", str(ITERS), *DEMO_SCHEDULE_FLAGS,
+           "--log-interval", "20", "--eval-interval", "100", "--eval-iters", "4",
            "--save", str(ckpt), "--save-interval", "100", "--load", str(ckpt), "--tensorboard-dir", str(tb),
            "--seed", "1234"]
     print(" ".join(cmd[1:]), flush=True)
