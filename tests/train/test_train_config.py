@@ -13,7 +13,8 @@ import torch
 
 from megamoe import checkpoint as ckpt
 from megamoe.schedule import LRSchedule, flag_schedule_kept, lr_scheduler_factory
-from megamoe.train_config import SECTIONS, ConfigConflict, TrainConfig, parse_args, reconcile_ds_config
+from megamoe.train_config import (DEMO_SCHEDULE_FLAGS, SECTIONS, ConfigConflict, TrainConfig, parse_args,
+                                  reconcile_ds_config)
 
 DS = {"train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 2, "gradient_clipping": 1.0,
       "bf16": {"enabled": True}, "optimizer": {"type": "AdamW", "params": {"weight_decay": 0.1}},
@@ -25,6 +26,17 @@ def resolved(*extra, ds=DS, world=2) -> TrainConfig:
                       "--deepspeed-config", "c.json", "--lr", "1e-3", *extra])
     cfg.ds_config = reconcile_ds_config(ds, cfg, world)
     return cfg
+
+
+def test_the_demo_schedule_parses_to_wsd_decaying_over_the_last_fifth():
+    # make demo and bench/quality.py pass these flags; CI runs neither, so a renamed flag shows here
+    cfg = parse_args(["--model-config", "tiny", "--data-path", "d", "--seq-length", "64", "--train-iters", "300",
+                      "--deepspeed-config", "c.json", *DEMO_SCHEDULE_FLAGS])
+    o = cfg.optim
+    assert (o.lr, o.min_lr, o.lr_warmup_iters, o.lr_decay_style) == (2e-3, 2e-5, 10, "wsd")
+    f = LRSchedule(o.lr_decay_style, o.lr, o.min_lr, o.lr_warmup_iters, cfg.train_iters, o.lr_wsd_decay_iters)
+    assert f(0) == pytest.approx(0.1) and f(9) == f(239) == 1.0      # warm-up, then constant to iteration 240
+    assert 0.01 < f(240) < 1.0 and f(299) == pytest.approx(0.01)     # linear decay to min_lr / lr
 
 
 def test_flags_land_in_typed_sections_and_resolve_fills_what_the_run_uses():
