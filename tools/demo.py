@@ -63,7 +63,7 @@ def main() -> int:
 
     from megamoe.monitor import faster_cpu_precision
     from megamoe.train_config import DEMO_SCHEDULE_FLAGS, ds_config_at_precision
-    precision = faster_cpu_precision()     # bf16 where the CPU has AMX; elsewhere bf16 is ~100x slower
+    precision = faster_cpu_precision()     # bf16 with AMX or AVX512-BF16; emulated bf16 can be ~100x slower
     ds_config = ds_config_at_precision(ROOT / "ds_configs" / "zero2.json", precision, OUT)
     t = step(f"4/5 pretrain small-moe: 2 CPU ranks, expert parallel 2, ZeRO-2, {precision}, {ITERS} iterations")
     ckpt, tb = OUT / "checkpoints", OUT / "tensorboard"

@@ -26,8 +26,8 @@ ITERS = 30
 SAME_ON_EVERY_X86 = {"ATEN_CPU_CAPABILITY": "avx2", "MKL_ENABLE_INSTRUCTIONS": "AVX2", "ONEDNN_MAX_CPU_ISA": "AVX2",
                     "MKL_CBWR": "COMPATIBLE"}
 # Losses near 6 have a float32 ulp of 4.8e-7; the Xeon/EPYC difference above was at most 2 ulps.
-# 1e-5 (about 20 ulps) still fails on any change to the arithmetic of the step: one that moves a
-# loss at all moves it by 1e-4 or more within a few iterations.
+# 1e-5 is about 20 ulps. A reordering that is mathematically the same passes; a real change fails:
+# 10% on the z-loss or the bias-rate coefficient moved the curve by 1e-3 from iteration 2 or 3.
 TOLERANCE = 1e-5
 
 
