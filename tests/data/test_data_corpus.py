@@ -47,3 +47,15 @@ def test_kjv_books_in_canonical_order():
     books = kjv_books()
     assert len(books) == 66 and books[0] == "Genesis" and books[-1] == "Revelation"
     assert books.index("Malachi") + 1 == books.index("Matthew")     # the Old Testament, then the New
+
+
+def test_prepare_kjv_writes_a_file_per_book_in_order_without_the_excluded(tmp_path):
+    from megamoe.data.corpus import kjv_books, kjv_text, prepare_kjv
+    files = prepare_kjv(tmp_path / "bible", exclude=["Ruth", "Acts"])
+    assert len(files) == 64 and files[0].name == "00-Genesis.txt" and files[-1].name == "63-Revelation.txt"
+    assert files[7].name == "07-1_Samuel.txt"                                  # Ruth's place is taken
+    assert files[0].read_text(encoding="utf-8") == kjv_text(["Genesis"])
+    assert sorted(p.name for p in (tmp_path / "bible").iterdir()) == sorted(p.name for p in files)  # no temp files
+    assert len(kjv_books()) == 66
+    with pytest.raises(ValueError, match="Hezekiah"):
+        prepare_kjv(tmp_path / "x", exclude=["Hezekiah"])
