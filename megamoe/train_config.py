@@ -118,6 +118,11 @@ class LoggingConfig:
     eval_iters: int = _f(10)
     tensorboard_dir: Optional[str] = _f(None)
     heatmap_interval: Optional[int] = _f(None)
+    profile: bool = _f(False, "ignore")                     # megamoe.profiler
+    profile_step_start: int = _f(10, "ignore")
+    profile_step_end: int = _f(12, "ignore")
+    profile_ranks: list = _f(resume="ignore", factory=lambda: [0])
+    profile_dir: Optional[str] = _f(None, "ignore")
 
 
 @dataclass
@@ -315,6 +320,13 @@ def _checkpoint_and_logging_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--tensorboard-dir", default=None)
     g.add_argument("--heatmap-interval", type=int, default=None,
                    help="expert-load heatmap image every N iterations (default: --eval-interval)")
+    g.add_argument("--profile", action="store_true",
+                   help="torch.profiler over iterations [--profile-step-start, --profile-step-end): a Chrome "
+                        "trace and an op table per rank (megamoe/profiler.py)")
+    g.add_argument("--profile-step-start", type=int, default=10)
+    g.add_argument("--profile-step-end", type=int, default=12)
+    g.add_argument("--profile-ranks", type=int, nargs="+", default=[0], metavar="RANK")
+    g.add_argument("--profile-dir", default=None, help="default: <--tensorboard-dir>/profile, else profile/")
 
     g = p.add_argument_group("bad losses")
     g.add_argument("--on-nan", choices=("skip", "stop"), default="stop",

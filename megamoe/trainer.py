@@ -37,6 +37,7 @@ from megamoe.optim import GroupSpec, QKClip, describe_optimizer_groups, format_g
 from megamoe.parallel import deepspeed_compat
 from megamoe.parallel.build import build_model
 from megamoe.parallel.balance import expert_specialisation, update_routing_bias
+from megamoe.profiler import StepProfiler
 from megamoe.syncs import to_host
 from megamoe.schedule import LRSchedule, flag_schedule_kept, lr_scheduler_factory
 from megamoe.train_config import ConfigConflict, DataConfig, TrainConfig
@@ -240,6 +241,7 @@ class Trainer:
         self.last_loss, self.last_val = None, None
         self.train_it = self._restore(resume)
         self._start_monitoring()
+        self.profiler = StepProfiler.from_config(config.logging, self.rank, device().type)
         self.stop = StopRequest()
 
     # -- set-up ---------------------------------------------------------------------------------
@@ -342,7 +344,9 @@ class Trainer:
         loop_start = time.perf_counter()
         while self.step < self.train_iters:
             it = self.step + 1
+            self.profiler.before_step(it)
             result = self.train_step(it)
+            self.profiler.after_step(it)
             self.step, self.lr = it, result.lr
             if result.status is not None and self.skip_step(it, result):
                 break
@@ -601,6 +605,7 @@ class Trainer:
         log0(f"saved checkpoint {Path(config.checkpoint.save) / tag} ({reason}, {time.perf_counter() - t0:.1f} s)")
 
     def finish(self) -> None:
+        self.profiler.close()   # a run that stopped inside the profiled window still writes it
         self.flush_metrics()   # the steps since the last log line still reach TensorBoard
         self.mon.close()
         if self.config.checkpoint.save and self.rank == 0:

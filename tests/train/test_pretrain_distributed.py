@@ -305,6 +305,18 @@ def test_reset_attention_mask_trains_under_expert_parallelism(data, tmp_path):
     assert sorted(scalars(tmp_path / "tb", "train/loss")) == [1, 2, 3]
 
 
+def test_profile_traces_the_window_on_every_listed_rank(data, tmp_path):
+    rc, out = run(base_args(data, iters=4, tensorboard_dir=tmp_path / "tb") +
+                  ["--profile", "--profile-step-start", "2", "--profile-step-end", "4", "--profile-ranks", "0", "1"])
+    assert rc == 0, out[-4000:]
+    for r in (0, 1):
+        assert f"[rank {r}] profile of iterations 2-3" in out
+        names = {e.get("name") for e in json.loads((tmp_path / "tb" / "profile" / f"rank{r}.trace.json").read_text())
+                 ["traceEvents"]}
+        assert {"aten::mm", "aten::_grouped_mm"} <= names      # the experts ran inside the window (EP 2)
+    assert sorted(scalars(tmp_path / "tb", "train/loss")) == [1, 2, 3, 4]
+
+
 def test_loading_at_another_ep_size_is_refused(ref, data):
     rc, out = run(base_args(data, ep=1, load=ref["dir"] / "ckpt"))
     assert rc != 0
