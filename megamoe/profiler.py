@@ -5,9 +5,9 @@
 profiles iterations [start, end) on the listed ranks (default: rank 0) and writes, per rank,
 `rank{R}.trace.json` (a Chrome trace: open it in https://ui.perfetto.dev or chrome://tracing) and
 `rank{R}.ops.txt` (the ops by self time, from `key_averages`, with input shapes) into DIR (default:
-`<--tensorboard-dir>/profile`, else `profile/`). Off by default: with the flag unset nothing is
-imported or wrapped, so the timed loop is the users' loop. Start after the first iterations (the
-default 10 is Megatron's): those pay for allocation and kernel selection.
+`<--tensorboard-dir>/profile`, else `profile/`). Off by default: with the flag unset the profiler
+never starts, so the timed loop is the users' loop. Start after the first iterations (the default
+10 is Megatron's): those pay for allocation and kernel selection.
 """
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ class StepProfiler:
     """Wraps iterations [start, end) of the training loop in torch.profiler on the chosen ranks."""
 
     def __init__(self, start: int, end: int, out_dir: Path, rank: int, device_type: str = "cpu"):
-        self.start, self.end, self.out_dir, self.rank = start, end, Path(out_dir), rank
+        self.start, self.end, self.out_dir, self.rank, self.device_type = start, end, Path(out_dir), rank, device_type
         self.activities = [torch.profiler.ProfilerActivity.CPU]
         if device_type == "cuda":
             self.activities.append(torch.profiler.ProfilerActivity.CUDA)
@@ -64,8 +64,8 @@ class StepProfiler:
         if self._prof is None:
             return
         prof, self._prof = self._prof, None
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
+        if self.device_type == "cuda":
+            torch.cuda.synchronize()        # the window's kernels finish inside it
         prof.__exit__(None, None, None)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         trace = self.out_dir / f"rank{self.rank}.trace.json"

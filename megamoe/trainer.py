@@ -213,6 +213,7 @@ class Trainer:
         for change in set_deterministic(config.model.deterministic):
             log0(f"--deterministic: {change}")
         seed_everything(config.data.seed)
+        self.profiler = StepProfiler.from_config(config.logging, self.rank, device().type)  # checks its flags first
         self.model_config = build_model_config(config)
         # --reset-attention-mask: documents end at the model's EOS token
         self.eos_id = self.model_config.eos_token_id if config.data.reset_attention_mask else None
@@ -241,7 +242,6 @@ class Trainer:
         self.last_loss, self.last_val = None, None
         self.train_it = self._restore(resume)
         self._start_monitoring()
-        self.profiler = StepProfiler.from_config(config.logging, self.rank, device().type)
         self.stop = StopRequest()
 
     # -- set-up ---------------------------------------------------------------------------------
