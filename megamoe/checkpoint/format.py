@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
+from megamoe.fileio import atomic_write_text
+
 FORMAT = "megamoe-checkpoint-v1"
 STATE_FILE = "megamoe_state.json"
 LATEST = "latest"
@@ -91,16 +93,6 @@ def optimizer_kind(ds_config: Optional[dict]) -> str:
 
 def tag_for(step: int) -> str:
     return f"global_step{int(step)}"
-
-
-def atomic_write_text(path: Path | str, text: str) -> None:
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def write_latest(save_dir: Path | str, tag: str) -> None:

