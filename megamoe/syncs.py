@@ -74,7 +74,7 @@ class HostSyncCounter(TorchDispatchMode):
 
     `autoep_as_on_gpu=True` (CPU runs with DeepSpeed AutoEP): counts AutoEP as a CUDA run has it,
     i.e. one device-to-host copy per split plan (invisible on the CPU) and nothing for the CPU
-    stand-in of its Triton permutation kernel (deepspeed_compat.autoep_syncs_as_on_gpu)."""
+    stand-ins of its Triton permutation kernels (deepspeed_compat.autoep_syncs_as_on_gpu)."""
 
     def __init__(self, where: bool = False, autoep_as_on_gpu: bool = False):
         super().__init__()

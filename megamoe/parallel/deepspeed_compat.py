@@ -15,6 +15,8 @@ syncs that cost a GPU stall each per step without changing a result (`sync_free_
 - with the norm check on (it always is when DeepSpeed computes the norm), `check_overflow` first
   scans every gradient for inf/NaN and reads the all-reduced flag back (a second `.item()`),
   though a non-finite gradient makes the norm invalid and the norm check skips the step as well.
+And for the process, once AutoEP runs: on CPU tokens, AutoEP's token permutation and weighted
+combine run as row gathers, as on CUDA, not advanced indexing (`autoep_gathers_on_cpu`).
 `zero3_partitioner` calls ZeRO-3's parameter converter (`Init._convert_to_zero_parameters`) per
 block while the model is built. All are internals with no stability promise, so each patch first
 checks that the installed DeepSpeed is the one they were written and tested against.
@@ -97,6 +99,59 @@ def autoep_local_experts(local_weights: Callable[[Any, int, int], Any],
     with _swap(auto_ep_layer, "repack_expert_weights", local_or_repack), \
             _swap(auto_ep_layer, "GroupedExperts", grouped_on_device):
         yield
+
+
+def autoep_gathers_on_cpu() -> bool:
+    """For the rest of the process, AutoEP moves CPU tokens by row gathers, as it does on CUDA.
+
+    On CUDA, AutoEP reorders tokens by expert with `ep_kernels.permute_rows` (a Triton gather
+    forward; gathers again in backward) and un-permutes by a gather. Elsewhere it falls back to
+    advanced indexing: a zero row appended to the tokens (a copy), `tokens[idx]`, whose backward
+    is an accumulating `index_put`, and a scatter into a zero-filled buffer back. Those, and the
+    weighted combine (a scatter, then a [T, K, H] fp32 product), took about a fifth of the
+    demo's CPU step. Here:
+    - `ep_kernels.permute_rows_supported` also accepts 2-D CPU tensors, and `ep_kernels.gather_rows`
+      (the Triton kernel's host) gets a torch body for them: an index_select, then zero rows at the
+      padding slots. Same values and gradients as the fallback, bit for bit;
+    - `auto_ep_layer.combine_from_routed` for CPU tokens with score_apply "post" and the default
+      weighted_sum runs megamoe's `dispatch.Combine` (gathers both ways, the fp32 product a chunk
+      of tokens at a time): DeepSpeed's weighted sum, bit for bit, and its gradients.
+    CUDA tensors and other combine settings take DeepSpeed's own code. Returns whether it patched
+    now (False: already patched)."""
+    check_version()
+    import deepspeed.module_inject.auto_ep_layer as auto_ep_layer
+    import deepspeed.moe.ep_kernels as ep_kernels
+    if getattr(ep_kernels, "_megamoe_cpu_gathers", False):
+        return False
+    supported, gather, combine = (ep_kernels.permute_rows_supported, ep_kernels.gather_rows,
+                                  auto_ep_layer.combine_from_routed)
+
+    def permute_rows_supported(rows):
+        return supported(rows) or (rows.device.type == "cpu" and rows.dim() == 2)
+
+    def gather_rows(src, index):
+        if src.device.type != "cpu":
+            return gather(src, index)
+        n = src.shape[0]
+        if n == 0:      # a rank that received no token: every slot is padding
+            return src.new_zeros(index.numel(), src.shape[1])
+        out = src.index_select(0, index.clamp(0, n - 1))
+        padding = ((index < 0) | (index >= n)).nonzero().squeeze(1)   # a few rows: 5x faster than masked_fill_
+        return out.index_fill_(0, padding, 0)
+
+    def combine_from_routed(expert_output, top_scores, token_indices_sorted, top_k, score_apply, combine_impl,
+                            shape):
+        if expert_output.device.type != "cpu" or score_apply != "post" or combine_impl != "weighted_sum":
+            return combine(expert_output, top_scores, token_indices_sorted, top_k, score_apply, combine_impl, shape)
+        from megamoe.model.dispatch import Combine, inverse_permutation
+        out = Combine.apply(expert_output, top_scores.reshape(-1, top_k), token_indices_sorted,
+                            inverse_permutation(token_indices_sorted))
+        return out.reshape(shape)
+
+    ep_kernels.permute_rows_supported, ep_kernels.gather_rows = permute_rows_supported, gather_rows
+    auto_ep_layer.combine_from_routed = combine_from_routed
+    ep_kernels._megamoe_cpu_gathers = True
+    return True
 
 
 def zero3_partitioner(ds_config: dict):
@@ -201,19 +256,24 @@ def autoep_syncs_as_on_gpu(note_split_plan_read: Callable[[], None],
       device-to-host copy on CUDA that dispatches nothing on the CPU: `note_split_plan_read()`
       is called once per plan;
     - `fill_indices_cpu` is the CPU stand-in for the Triton permutation kernel a CUDA run launches
-      instead; its per-expert `.item()` reads do not exist there, so it runs inside `paused()`."""
+      instead; its per-expert `.item()` reads do not exist there, so it runs inside `paused()`;
+    - so does `gather_rows`, whose CPU body (autoep_gathers_on_cpu) finds the padding rows with a
+      `nonzero` where CUDA runs DeepSpeed's Triton gather."""
     import deepspeed.module_inject.auto_ep_layer as auto_ep_layer
     import deepspeed.moe.ep_kernels as ep_kernels
-    plan, fill = auto_ep_layer._split_plan_from_expert_counts, ep_kernels.fill_indices_cpu
+    plan = auto_ep_layer._split_plan_from_expert_counts
+    fill, gather = ep_kernels.fill_indices_cpu, ep_kernels.gather_rows
 
     def counted_plan(*args, **kwargs):
         note_split_plan_read()
         return plan(*args, **kwargs)
 
-    def quiet_fill(*args, **kwargs):
-        with paused():
-            return fill(*args, **kwargs)
+    def quiet(kernel):
+        def run(*args, **kwargs):
+            with paused():
+                return kernel(*args, **kwargs)
+        return run
 
     with _swap(auto_ep_layer, "_split_plan_from_expert_counts", counted_plan), \
-            _swap(ep_kernels, "fill_indices_cpu", quiet_fill):
+            _swap(ep_kernels, "fill_indices_cpu", quiet(fill)), _swap(ep_kernels, "gather_rows", quiet(gather)):
         yield

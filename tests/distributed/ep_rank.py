@@ -234,6 +234,8 @@ def run_routers(run):
         r.e_score_correction_bias.copy_(ref_bias[i])
     engine, _, _, _ = expert.initialize(model, cfg, ds_config(dict(run, zero=run.get("zero", 2)), 1), run["ep"])
     res = {"n_verified": expert.verify_megamoe_routers(engine, cfg)}
+    import deepspeed.moe.ep_kernels as ep_kernels
+    res["cpu_gathers"] = getattr(ep_kernels, "_megamoe_cpu_gathers", False)
     layers = expert.autoep_layers(engine)
     res["router_types"] = [type(l.router).__name__ for _, l in layers]
     res["router_is_megamoe"] = all(isinstance(l.router, Router) for _, l in layers)

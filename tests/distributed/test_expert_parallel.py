@@ -201,6 +201,7 @@ def test_megamoe_router_inside_autoep_layers(two_rank):
     for r in two_rank:
         res = r["routers"]
         assert res["n_verified"] == 2
+        assert res["cpu_gathers"], "expert.initialize did not install AutoEP's CPU row gathers"
         assert res["router_types"] == ["ExpertParallelRouter", "ExpertParallelRouter"]
         assert res["router_is_megamoe"] and all(res["routers_are_model_routers"])
         assert res["bias_is_models"], "AutoEP did not carry the model's e_score_correction_bias"
@@ -456,3 +457,99 @@ def test_recomputing_experts_match_autoep_experts(monkeypatch):
         assert issubclass(auto_ep_layer.GroupedExperts(16, 8, 4).__class__, original)
         assert auto_ep_layer.GroupedExperts(16, 8, 4).__class__ is not original
     assert auto_ep_layer.GroupedExperts is original
+
+
+@pytest.fixture
+def stock_autoep_token_functions():
+    """DeepSpeed's own token functions back after the test (the gathers are process-wide)."""
+    import deepspeed.module_inject.auto_ep_layer as layer
+    import deepspeed.moe.ep_kernels as kernels
+    names = [(kernels, "permute_rows_supported"), (kernels, "gather_rows"), (layer, "combine_from_routed"),
+             (kernels, "_megamoe_cpu_gathers")]
+    saved = [(m, n, getattr(m, n, None)) for m, n in names]
+    if getattr(kernels, "_megamoe_cpu_gathers", False):
+        pytest.skip("this process installed the gathers before the test; it needs DeepSpeed's own first")
+    yield
+    for m, n, v in saved:
+        setattr(m, n, v)
+
+
+def _autoep_token_movement(counts, received, returned, scores, order, top_k, combine_impl="weighted_sum"):
+    """AutoEP's token path on one rank, through DeepSpeed's functions: permute the received rows
+    by local expert, un-permute them, combine the returned rows; outputs and input gradients."""
+    import torch
+    import deepspeed.module_inject.auto_ep_layer as layer
+    rows, y, w = (t.detach().clone().requires_grad_() for t in (received, returned, scores))
+    permuted, idx, _, n = layer.permute_by_local_expert(rows, counts)
+    back = layer.unpermute_by_local_expert(permuted * torch.arange(1, permuted.shape[0] + 1.0).to(permuted)[:, None],
+                                           idx, n)
+    T = scores.shape[0]
+    out = layer.combine_from_routed(y, w, order, top_k, "post", combine_impl, (1, T, y.shape[-1]))
+    g = torch.Generator().manual_seed(5)
+    torch.autograd.backward([back, out], [torch.randn(back.shape, generator=g).to(back.dtype),
+                                          torch.randn(out.shape, generator=g).to(out.dtype)])
+    return [permuted.detach(), back.detach(), out.detach(), rows.grad, y.grad, w.grad]
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_autoep_cpu_gathers_are_deepspeeds_fallback_bit_for_bit(dtype, stock_autoep_token_functions):
+    """The permutation (with its alignment padding and a source that sent nothing to an expert)
+    and the weighted combine give DeepSpeed's own CPU results and gradients exactly, without its
+    advanced indexing; CUDA-only settings (another combine) still reach DeepSpeed's code."""
+    import torch
+    import deepspeed.module_inject.auto_ep_layer as layer
+    import deepspeed.moe.ep_kernels as kernels
+    from megamoe.parallel import deepspeed_compat
+    dt = getattr(torch, dtype)
+    g = torch.Generator().manual_seed(0)
+    T, K, E = 37, 3, 6
+    counts = torch.tensor([[5, 0, 9], [7, 3, 0]])               # [sources, local experts]
+    received = torch.randn(int(counts.sum()), 16, generator=g).to(dt)
+    order = torch.argsort(torch.rand(T, E, generator=g).topk(K, dim=-1).indices.view(-1), stable=True)
+    returned, scores = torch.randn(T * K, 16, generator=g).to(dt), torch.rand(T, K, generator=g)
+    case = (counts, received, returned, scores, order, K)
+
+    stock = _autoep_token_movement(*case)
+    stock_combine = layer.combine_from_routed
+
+    def indexed_rows(movement):   # advanced indexing of token rows (not of 1-D index vectors)
+        with torch.autograd.profiler.profile(record_shapes=True) as prof:
+            out = movement()
+        return out, [e.name for e in prof.function_events if e.name in ("aten::index", "aten::index_put_")
+                     and len(e.input_shapes[0]) > 1]
+
+    assert indexed_rows(lambda: _autoep_token_movement(*case))[1]    # DeepSpeed's CPU fallback
+    assert deepspeed_compat.autoep_gathers_on_cpu() and not deepspeed_compat.autoep_gathers_on_cpu()
+    ours, indexing = indexed_rows(lambda: _autoep_token_movement(*case))
+    assert indexing == []
+    for a, b in zip(stock, ours):
+        assert a.dtype == b.dtype and torch.equal(a, b)
+    # settings the gathers do not cover reach DeepSpeed's own combine
+    calls = []
+    kernels._megamoe_cpu_gathers = False
+    layer.combine_from_routed = lambda *a: calls.append(a[5]) or stock_combine(*a)
+    deepspeed_compat.autoep_gathers_on_cpu()
+    _autoep_token_movement(*case, combine_impl="legacy_bmm")
+    _autoep_token_movement(*case)
+    assert calls == ["legacy_bmm"]
+    # a rank that received no rows at all: every permuted slot is padding
+    empty = kernels.gather_rows(received[:0], torch.tensor([-1, -1], dtype=torch.int32))
+    assert empty.shape == (2, 16) and not empty.any()
+
+
+@pytest.mark.parametrize("capability, triton, want", [
+    ((9, 0), True, {"async_split_plan": True, "gate_up_impl": "fused", "combine_impl": "fused_weighted_sum"}),
+    ((8, 0), True, {"async_split_plan": True, "combine_impl": "fused_weighted_sum"}),
+    ((9, 0), False, {"async_split_plan": True, "gate_up_impl": "fused"}),
+])
+def test_accelerator_tuning_on_cuda(monkeypatch, capability, triton, want):
+    """The AutoEP keys megamoe adds on CUDA (none on CPU), each only where its kernel exists."""
+    import torch
+    from deepspeed.ops.triton_ops import autoep_fused_token_ops
+
+    import megamoe.distributed
+    assert expert.accelerator_tuning() == {}          # this machine's device: the CPU
+    monkeypatch.setattr(megamoe.distributed, "device", lambda: torch.device("cuda", 0))
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda dev=None: capability)
+    monkeypatch.setattr(autoep_fused_token_ops, "is_available", lambda: triton)
+    assert expert.accelerator_tuning() == want

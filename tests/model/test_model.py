@@ -428,6 +428,27 @@ def _plain_experts_and_combine(x, w, gate_up, down, routing):
     return (y.view(T, K, H) * w.unsqueeze(-1)).sum(1)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_combine_is_the_fp32_weighted_sum_bit_for_bit_across_chunks(dtype):
+    """Combine, which works a chunk of tokens at a time (two chunks here), gives what the one-pass
+    fp32 weighted sum (DeepSpeed AutoEP's weighted_sum combine) and its autograd give, exactly."""
+    from megamoe.model.dispatch import Combine, _combine_chunk, inverse_permutation
+    T, K, H = 300, 4, 256
+    assert _combine_chunk(T, K, H, torch.device("cpu")) < T
+    g = torch.Generator().manual_seed(0)
+    order = torch.argsort(torch.randint(0, 8, (T * K,), generator=g), stable=True)
+    y0, w0 = torch.randn(T * K, H, generator=g).to(dtype), torch.rand(T, K, generator=g)
+    y, w, y_ref, w_ref = (t.clone().requires_grad_() for t in (y0, w0, y0, w0))
+    out = Combine.apply(y, w, order, inverse_permutation(order))
+    scattered = torch.zeros_like(y_ref).index_put((order,), y_ref)
+    want = (scattered.view(T, K, H) * w_ref.unsqueeze(-1).float()).sum(dim=1).to(dtype)
+    assert out.dtype == dtype and torch.equal(out, want)
+    grad = torch.randn(T, H, generator=g).to(dtype)
+    out.backward(grad)
+    want.backward(grad)
+    assert torch.equal(y.grad, y_ref.grad) and torch.equal(w.grad, w_ref.grad)
+
+
 def test_routed_experts_and_combine_give_gradients_only_where_asked():
     """Each subset of (tokens, routing weights, gate/up, down) frozen: the others' gradients are
     autograd's through the plain ops, and nothing is computed for a frozen one."""
