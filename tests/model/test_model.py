@@ -434,7 +434,11 @@ def test_combine_is_the_fp32_weighted_sum_bit_for_bit_across_chunks(dtype):
     fp32 weighted sum (DeepSpeed AutoEP's weighted_sum combine) and its autograd give, exactly."""
     from megamoe.model.dispatch import Combine, _combine_chunk, inverse_permutation
     T, K, H = 300, 4, 256
-    assert _combine_chunk(T, K, H, torch.device("cpu")) < T
+    # about 1 MiB of fp32 per chunk on CPUs (cache-sized), 256 MiB elsewhere (only to bound memory)
+    assert _combine_chunk(T, K, H, torch.device("cpu")) == (1 << 20) // (4 * K * H) == 256
+    assert _combine_chunk(T, K, H, torch.device("cuda")) == T
+    assert _combine_chunk(T, 64, 7168, torch.device("cuda")) == (1 << 28) // (4 * 64 * 7168) == 146
+    assert _combine_chunk(T, 64, 7168, torch.device("cpu")) == 1
     g = torch.Generator().manual_seed(0)
     order = torch.argsort(torch.randint(0, 8, (T * K,), generator=g), stable=True)
     y0, w0 = torch.randn(T * K, H, generator=g).to(dtype), torch.rand(T, K, generator=g)
