@@ -28,16 +28,10 @@ import torch  # noqa: E402
 
 def variants():
     """{"deepspeed": {...}, "megamoe": {...}}: the module attributes each variant runs with."""
-    import deepspeed.module_inject.auto_ep_layer as layer
-    import deepspeed.moe.ep_kernels as kernels
-
     from megamoe.parallel import deepspeed_compat
-    names = [(kernels, "permute_rows_supported"), (kernels, "gather_rows"), (layer, "combine_from_routed")]
-    if getattr(kernels, "_megamoe_cpu_gathers", False):
-        raise SystemExit("the gathers are already installed in this process; run the bench on its own")
-    stock = {(m, n): getattr(m, n) for m, n in names}
     deepspeed_compat.autoep_gathers_on_cpu()
-    return {"deepspeed": stock, "megamoe": {(m, n): getattr(m, n) for m, n in names}}
+    stock = dict(deepspeed_compat.AUTOEP_STOCK)
+    return {"deepspeed": stock, "megamoe": {(m, n): getattr(m, n) for m, n in stock}}
 
 
 def make_case(a, dtype):

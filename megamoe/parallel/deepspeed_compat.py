@@ -101,6 +101,9 @@ def autoep_local_experts(local_weights: Callable[[Any, int, int], Any],
         yield
 
 
+AUTOEP_STOCK: dict = {}   # (module, name) -> DeepSpeed's function, once autoep_gathers_on_cpu replaced it
+
+
 def autoep_gathers_on_cpu() -> bool:
     """For the rest of the process, AutoEP moves CPU tokens by row gathers, as it does on CUDA.
 
@@ -117,7 +120,8 @@ def autoep_gathers_on_cpu() -> bool:
       weighted_sum runs megamoe's `dispatch.Combine` (gathers both ways, the fp32 product a chunk
       of tokens at a time): DeepSpeed's weighted sum, bit for bit, and its gradients.
     CUDA tensors and other combine settings take DeepSpeed's own code. Returns whether it patched
-    now (False: already patched)."""
+    now (False: already patched). DeepSpeed's functions stay in `AUTOEP_STOCK` (for tests and
+    benches that compare)."""
     check_version()
     import deepspeed.module_inject.auto_ep_layer as auto_ep_layer
     import deepspeed.moe.ep_kernels as ep_kernels
@@ -125,6 +129,8 @@ def autoep_gathers_on_cpu() -> bool:
         return False
     supported, gather, combine = (ep_kernels.permute_rows_supported, ep_kernels.gather_rows,
                                   auto_ep_layer.combine_from_routed)
+    AUTOEP_STOCK.update({(ep_kernels, "permute_rows_supported"): supported, (ep_kernels, "gather_rows"): gather,
+                         (auto_ep_layer, "combine_from_routed"): combine})
 
     def permute_rows_supported(rows):
         return supported(rows) or (rows.device.type == "cpu" and rows.dim() == 2)

@@ -229,9 +229,9 @@ def accelerator_tuning() -> dict:
     combine_impl fused_weighted_sum (with Triton): the weighted sum over each token's K expert
         outputs in one Triton kernel, fp32 in registers, where the default scatters the rows into
         a zero-filled [T*K, H] buffer and multiplies it into an fp32 [T, K, H] one (0.8 GB per
-        layer at V2-Lite's micro batch 4). DeepSpeed's kernel keeps the eager rounding, so the
-        numbers are those of the default. (CPU tokens get the same sum from megamoe's Combine:
-        deepspeed_compat.autoep_gathers_on_cpu.)"""
+        layer at V2-Lite's micro batch 4). DeepSpeed writes the kernel to keep the eager
+        product's fp32 rounding (no FMA contraction); not yet run on a GPU here. (CPU tokens get
+        the default's sum, bit for bit, from megamoe's Combine: deepspeed_compat.autoep_gathers_on_cpu.)"""
     import torch
 
     from megamoe.distributed import device

@@ -461,14 +461,18 @@ def test_recomputing_experts_match_autoep_experts(monkeypatch):
 
 @pytest.fixture
 def stock_autoep_token_functions():
-    """DeepSpeed's own token functions back after the test (the gathers are process-wide)."""
+    """DeepSpeed's own token functions for the test (also when this process built an AutoEP engine
+    before, which installed the gathers), and whatever was installed before back after it."""
     import deepspeed.module_inject.auto_ep_layer as layer
     import deepspeed.moe.ep_kernels as kernels
+
+    from megamoe.parallel import deepspeed_compat
     names = [(kernels, "permute_rows_supported"), (kernels, "gather_rows"), (layer, "combine_from_routed"),
              (kernels, "_megamoe_cpu_gathers")]
     saved = [(m, n, getattr(m, n, None)) for m, n in names]
-    if getattr(kernels, "_megamoe_cpu_gathers", False):
-        pytest.skip("this process installed the gathers before the test; it needs DeepSpeed's own first")
+    for (m, n), stock in deepspeed_compat.AUTOEP_STOCK.items():
+        setattr(m, n, stock)
+    kernels._megamoe_cpu_gathers = False
     yield
     for m, n, v in saved:
         setattr(m, n, v)

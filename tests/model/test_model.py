@@ -430,10 +430,13 @@ def _plain_experts_and_combine(x, w, gate_up, down, routing):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_combine_is_the_fp32_weighted_sum_bit_for_bit_across_chunks(dtype):
-    """Combine, which works a chunk of tokens at a time (two chunks here), gives what the one-pass
-    fp32 weighted sum (DeepSpeed AutoEP's weighted_sum combine) and its autograd give, exactly."""
+    """Combine, which works a chunk of tokens at a time (three chunks here, the last one short),
+    gives what the one-pass fp32 weighted sum (DeepSpeed AutoEP's weighted_sum combine) and its
+    autograd give, exactly, and warns about nothing (an `out=` of the wrong shape would)."""
+    import warnings
+
     from megamoe.model.dispatch import Combine, _combine_chunk, inverse_permutation
-    T, K, H = 300, 4, 256
+    T, K, H = 600, 4, 256
     # about 1 MiB of fp32 per chunk on CPUs (cache-sized), 256 MiB elsewhere (only to bound memory)
     assert _combine_chunk(T, K, H, torch.device("cpu")) == (1 << 20) // (4 * K * H) == 256
     assert _combine_chunk(T, K, H, torch.device("cuda")) == T
@@ -443,13 +446,15 @@ def test_combine_is_the_fp32_weighted_sum_bit_for_bit_across_chunks(dtype):
     order = torch.argsort(torch.randint(0, 8, (T * K,), generator=g), stable=True)
     y0, w0 = torch.randn(T * K, H, generator=g).to(dtype), torch.rand(T, K, generator=g)
     y, w, y_ref, w_ref = (t.clone().requires_grad_() for t in (y0, w0, y0, w0))
-    out = Combine.apply(y, w, order, inverse_permutation(order))
+    grad = torch.randn(T, H, generator=g).to(dtype)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out = Combine.apply(y, w, order, inverse_permutation(order))
+        out.backward(grad)
     scattered = torch.zeros_like(y_ref).index_put((order,), y_ref)
     want = (scattered.view(T, K, H) * w_ref.unsqueeze(-1).float()).sum(dim=1).to(dtype)
-    assert out.dtype == dtype and torch.equal(out, want)
-    grad = torch.randn(T, H, generator=g).to(dtype)
-    out.backward(grad)
     want.backward(grad)
+    assert out.dtype == dtype and torch.equal(out, want)
     assert torch.equal(y.grad, y_ref.grad) and torch.equal(w.grad, w_ref.grad)
 
 
