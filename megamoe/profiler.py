@@ -17,6 +17,7 @@ from typing import Optional
 
 import torch
 
+from megamoe.fileio import atomic_write_text
 from megamoe.train_config import ConfigConflict, LoggingConfig
 
 
@@ -69,12 +70,12 @@ class StepProfiler:
         prof.__exit__(None, None, None)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         trace = self.out_dir / f"rank{self.rank}.trace.json"
-        tmp = trace.with_name(trace.name + f".tmp-{os.getpid()}")
+        tmp = trace.with_name(trace.name + f".tmp-{os.getpid()}")   # export takes a path, not text
         prof.export_chrome_trace(str(tmp))
         os.replace(tmp, trace)
         steps = f"{self.start}-{self._last}"
         table = prof.key_averages(group_by_input_shape=True).table(sort_by=self.sort_by, row_limit=40)
         ops = self.out_dir / f"rank{self.rank}.ops.txt"
-        ops.write_text(f"rank {self.rank}, iterations {steps}, sorted by {self.sort_by}\n{table}\n")
+        atomic_write_text(ops, f"rank {self.rank}, iterations {steps}, sorted by {self.sort_by}\n{table}\n")
         print(f"[rank {self.rank}] profile of iterations {steps}: {trace} (Perfetto / chrome://tracing), "
               f"{ops} (ops by self time)", flush=True)

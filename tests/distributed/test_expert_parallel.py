@@ -470,12 +470,15 @@ def stock_autoep_token_functions():
     names = [(kernels, "permute_rows_supported"), (kernels, "gather_rows"), (layer, "combine_from_routed"),
              (kernels, "_megamoe_cpu_gathers")]
     saved = [(m, n, getattr(m, n, None)) for m, n in names]
-    for (m, n), stock in deepspeed_compat.AUTOEP_STOCK.items():
+    saved_stock = dict(deepspeed_compat.AUTOEP_STOCK)   # a test that reinstalls records its stand-ins there
+    for (m, n), stock in saved_stock.items():
         setattr(m, n, stock)
     kernels._megamoe_cpu_gathers = False
     yield
     for m, n, v in saved:
         setattr(m, n, v)
+    deepspeed_compat.AUTOEP_STOCK.clear()
+    deepspeed_compat.AUTOEP_STOCK.update(saved_stock)
 
 
 def _autoep_token_movement(counts, received, returned, scores, order, top_k, combine_impl="weighted_sum"):
