@@ -26,10 +26,17 @@ Training runs as `make demo` trains: 2 CPU ranks (--nproc N for N GPUs or proces
 expert parallelism over all ranks for MoE configs, the demo's schedule, bf16 where it is the
 faster (--precision).
 
-Output under OUT (default runs/quality): runs/NAME-sSEED/ (TensorBoard, checkpoint, log);
-curves.png (validation loss vs training FLOPs and vs training time, read back from each run's
-own TensorBoard scalars); tensorboard/NAME-sSEED/ (those curves as compare/* scalars); summary.md
-(one row per run, then mean and spread per config over seeds and the gap to the baseline).
+`--train-args` adds pretrain flags to every run; `--train-args-for NAME=FLAGS` to one config's runs
+(an optimizer setting the MoE alone should get, say; a flag that does not apply, such as an
+expert-only lr multiplier for a dense model, changes nothing in it but still counts as another run).
+
+Output under OUT (default runs/quality): runs/NAME-sSEED/ (TensorBoard, checkpoint, log), shared by
+every comparison that trains the same run the same way, and tensorboard/NAME-sSEED/ (the curves
+below as compare/* scalars). Each comparison (the set of --configs) writes its own folder,
+OUT/NAME+NAME-vs-BASELINE/ (--compare-name to choose): curves.png (validation loss vs training
+FLOPs and vs training time, read back from each run's own TensorBoard scalars), summary.md (one
+row per run, then mean and spread per config over seeds and the gap to the baseline) and
+results.json (the rows).
 """
 from __future__ import annotations
 
@@ -47,6 +54,7 @@ from pathlib import Path
 from typing import Optional
 
 from megamoe.config import ModelConfig
+from megamoe.fileio import atomic_write_text
 from megamoe.monitor import flops_per_token, read_scalars
 from megamoe.train_config import DEMO_SCHEDULE_FLAGS, ds_config_at_precision
 
@@ -66,6 +74,7 @@ class Spec:
     name: str
     config: ModelConfig
     overrides: dict = field(default_factory=dict)
+    train_args: list = field(default_factory=list)      # pretrain flags for this config's runs only
 
 
 def parse_spec(text: str) -> Spec:
@@ -84,6 +93,21 @@ def parse_spec(text: str) -> Spec:
             overrides[key] = value
     name = label or Path(base).stem + "".join(f"-{k}={v}" for k, v in overrides.items())
     return Spec(text, re.sub(r"[^A-Za-z0-9_.=+-]", "_", name), ModelConfig.load(base, **overrides), overrides)
+
+
+def attach_train_args(specs: list[Spec], items: list[str]) -> None:
+    """`--train-args-for NAME=FLAGS`: FLAGS (one quoted string) for the runs of the config named NAME."""
+    by_name = {s.name: s for s in specs}
+    for item in items:
+        name, eq, flags = item.partition("=")
+        if not eq or name not in by_name:
+            raise SystemExit(f"--train-args-for {item!r}: expected NAME=FLAGS with NAME one of {sorted(by_name)}")
+        by_name[name].train_args += flags.split()
+
+
+def comparison_name(specs: list[Spec]) -> str:
+    """The folder a comparison writes to: the configs, then the baseline (`a+b-vs-dense`)."""
+    return "+".join(s.name for s in specs[:-1]) + "-vs-" + specs[-1].name if len(specs) > 1 else specs[0].name
 
 
 def tokens_per_iter(seq: int = SEQ, global_batch: Optional[int] = None) -> int:
@@ -332,7 +356,7 @@ def run_one(s: Spec, seed: int, iters: int, data: dict, run_dir: Path, extra: li
                    flops=iters * tokens_per_iter() * fpt, seconds=curve.seconds[-1], wall=wall,
                    val_loss=curve.val_loss[-1])
     row["evals"] = {name: list(evaluate(run_dir / "checkpoints", path)) for name, path in data["evals"].items()}
-    done.write_text(json.dumps({"key": key, "texts": texts, "row": row}, indent=1))
+    atomic_write_text(done, json.dumps({"key": key, "texts": texts, "row": row}, indent=1))
     return row, read_curve(run_dir / "tensorboard", fpt)
 
 
@@ -346,6 +370,10 @@ def main(argv=None) -> int:
     ap.add_argument("--budget-of", type=int, default=0, help="index in --configs of the config that sets the budget")
     ap.add_argument("--out", default=str(ROOT / "runs" / "quality"))
     ap.add_argument("--train-args", default="", help="extra pretrain flags for every run (quoted)")
+    ap.add_argument("--train-args-for", action="append", default=[], metavar="NAME=FLAGS",
+                    help="extra pretrain flags for one config's runs (quoted; repeatable)")
+    ap.add_argument("--compare-name", help="the comparison's output folder under --out "
+                                           "(default: the config names, NAME+NAME-vs-BASELINE)")
     ap.add_argument("--corpus", choices=CORPORA, default="plays+kjv",
                     help="training text: the demo's (the plays and the Bible minus the evaluation texts), "
                          "or the plays alone")
@@ -362,6 +390,7 @@ def main(argv=None) -> int:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
         os.environ.setdefault("OMP_NUM_THREADS", "1")
     specs = [parse_spec(c) for c in args.configs]
+    attach_train_args(specs, args.train_args_for)
     budget, iters = equal_flops_iters([s.config for s in specs], args.budget_iters, args.budget_of)
     print(f"budget {budget / 1e12:.2f} TFLOP ({args.budget_iters} iterations of {specs[args.budget_of].name}, "
           f"{tokens_per_iter():,} tokens per iteration)")
@@ -373,6 +402,8 @@ def main(argv=None) -> int:
     if args.dry_run:
         return 0
     out = Path(args.out)
+    report = out / (args.compare_name or comparison_name(specs))
+    report.mkdir(parents=True, exist_ok=True)
     data = prepare_data(out / ("data" if args.corpus == "plays" else f"data-{args.corpus}"), args.corpus)
     data["evals"] = eval_texts(data, args.eval_text)
     precision = pick_precision(args.precision)
@@ -384,18 +415,18 @@ def main(argv=None) -> int:
         for i in order:
             s, n = specs[i], iters[i]
             run = f"{s.name}-s{seed}"
-            row, curves[run] = run_one(s, seed, n, data, out / "runs" / run, args.train_args.split())
+            row, curves[run] = run_one(s, seed, n, data, out / "runs" / run, args.train_args.split() + s.train_args)
             rows.append(row)
             print(f"  {run}: " + ", ".join(f"{t} {loss:.4f} nats ({bpb:.4f} bpb)" for t, (loss, bpb) in
                                            row["evals"].items())
                   + f", {row['seconds']:.0f} s training ({row['wall']:.0f} s wall)", flush=True)
             write_tensorboard(out, run, curves[run])
             table = summary(rows, specs[-1].name)
-            (out / "summary.md").write_text(table)
-            (out / "results.json").write_text(json.dumps(rows, indent=1))
-            plot(out, curves, rows)
+            atomic_write_text(report / "summary.md", table)
+            atomic_write_text(report / "results.json", json.dumps(rows, indent=1))
+            plot(report, curves, rows)
     print("\n" + table)
-    print(f"{out / 'summary.md'}, {out / 'curves.png'}, {out / 'tensorboard'}")
+    print(f"{report / 'summary.md'}, {report / 'curves.png'}, {out / 'tensorboard'}")
     return 0
 
 

@@ -1,5 +1,6 @@
 """bench/quality.py: equal-compute budgets and the curves it reads back from a run's TensorBoard."""
 import importlib.util
+import json
 import math
 import sys
 from pathlib import Path
@@ -156,3 +157,54 @@ def test_a_finished_run_is_reused_and_evaluated_again_on_new_texts(tmp_path, mon
     calls.clear()
     quality.run_one(quality.parse_spec("small-dense:hidden_size=128"), 1, 1, data, tmp_path / "run", [])
     assert calls[0] == ("train", "small-dense-hidden_size=128")
+
+
+def test_train_args_for_one_config_and_a_folder_per_comparison():
+    specs = [quality.parse_spec(c) for c in ("lo=small-moe", "small-moe", "small-dense")]
+    quality.attach_train_args(specs, ["lo=--lr-mult router=0.5 --seed 3", "lo=--lr 1e-3"])
+    assert specs[0].train_args == ["--lr-mult", "router=0.5", "--seed", "3", "--lr", "1e-3"]
+    assert specs[1].train_args == specs[2].train_args == []
+    with pytest.raises(SystemExit, match="NAME one of"):
+        quality.attach_train_args(specs, ["dense=--lr 1e-3"])
+    with pytest.raises(SystemExit, match="NAME=FLAGS"):
+        quality.attach_train_args(specs, ["lo"])
+    assert quality.comparison_name(specs) == "lo+small-moe-vs-small-dense"
+    assert quality.comparison_name(specs[2:]) == "small-dense"
+
+
+def test_main_gives_each_config_its_flags_and_writes_its_comparison_folder(tmp_path, monkeypatch):
+    """Two comparisons in one --out share the baseline's runs and keep their own summaries."""
+    from torch.utils.tensorboard import SummaryWriter
+    trained = []
+
+    def train(spec, seed, iters, data, run_dir, extra):
+        trained.append((spec.name, extra))
+        w = SummaryWriter(str(run_dir / "tensorboard"))
+        for tag, value in (("train/consumed_samples", 8.0), ("perf/train_seconds", 3.0), ("val/loss", 6.0)):
+            w.add_scalar(tag, value, 1)
+        w.close()
+        return 4.0
+
+    def prepare_data(out, corpus):
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "train.idx").write_bytes(b"tokens")
+        (out / "held.txt").write_text("plays")
+        (out / "kjv.txt").write_text("Ruth 1")
+        return {"held_out": out / "held.txt", "kjv": out / "kjv.txt", "train": out / "train"}
+    monkeypatch.setattr(quality, "train", train)
+    monkeypatch.setattr(quality, "evaluate", lambda ckpt, text: (5.0, 2.0))
+    monkeypatch.setattr(quality, "prepare_data", prepare_data)
+    out = tmp_path / "q"
+    common = ["--out", str(out), "--precision", "fp32", "--budget-iters", "2"]
+    assert quality.main([*common, "--configs", "lo=small-moe", "small-dense", "--train-args", "--log-interval 1",
+                         "--train-args-for", "lo=--lr-mult router=0.5"]) == 0
+    assert trained == [("small-dense", ["--log-interval", "1"]),
+                       ("lo", ["--log-interval", "1", "--lr-mult", "router=0.5"])]
+    trained.clear()
+    assert quality.main([*common, "--configs", "small-moe", "small-dense", "--train-args", "--log-interval 1"]) == 0
+    assert trained == [("small-moe", ["--log-interval", "1"])]          # the dense runs are reused
+    for name, runs in (("lo-vs-small-dense", ["small-dense-s1234", "lo-s1234"]),
+                       ("small-moe-vs-small-dense", ["small-dense-s1234", "small-moe-s1234"])):
+        assert [r["run"] for r in json.loads((out / name / "results.json").read_text())] == runs
+        assert (out / name / "curves.png").stat().st_size > 0
+        assert "| " + runs[1] + " |" in (out / name / "summary.md").read_text()
