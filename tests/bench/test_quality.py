@@ -115,19 +115,24 @@ def test_the_two_genre_corpus_keeps_the_evaluation_books_out(tmp_path):
         quality.training_texts(tmp_path / "c", "plays+web")
 
 
-def test_a_finished_run_is_reused_and_evaluated_again_on_new_texts(tmp_path, monkeypatch):
-    """The same command trains once; when an evaluation text changes (kjv_text's layout did) the
-    checkpoint is evaluated again without training; other training data or another config trains afresh."""
-    from torch.utils.tensorboard import SummaryWriter
-    calls = []
-
+def fake_train(record):
+    """A stand-in for quality.train: calls record(spec, extra), writes the scalars read_curve reads."""
     def train(spec, seed, iters, data, run_dir, extra):
-        calls.append(("train", spec.name))
+        from torch.utils.tensorboard import SummaryWriter
+        record(spec, extra)
         w = SummaryWriter(str(run_dir / "tensorboard"))
         for tag, value in (("train/consumed_samples", 8.0), ("perf/train_seconds", 3.0), ("val/loss", 6.0)):
             w.add_scalar(tag, value, 1)
         w.close()
         return 4.0
+    return train
+
+
+def test_a_finished_run_is_reused_and_evaluated_again_on_new_texts(tmp_path, monkeypatch):
+    """The same command trains once; when an evaluation text changes (kjv_text's layout did) the
+    checkpoint is evaluated again without training; other training data or another config trains afresh."""
+    calls = []
+    train = fake_train(lambda spec, extra: calls.append(("train", spec.name)))
 
     def evaluate(ckpt, text):
         calls.append(("evaluate", Path(text).read_text()))
@@ -174,16 +179,8 @@ def test_train_args_for_one_config_and_a_folder_per_comparison():
 
 def test_main_gives_each_config_its_flags_and_writes_its_comparison_folder(tmp_path, monkeypatch):
     """Two comparisons in one --out share the baseline's runs and keep their own summaries."""
-    from torch.utils.tensorboard import SummaryWriter
     trained = []
-
-    def train(spec, seed, iters, data, run_dir, extra):
-        trained.append((spec.name, extra))
-        w = SummaryWriter(str(run_dir / "tensorboard"))
-        for tag, value in (("train/consumed_samples", 8.0), ("perf/train_seconds", 3.0), ("val/loss", 6.0)):
-            w.add_scalar(tag, value, 1)
-        w.close()
-        return 4.0
+    train = fake_train(lambda spec, extra: trained.append((spec.name, extra)))
 
     def prepare_data(out, corpus):
         out.mkdir(parents=True, exist_ok=True)
