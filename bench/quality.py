@@ -41,6 +41,7 @@ results.json (the rows).
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import re
@@ -106,8 +107,10 @@ def attach_train_args(specs: list[Spec], items: list[str]) -> None:
 
 
 def comparison_name(specs: list[Spec]) -> str:
-    """The folder a comparison writes to: the configs, then the baseline (`a+b-vs-dense`)."""
-    return "+".join(s.name for s in specs[:-1]) + "-vs-" + specs[-1].name if len(specs) > 1 else specs[0].name
+    """The folder a comparison writes to: the configs, then the baseline (`a+b-vs-dense`); past 100
+    characters (file names stop at 255) the start and a digest of the whole."""
+    name = "+".join(s.name for s in specs[:-1]) + "-vs-" + specs[-1].name if len(specs) > 1 else specs[0].name
+    return name if len(name) <= 100 else f"{name[:80]}-{hashlib.sha1(name.encode()).hexdigest()[:12]}"
 
 
 def tokens_per_iter(seq: int = SEQ, global_batch: Optional[int] = None) -> int:

@@ -175,6 +175,11 @@ def test_train_args_for_one_config_and_a_folder_per_comparison():
         quality.attach_train_args(specs, ["lo"])
     assert quality.comparison_name(specs) == "lo+small-moe-vs-small-dense"
     assert quality.comparison_name(specs[2:]) == "small-dense"
+    many = [quality.parse_spec(f"variant{i:02d}=small-moe:bias_update_rate=0.00{i}") for i in range(1, 10)]
+    long = quality.comparison_name(many + specs[2:])
+    assert len(long) == 93 and long.startswith("variant01+variant02+")
+    other = quality.comparison_name(many[:-1] + [quality.parse_spec("variant99=small-moe")] + specs[2:])
+    assert other[:80] == long[:80] and other != long       # differs only past the kept start: the digest tells
 
 
 def test_main_gives_each_config_its_flags_and_writes_its_comparison_folder(tmp_path, monkeypatch):
