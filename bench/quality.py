@@ -27,8 +27,9 @@ expert parallelism over all ranks for MoE configs, the demo's schedule, bf16 whe
 faster (--precision).
 
 `--train-args` adds pretrain flags to every run; `--train-args-for NAME=FLAGS` to one config's runs
-(an optimizer setting the MoE alone should get, say; a flag that does not apply, such as an
-expert-only lr multiplier for a dense model, changes nothing in it but still counts as another run).
+(an optimizer setting the MoE alone should get, say; a flag that does not apply, such as
+`--lr-mult router=0.5` for a dense model, which has no router, changes nothing in it but still
+counts as another run).
 
 Output under OUT (default runs/quality): runs/NAME-sSEED/ (TensorBoard, checkpoint, log), shared by
 every comparison that trains the same run the same way, and tensorboard/NAME-sSEED/ (the curves
