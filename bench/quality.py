@@ -32,7 +32,9 @@ faster (--precision).
 counts as another run).
 
 Output under OUT (default runs/quality): runs/NAME-sSEED/ (TensorBoard, checkpoint, log), shared by
-every comparison that trains the same run the same way, and tensorboard/NAME-sSEED/ (the curves
+every comparison that trains the same run the same way (a run finished under another name with the
+same config, seed and flags, say a variant that has since become the preset, is linked there, not
+trained again), and tensorboard/NAME-sSEED/ (the curves
 below as compare/* scalars). Each comparison (the set of --configs) writes its own folder,
 OUT/NAME+NAME-vs-BASELINE/ (--compare-name to choose): curves.png (validation loss vs training
 FLOPs and vs training time, read back from each run's own TensorBoard scalars), summary.md (one
@@ -338,6 +340,23 @@ def summary(rows: list[dict], baseline: str) -> str:
     return head + body + agg + note
 
 
+def finished_key(run_dir: Path) -> dict:
+    """A run folder's result.json ({} if it has none: never finished, or not a run)."""
+    try:
+        return json.loads((run_dir / "result.json").read_text())
+    except (FileNotFoundError, NotADirectoryError):
+        return {}
+
+
+def twin_run(runs: Path, key: dict) -> Optional[Path]:
+    """A finished run under `runs` trained exactly as `key` says but named otherwise (a renamed
+    config, or a variant that has since become the preset's values): reused, not trained again."""
+    for d in sorted(runs.iterdir()) if runs.is_dir() else []:
+        if not d.is_symlink() and finished_key(d).get("key") == key:
+            return d
+    return None
+
+
 def run_one(s: Spec, seed: int, iters: int, data: dict, run_dir: Path, extra: list[str]) -> tuple[dict, Curve]:
     """Train (unless run_dir holds a finished run of the same command) and evaluate one run."""
     done = run_dir / "result.json"
@@ -345,9 +364,15 @@ def run_one(s: Spec, seed: int, iters: int, data: dict, run_dir: Path, extra: li
            "ds_config": json.loads(Path(data["ds_config"]).read_text()), "train_data": digest(f"{data['train']}.idx")}
     fpt = flops_per_token(s.config, SEQ)["total"]
     texts = {name: digest(path) for name, path in data["evals"].items()}
-    earlier = json.loads(done.read_text()) if done.exists() else {}
+    earlier = finished_key(run_dir)
+    if run_dir.is_symlink() and earlier.get("key") != key:
+        run_dir.unlink()        # no longer the same run as its twin: train its own, never into the twin's folder
+    if not run_dir.exists() and (twin := twin_run(run_dir.parent, key)):
+        run_dir.symlink_to(twin.name, target_is_directory=True)
+        print(f"{run_dir.name} is {twin.name} (same config, seed and flags under another name)", flush=True)
+        earlier = finished_key(run_dir)
     if earlier.get("key") == key:
-        row = earlier["row"]
+        row = dict(earlier["row"], run=run_dir.name, config=s.name)
         if earlier.get("texts") == texts:
             print(f"reuse {run_dir}", flush=True)
             return row, read_curve(run_dir / "tensorboard", fpt)

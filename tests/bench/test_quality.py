@@ -210,3 +210,15 @@ def test_main_gives_each_config_its_flags_and_writes_its_comparison_folder(tmp_p
         assert [r["run"] for r in json.loads((out / name / "results.json").read_text())] == runs
         assert (out / name / "curves.png").stat().st_size > 0
         assert "| " + runs[1] + " |" in (out / name / "summary.md").read_text()
+    # the same run under another name (a variant that became the preset): linked, not trained again
+    trained.clear()
+    assert quality.main([*common, "--configs", "same=small-moe", "small-dense", "--train-args", "--log-interval 1"]) == 0
+    assert trained == [] and (out / "runs" / "same-s1234").readlink() == Path("small-moe-s1234")
+    assert [(r["run"], r["config"]) for r in json.loads((out / "same-vs-small-dense" / "results.json").read_text())] \
+        == [("small-dense-s1234", "small-dense"), ("same-s1234", "same")]
+    # no longer the same run: the link goes and the run trains in its own folder, the twin untouched
+    twin = (out / "runs" / "small-moe-s1234" / "result.json").read_text()
+    assert quality.main([*common, "--configs", "same=small-moe:bias_update_rate=0.01", "small-dense",
+                         "--train-args", "--log-interval 1"]) == 0
+    assert trained == [("same", ["--log-interval", "1"])] and not (out / "runs" / "same-s1234").is_symlink()
+    assert (out / "runs" / "small-moe-s1234" / "result.json").read_text() == twin
