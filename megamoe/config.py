@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import typing
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Optional
@@ -25,6 +26,24 @@ ATTENTION_BACKENDS = ("auto", "fa3", "flash", "sdpa", "eager")
 
 class ConfigError(ValueError):
     """A config value is invalid; the message names the field and what to do."""
+
+
+_SCALARS = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
+
+
+def _type_mismatch(value: Any, hint: Any) -> Optional[str]:
+    """What a scalar field wants when `value` is not it (None when it fits, or the field is not a
+    scalar): "96=" for an int from a typo, or true for an int, must not reach validate() as is."""
+    if typing.get_origin(hint) is typing.Union:          # Optional[X]
+        if value is None:
+            return None
+        hint = next(a for a in typing.get_args(hint) if a is not type(None))
+    if hint not in _SCALARS:
+        return None
+    if isinstance(value, bool) != (hint is bool):
+        return _SCALARS[hint]
+    fits = isinstance(value, (int, float)) if hint is float else isinstance(value, hint)
+    return None if fits else _SCALARS[hint]
 
 
 @dataclass
@@ -202,6 +221,11 @@ class ModelConfig:
         if unknown:
             raise ConfigError(f"{source}: unknown ModelConfig field(s) {unknown}; known fields: {sorted(known)}")
         d = dict(d)
+        hints = typing.get_type_hints(cls)
+        for name, value in d.items():
+            if (wrong := _type_mismatch(value, hints[name])) is not None:
+                raise ConfigError(f"{source}: ModelConfig.{name} must be {wrong}, not {value!r} "
+                                  f"(its default: {cls.__dataclass_fields__[name].default!r})")
         if isinstance(d.get("rope_scaling"), dict):
             rs_known = {f.name for f in fields(RopeScaling)}
             rs_unknown = sorted(set(d["rope_scaling"]) - rs_known)

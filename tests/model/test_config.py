@@ -54,6 +54,22 @@ def test_unknown_field_and_missing_file_are_clear(tmp_path):
         ModelConfig.load("gpt-5")
 
 
+def test_wrong_types_are_named_before_validation(tmp_path):
+    """A typo'd override ("96=") or a quoted number in a file is named with its field, not a TypeError."""
+    with pytest.raises(ConfigError, match=r"ModelConfig\.n_routed_experts must be an integer, not '96='"):
+        ModelConfig.load("small-moe", n_routed_experts="96=")
+    for over, want in ((dict(norm_topk_prob=1), "true or false"), (dict(num_experts_per_tok=True), "an integer"),
+                       (dict(routed_scaling_factor="2.5"), "a number"), (dict(scoring_func=3), "a string")):
+        with pytest.raises(ConfigError, match=f"must be {want}"):
+            ModelConfig.load("tiny", **over)
+    f = tmp_path / "m.yaml"
+    f.write_text("hidden_size: '64'\n")
+    with pytest.raises(ConfigError, match=rf"{f.name}: ModelConfig\.hidden_size must be an integer"):
+        ModelConfig.load(f)
+    # what fits stays accepted: an int for a float, None for an Optional
+    assert ModelConfig.load("tiny", routed_scaling_factor=2, q_lora_rank=None).routed_scaling_factor == 2
+
+
 def test_json_and_yaml_round_trip(tmp_path):
     cfg = ModelConfig.load("deepseek-v3")
     cfg.to_json(tmp_path / "c.json")
