@@ -34,7 +34,9 @@ counts as another run).
 Output under OUT (default runs/quality): runs/NAME-sSEED/ (TensorBoard, checkpoint, log), shared by
 every comparison that trains the same run the same way (a run finished under another name with the
 same config, seed and flags, say a variant that has since become the preset, is linked there, not
-trained again), and tensorboard/NAME-sSEED/ (the curves
+trained again; a finished run trained otherwise under that name, another budget say, is renamed
+NAME-sSEED~DIGEST and found there when asked for again, never trained over), and
+tensorboard/NAME-sSEED/ (the curves
 below as compare/* scalars). Each comparison (the set of --configs) writes its own folder,
 OUT/NAME+NAME-vs-BASELINE/ (--compare-name to choose): curves.png (validation loss vs training
 FLOPs and vs training time, read back from each run's own TensorBoard scalars), summary.md (one
@@ -173,7 +175,6 @@ def prepare_data(out: Path, corpus: str = "plays+kjv") -> dict[str, Path]:
 
 
 def digest(path) -> str:
-    import hashlib
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
 
 
@@ -357,6 +358,19 @@ def twin_run(runs: Path, key: dict) -> Optional[Path]:
     return None
 
 
+def keep_aside(run_dir: Path, key: dict) -> None:
+    """A finished run of another config, budget or flags under this name is renamed, not trained
+    over: NAME-sSEED~DIGEST, where `twin_run` still finds it when a comparison asks for it again."""
+    tag = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:10]
+    aside = run_dir.with_name(f"{run_dir.name}~{tag}")
+    n = 1
+    while aside.exists():
+        n += 1
+        aside = run_dir.with_name(f"{run_dir.name}~{tag}-{n}")
+    run_dir.rename(aside)
+    print(f"kept the earlier {run_dir.name} (trained otherwise) as {aside.name}", flush=True)
+
+
 def run_one(s: Spec, seed: int, iters: int, data: dict, run_dir: Path, extra: list[str]) -> tuple[dict, Curve]:
     """Train (unless run_dir holds a finished run of the same command) and evaluate one run."""
     done = run_dir / "result.json"
@@ -367,6 +381,8 @@ def run_one(s: Spec, seed: int, iters: int, data: dict, run_dir: Path, extra: li
     earlier = finished_key(run_dir)
     if run_dir.is_symlink() and earlier.get("key") != key:
         run_dir.unlink()        # no longer the same run as its twin: train its own, never into the twin's folder
+    elif earlier and earlier.get("key") != key:
+        keep_aside(run_dir, earlier["key"])
     if not run_dir.exists() and (twin := twin_run(run_dir.parent, key)):
         run_dir.symlink_to(twin.name, target_is_directory=True)
         print(f"{run_dir.name} is {twin.name} (same config, seed and flags under another name)", flush=True)

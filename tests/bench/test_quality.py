@@ -162,6 +162,11 @@ def test_a_finished_run_is_reused_and_evaluated_again_on_new_texts(tmp_path, mon
     calls.clear()
     quality.run_one(quality.parse_spec("small-dense:hidden_size=128"), 1, 1, data, tmp_path / "run", [])
     assert calls[0] == ("train", "small-dense-hidden_size=128")
+    assert len(list(tmp_path.glob("run~*"))) == 2        # both earlier runs kept aside, neither trained over
+    calls.clear()
+    (tmp_path / "train.idx").write_bytes(b"plays")      # the first data again: its kept run is found, not retrained
+    assert quality.run_one(spec, 1, 1, data, tmp_path / "run", [])[0] == row2 and calls == []
+    assert (tmp_path / "run").is_symlink() and len(list(tmp_path.glob("run~*"))) == 3
 
 
 def test_train_args_for_one_config_and_a_folder_per_comparison():
