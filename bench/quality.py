@@ -174,8 +174,9 @@ def prepare_data(out: Path, corpus: str = "plays+kjv") -> dict[str, Path]:
     return d
 
 
-def digest(path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
+def digest(source) -> str:
+    """sha256 prefix of `source`: bytes, or a file (by path) whose bytes are read."""
+    return hashlib.sha256(source if isinstance(source, bytes) else Path(source).read_bytes()).hexdigest()[:16]
 
 
 def eval_texts(data: dict, extra: list[str] = ()) -> dict[str, Path]:
@@ -341,7 +342,7 @@ def summary(rows: list[dict], baseline: str) -> str:
     return head + body + agg + note
 
 
-def finished_key(run_dir: Path) -> dict:
+def finished_result(run_dir: Path) -> dict:
     """A run folder's result.json ({} if it has none: never finished, or not a run)."""
     try:
         return json.loads((run_dir / "result.json").read_text())
@@ -353,7 +354,7 @@ def twin_run(runs: Path, key: dict) -> Optional[Path]:
     """A finished run under `runs` trained exactly as `key` says but named otherwise (a renamed
     config, or a variant that has since become the preset's values): reused, not trained again."""
     for d in sorted(runs.iterdir()) if runs.is_dir() else []:
-        if not d.is_symlink() and finished_key(d).get("key") == key:
+        if not d.is_symlink() and finished_result(d).get("key") == key:
             return d
     return None
 
@@ -361,7 +362,7 @@ def twin_run(runs: Path, key: dict) -> Optional[Path]:
 def keep_aside(run_dir: Path, key: dict) -> None:
     """A finished run of another config, budget or flags under this name is renamed, not trained
     over: NAME-sSEED~DIGEST, where `twin_run` still finds it when a comparison asks for it again."""
-    tag = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:10]
+    tag = digest(json.dumps(key, sort_keys=True).encode())
     aside = run_dir.with_name(f"{run_dir.name}~{tag}")
     n = 1
     while aside.exists():
@@ -378,7 +379,7 @@ def run_one(s: Spec, seed: int, iters: int, data: dict, run_dir: Path, extra: li
            "ds_config": json.loads(Path(data["ds_config"]).read_text()), "train_data": digest(f"{data['train']}.idx")}
     fpt = flops_per_token(s.config, SEQ)["total"]
     texts = {name: digest(path) for name, path in data["evals"].items()}
-    earlier = finished_key(run_dir)
+    earlier = finished_result(run_dir)
     if run_dir.is_symlink() and earlier.get("key") != key:
         run_dir.unlink()        # no longer the same run as its twin: train its own, never into the twin's folder
     elif earlier and earlier.get("key") != key:
@@ -386,7 +387,7 @@ def run_one(s: Spec, seed: int, iters: int, data: dict, run_dir: Path, extra: li
     if not run_dir.exists() and (twin := twin_run(run_dir.parent, key)):
         run_dir.symlink_to(twin.name, target_is_directory=True)
         print(f"{run_dir.name} is {twin.name} (same config, seed and flags under another name)", flush=True)
-        earlier = finished_key(run_dir)
+        earlier = finished_result(run_dir)
     if earlier.get("key") == key:
         row = dict(earlier["row"], run=run_dir.name, config=s.name)
         if earlier.get("texts") == texts:

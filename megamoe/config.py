@@ -216,8 +216,8 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], source: str = "config") -> "ModelConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
+        known = {f.name: f for f in fields(cls)}
+        unknown = sorted(set(d) - known.keys())
         if unknown:
             raise ConfigError(f"{source}: unknown ModelConfig field(s) {unknown}; known fields: {sorted(known)}")
         d = dict(d)
@@ -225,7 +225,7 @@ class ModelConfig:
         for name, value in d.items():
             if (wrong := _type_mismatch(value, hints[name])) is not None:
                 raise ConfigError(f"{source}: ModelConfig.{name} must be {wrong}, not {value!r} "
-                                  f"(its default: {cls.__dataclass_fields__[name].default!r})")
+                                  f"(its default: {known[name].default!r})")
         if isinstance(d.get("rope_scaling"), dict):
             rs_known = {f.name for f in fields(RopeScaling)}
             rs_unknown = sorted(set(d["rope_scaling"]) - rs_known)
