@@ -136,9 +136,20 @@ def grouped_mm_wgrad(dy_TN: torch.Tensor, x_TK: torch.Tensor, counts_E: torch.Te
     return torch.stack([dy.T @ x for dy, x in zip(dy_TN.split(split)[:-1], x_TK.split(split)[:-1])])
 
 
+# A chunk's fp32 logits on CPUs: 8 MiB (256 tokens at the demo's vocabulary) stays in cache and
+# below glibc's mmap threshold (32 MiB at most), so the chunk's temporaries reuse heap memory; one
+# [1024, 8192] fp32 chunk was a fresh mapping every step, page faults included (13 ms per copy).
+LM_CHUNK_BYTES_CPU = 1 << 23
+
+
 def lm_chunk_tokens(vocab: int, budget_bytes: int = 1 << 28) -> int:
     """Tokens per chunk of the fused LM head + loss: a chunk's fp32 logits stay under the budget."""
     return max(16, budget_bytes // (4 * max(vocab, 1)))
+
+
+def device_lm_chunk(vocab: int, device_type: str) -> int:
+    """The default chunk: 256 MiB of fp32 logits on GPUs (only to bound memory), 8 MiB on CPUs."""
+    return lm_chunk_tokens(vocab, LM_CHUNK_BYTES_CPU if device_type == "cpu" else 1 << 28)
 
 
 def _chunk_ce_torch(logits_CV: torch.Tensor, labels_C: torch.Tensor, n_valid: torch.Tensor, ignore_index: int,
@@ -206,4 +217,5 @@ def linear_cross_entropy(h_TH: torch.Tensor, w_VH: torch.Tensor, labels_T: torch
                          ignore_index: int = -100, chunk: Optional[int] = None, chunk_ce=None) -> torch.Tensor:
     """The LM head and the mean cross-entropy without [T, V] fp32 logits (see _LinearCrossEntropy)."""
     return _LinearCrossEntropy.apply(h_TH, w_VH, labels_T, ignore_index,
-                                     chunk or lm_chunk_tokens(w_VH.shape[0]), chunk_ce or _chunk_ce_torch)
+                                     chunk or device_lm_chunk(w_VH.shape[0], h_TH.device.type),
+                                     chunk_ce or _chunk_ce_torch)

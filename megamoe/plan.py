@@ -242,19 +242,32 @@ def _activation_bytes(cfg: ModelConfig, s: Setup) -> tuple[float, float]:
     per_block = [block_saved_bytes(cfg, moe, s) for moe in kinds]
     a, H = _BYTES[s.dtype], cfg.hidden_size
     saved = tokens * (len(kinds) * H * a if s.recompute else sum(per_block))
+    saved += sum(kinds) * _cpu_expert_padding(cfg, s) * 2 * cfg.moe_intermediate_size * a
     saved += tokens * (3 * H * a + 4)                                     # the final norm
     saved += tokens * cfg.num_nextn_predict_layers * (11 * H * a + 12)   # MTP: 3 norms, the concat
     return saved, tokens * max(per_block) * (2 if s.recompute else 1)
+
+
+def _cpu_expert_padding(cfg: ModelConfig, s: Setup) -> float:
+    """Rows one MoE layer's saved [gate | up] gains on CPUs, where each expert's rows are padded
+    to a multiple of kernels.expert_row_block (dispatch.PaddedRows), at the mean row count: up to
+    the block below it, half a block on average above it. 0 on GPUs."""
+    from megamoe.kernels import CPU_EXPERT_ROW_BLOCK as B
+    if s.device != "cpu" or not cfg.is_moe:
+        return 0.0
+    local = cfg.n_routed_experts / s.ep
+    mean = s.micro_batch * s.seq_length * cfg.num_experts_per_tok / local   # this rank's pairs per local expert
+    return local * (B - mean if mean < B else (B - 1) / 2)
 
 
 def _loss_bytes(cfg: ModelConfig, s: Setup) -> tuple[float, float]:
     """(saved until backward: per head call the fp32 weight gradient and the hidden-state gradient;
     one chunk's logits while it is computed: in the model dtype, plus the fp32 log-sum-exp pass of
     the PyTorch path; the Triton kernel works in place)."""
-    from megamoe.kernels.reference import lm_chunk_tokens
+    from megamoe.kernels.reference import device_lm_chunk
     tokens, a, V, H = s.micro_batch * s.seq_length, _BYTES[s.dtype], cfg.vocab_size, cfg.hidden_size
     heads = 1 + cfg.num_nextn_predict_layers
-    chunk = min(tokens, lm_chunk_tokens(V))
+    chunk = min(tokens, device_lm_chunk(V, s.device))
     return heads * (4 * V * H + tokens * H * a), chunk * V * (a if s.device == "cuda" else a + 4)
 
 

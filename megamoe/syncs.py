@@ -126,6 +126,17 @@ class HostSyncCounter(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
+@contextlib.contextmanager
+def cpu_only():
+    """Around code that exists only on CPU runs, where a GPU run does something else without the
+    host (dispatch.PaddedRows: the CPU experts' row padding reads the counts): what it reads is
+    not counted, as a GPU run never reads it."""
+    with contextlib.ExitStack() as stack:
+        for counter in list(_active):
+            stack.enter_context(counter.paused())
+        yield
+
+
 def _site() -> str:
     frames = [f for f in traceback.extract_stack()[:-3]
               if ("megamoe" in f.filename or "deepspeed" in f.filename) and "syncs.py" not in f.filename]

@@ -16,12 +16,12 @@ Shapes: T tokens, K slots per token, N = T*K pairs, H hidden, I expert intermedi
 """
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
 
-from megamoe import kernels
+from megamoe import kernels, syncs
 
 
 def inverse_permutation(order: torch.Tensor) -> torch.Tensor:
@@ -30,12 +30,50 @@ def inverse_permutation(order: torch.Tensor) -> torch.Tensor:
     return inverse
 
 
+class PaddedRows(NamedTuple):
+    """Where each expert-ordered row goes when every expert's rows are padded to a multiple of
+    kernels.expert_row_block (CPUs: oneDNN then compiles few matmul shapes). Pad rows are zeros in
+    the input, so they stay zero through the SwiGLU and add nothing to the weight gradients."""
+    pos: torch.Tensor        # [used] padded row of each real row
+    counts_E: torch.Tensor   # padded row counts
+    offs_E: torch.Tensor     # their int32 cumulative sums, for torch._grouped_mm
+    rows: int                # padded rows in all
+
+    @classmethod
+    def of(cls, x_NH: torch.Tensor, w: torch.Tensor, counts_E: torch.Tensor) -> Optional["PaddedRows"]:
+        block = kernels.expert_row_block(x_NH, w)
+        if block == 1:
+            return None
+        counts_P = (counts_E + block - 1) // block * block
+        offs_P = counts_P.cumsum(0)
+        with syncs.cpu_only():           # host reads that only CPU runs make
+            used, rows = int(counts_E.sum()), int(offs_P[-1])
+            shift = torch.repeat_interleave(offs_P - counts_P - (counts_E.cumsum(0) - counts_E), counts_E,
+                                            output_size=used)
+        return cls(torch.arange(used, device=x_NH.device) + shift, counts_P, offs_P.to(torch.int32), rows)
+
+    def pad(self, x_NH: torch.Tensor) -> torch.Tensor:
+        # rows past the last expert's (AutoEP's alignment padding) are left out
+        return x_NH.new_zeros(self.rows, x_NH.shape[-1]).index_copy_(0, self.pos, x_NH[:self.pos.numel()])
+
+    def unpad(self, x_PH: torch.Tensor, rows: int) -> torch.Tensor:
+        out = x_PH.index_select(0, self.pos)      # differentiable: the dropping path runs it under autograd
+        if rows > out.shape[0]:                    # AutoEP's alignment rows come back as zeros
+            out = torch.cat([out, out.new_zeros(rows - out.shape[0], out.shape[1])])
+        return out
+
+
 def swiglu_experts(x_NH: torch.Tensor, gate_up_E2IH: torch.Tensor, down_EHI: torch.Tensor, counts_E: torch.Tensor,
                    offs_E: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(h_N2I = [gate | up], y_NH = down(silu(gate) * up)) for rows already in expert order."""
-    h_N2I = kernels.grouped_mm(x_NH, gate_up_E2IH, counts_E, offs_E)
+    """(h = [gate | up], y_NH = down(silu(gate) * up)) for rows already in expert order. `h` is
+    only for swiglu_experts_backward: on CPUs its rows are padded (PaddedRows)."""
+    padded = PaddedRows.of(x_NH, gate_up_E2IH, counts_E)
+    x = padded.pad(x_NH) if padded else x_NH
+    counts_E, offs_E = (padded.counts_E, padded.offs_E) if padded else (counts_E, offs_E)
+    h_N2I = kernels.grouped_mm(x, gate_up_E2IH, counts_E, offs_E)
     gate, up = h_N2I.chunk(2, dim=-1)
-    return h_N2I, kernels.grouped_mm(F.silu(gate) * up, down_EHI, counts_E, offs_E)
+    y = kernels.grouped_mm(F.silu(gate) * up, down_EHI, counts_E, offs_E)
+    return h_N2I, padded.unpad(y, x_NH.shape[0]) if padded else y
 
 
 class RoutedExperts(torch.autograd.Function):
@@ -102,6 +140,11 @@ def swiglu_experts_backward(dy_NH: torch.Tensor, h_N2I: torch.Tensor, x_NH: Call
     """(dx_NH, d_gate_up, d_down) of swiglu_experts from its saved [gate | up], each None unless
     `need` (input, gate_up, down) asks for it; `x_NH()` gives the expert-order input, rebuilt
     only when the gate/up weight gradient needs it."""
+    padded = PaddedRows.of(dy_NH, gate_up_E2IH, counts_E)
+    if padded:
+        rows, get_x = dy_NH.shape[0], x_NH
+        dy_NH, x_NH = padded.pad(dy_NH), lambda: padded.pad(get_x())
+        counts_E, offs_E = padded.counts_E, padded.offs_E
     gate, up = h_N2I.chunk(2, dim=-1)
     silu = F.silu(gate)
     d_down = kernels.grouped_mm_wgrad(dy_NH, silu * up, counts_E, offs_E) if need[2] else None
@@ -115,6 +158,8 @@ def swiglu_experts_backward(dy_NH: torch.Tensor, h_N2I: torch.Tensor, x_NH: Call
     del d_act, silu, d_gate, d_up
     d_gate_up = kernels.grouped_mm_wgrad(dh_N2I, x_NH(), counts_E, offs_E) if need[1] else None
     dx_NH = kernels.grouped_mm(dh_N2I, gate_up_E2IH.transpose(1, 2), counts_E, offs_E) if need[0] else None
+    if padded and dx_NH is not None:
+        dx_NH = padded.unpad(dx_NH, rows)
     return dx_NH, d_gate_up, d_down
 
 

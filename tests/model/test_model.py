@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from megamoe.config import ModelConfig
+from megamoe import kernels
 from megamoe.kernels import grouped_mm
 from megamoe.model.moe import MoE, sequence_balance_loss, set_aux_loss_scale
 
@@ -320,10 +321,14 @@ def test_max_logit_tracking_equals_explicit_attention_logits():
     assert torch.isinf(model.pop_max_logits()).all()   # reset by the pop
 
 
-def test_dropless_moe_layer_never_waits_on_the_device():
+def test_dropless_moe_layer_never_waits_on_the_device(monkeypatch):
     """Forward and backward of a dropless MoE layer issue none of the ops that read a device value
-    back to the host on a GPU (the router's counts are reused: no bincount)."""
+    back to the host on a GPU (the router's counts are reused: no bincount). The experts' row
+    padding is CPU-only (kernels.expert_row_block is 1 on GPUs) and reads counts: off here."""
     import collections
+
+    from megamoe import kernels
+    monkeypatch.setattr(kernels, "CPU_EXPERT_ROW_BLOCK", 1)
 
     from torch.utils._python_dispatch import TorchDispatchMode
     syncing = {"aten::_local_scalar_dense", "aten::nonzero", "aten::bincount", "aten::item", "aten::masked_select"}
@@ -543,8 +548,53 @@ def test_sorted_experts_keep_the_input_and_gate_up_only():
     N, H, I = x.shape[0], x.shape[1], w1.shape[1]
     ours = saved_activation_elements(lambda: SortedExperts.apply(x, w1, w2, w3, counts_E, offs_E))
     autograd = saved_activation_elements(lambda: _run_experts_grouped_mm(w1, w2, w3, x, counts_E))
-    assert ours == N * (H + 2 * I)
+    # on CPUs [gate | up] is kept with each expert's rows padded (dispatch.PaddedRows)
+    block = kernels.expert_row_block(x, w1)
+    padded_rows = int(((counts_E + block - 1) // block * block).sum())
+    assert ours == N * H + padded_rows * 2 * I
     assert autograd == N * (H + 4 * I)
+
+
+def test_cpu_experts_pad_each_experts_rows_to_the_block():
+    """On CPUs every grouped matmul sees row counts in multiples of kernels.expert_row_block (so
+    oneDNN compiles few shapes); pad rows are zeros in, dropped out, and AutoEP's alignment rows
+    past the last expert come back as zeros."""
+    from megamoe.model.dispatch import PaddedRows
+    (x, w1, _, _), counts_E, _, N = _sorted_experts_case(torch.float32)
+    block = kernels.expert_row_block(x, w1)
+    assert block == kernels.CPU_EXPERT_ROW_BLOCK > 1
+    padded = PaddedRows.of(x, w1, counts_E)
+    assert padded.counts_E.tolist() == [block, 0, block, block]
+    assert padded.offs_E.tolist() == [block, block, 2 * block, 3 * block] and padded.rows == 3 * block
+    x_P = padded.pad(x.detach())
+    kept = torch.zeros(padded.rows, dtype=torch.bool)
+    kept[padded.pos] = True
+    assert torch.equal(x_P[padded.pos], x.detach()[:N]) and not x_P[~kept].any()
+    back = padded.unpad(x_P, x.shape[0])
+    assert torch.equal(back[:N], x.detach()[:N]) and not back[N:].any()
+    assert PaddedRows.of(x.detach().double(), w1.detach().double(), counts_E) is None   # the float64 oracle's loop
+
+
+def test_padded_cpu_experts_equal_unpadded(monkeypatch):
+    """A small-moe-shaped MoE layer's output and gradients with the CPU row padding equal those
+    without it (fp32: the same products, only the matmuls' row blocking differs)."""
+    cfg = ModelConfig.load("small-moe")
+    torch.manual_seed(0)
+    layer = MoE(cfg)
+    for p in layer.parameters():
+        torch.nn.init.normal_(p, std=0.02)
+    x = torch.randn(2, 64, cfg.hidden_size, requires_grad=True)
+
+    def run():
+        layer.zero_grad(set_to_none=True)
+        x.grad = None
+        y = layer(x)
+        y.square().sum().backward()
+        return [y.detach(), x.grad] + [p.grad for p in layer.parameters()]
+    padded = run()
+    monkeypatch.setattr(kernels, "CPU_EXPERT_ROW_BLOCK", 1)
+    for a, b in zip(padded, run()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
 def test_combine_sums_in_fp32_and_returns_the_inputs_dtypes():

@@ -46,7 +46,7 @@ def test_the_counter_sees_what_stalls_a_gpu():
     """Each kind of op the budget counts is seen, and ordinary device work is not."""
     import torch
 
-    from megamoe.syncs import HostSyncCounter, to_host
+    from megamoe.syncs import HostSyncCounter, cpu_only, to_host
     x = torch.randn(8)
     with HostSyncCounter() as c:
         y = (x * 2).exp().sum()          # device work: no sync
@@ -62,3 +62,8 @@ def test_the_counter_sees_what_stalls_a_gpu():
     with HostSyncCounter() as c, c.paused():
         float(y)
     assert c.total == 0
+    with HostSyncCounter() as c:            # code that only CPU runs have (dispatch.PaddedRows)
+        with cpu_only():
+            float(y)
+        float(y)
+    assert c.total == 1
