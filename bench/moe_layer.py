@@ -4,7 +4,8 @@ Same sizes for all three (hidden H, E routed experts of intermediate I, top-k, o
 fp32, no token dropping (DeepSpeed: drop_tokens=False).
 Time: the three layers built in one process with the default allocator and timed round-robin,
 one step of each per round (the machine is shared and noisy: interleaving spreads the noise),
-median per layer; each layer's FLOP/s (the same analytic count for all: router, routed and shared
+each round on a new input (the same for all three: routing changes from step to step as in
+training), median per layer; each layer's FLOP/s (the same analytic count for all: router, routed and shared
 experts, forward and backward = 3x forward) as a fraction of the fp32 matmul peak measured in
 this process. Memory: a separate pass, each layer in its own subprocess so the peak is its own.
 "peak MB" is the tensor peak of a warm step, gradients included: torch.cuda.max_memory_allocated
@@ -121,8 +122,10 @@ def make_step(impl: str, a, device):
         layer.zero_grad(set_to_none=True)
         x.grad = None
 
-    def step():
+    def step(x_in=None):
         release()
+        if x_in is not None:    # a round's own input (time_interleaved): new routing, new row counts
+            x.data = x_in
         fwd(x).backward(grad)
         if device == "cuda":
             torch.cuda.synchronize()
@@ -182,11 +185,16 @@ def time_interleaved(a, impls) -> tuple[dict, float, str]:
     steps = {impl: make_step(impl, a, device) for impl in impls}
     for step in steps.values():   # warm-up
         step()
+    # every round a new input, the same for every layer: as in training, the routing and with it
+    # each expert's row count change from step to step (on CPUs a matmul of a new shape is
+    # compiled first: with one input throughout, that cost would never be seen)
+    gen = torch.Generator(device=device).manual_seed(1)
+    rounds = [torch.randn(a.tokens // a.seq, a.seq, a.hidden, device=device, generator=gen) for _ in range(a.steps)]
     times = {impl: [] for impl in impls}
-    for _ in range(a.steps):
+    for x in rounds:
         for impl, step in steps.items():
             t0 = time.perf_counter()
-            step()
+            step(x)
             times[impl].append(time.perf_counter() - t0)
     peak = measure_cpu_matmul_peak(torch.float32) if device == "cpu" else None
     return {k: 1000 * statistics.median(v) for k, v in times.items()}, peak, device

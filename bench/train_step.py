@@ -2,8 +2,9 @@
 """Training-step throughput and CPU MFU of megamoe's small-moe vs transformers' DeepseekV3ForCausalLM.
 
 Same weights (HF model built from megamoe's config, its state dict converted into megamoe's
-layout with megamoe.hf), same optimizer (torch's fused AdamW, lr 1e-4), same batch, same
-precision, one process. The precision is the one this CPU runs fast (BENCH_PRECISION=auto: bf16
+layout with megamoe.hf), same optimizer (torch's fused AdamW, lr 1e-4), the same batches (a new
+one at each step, as in training, so routing and every expert's row count change from step to
+step), same precision, one process. The precision is the one this CPU runs fast (BENCH_PRECISION=auto: bf16
 autocast over fp32 master weights where bf16 matmuls outrun fp32 ones, i.e. AMX; fp32 otherwise)
 and is printed. MFU = achieved model FLOP/s (megamoe.monitor's FLOPs per token: 6 x active
 non-embedding params + causal MLA attention) over the matmul peak at that precision measured in
@@ -43,34 +44,36 @@ def main() -> int:
     ours.load_state_dict(hf.from_hf_state_dict(hf_model.state_dict(), cfg), strict=True)
     opt_ours = torch.optim.AdamW(ours.parameters(), lr=1e-4, fused=True)
     opt_hf = torch.optim.AdamW(hf_model.parameters(), lr=1e-4, fused=True)
-    tokens = torch.randint(0, cfg.vocab_size, (BATCH, SEQ + 1), generator=torch.Generator().manual_seed(0))
-    x, y = tokens[:, :-1], tokens[:, 1:]
+    # a new batch at every step, the same sequence for both models: as in training, the routing,
+    # and with it every expert's row count, changes from step to step
+    gen = torch.Generator().manual_seed(0)
+    batches = [torch.randint(0, cfg.vocab_size, (BATCH, SEQ + 1), generator=gen) for _ in range(WARMUP + STEPS)]
 
-    def step_ours():
+    def step_ours(tokens):
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
-            loss = ours(x, labels=y).loss
+            loss = ours(tokens[:, :-1], labels=tokens[:, 1:]).loss
         loss.backward()
         opt_ours.step()
         opt_ours.zero_grad(set_to_none=True)
         return loss.item()
 
-    def step_hf():
+    def step_hf(tokens):
         # HF shifts labels itself: give it the unshifted sequence (SEQ+1 tokens -> SEQ predictions)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
-            loss = hf_model(input_ids=x, labels=tokens[:, :SEQ]).loss
+            loss = hf_model(input_ids=tokens[:, :SEQ], labels=tokens[:, :SEQ]).loss
         loss.backward()
         opt_hf.step()
         opt_hf.zero_grad(set_to_none=True)
         return loss.item()
 
-    first = (step_ours(), step_hf())
-    for _ in range(WARMUP - 1):
-        step_ours(), step_hf()
+    first = (step_ours(batches[0]), step_hf(batches[0]))
+    for i in range(1, WARMUP):
+        step_ours(batches[i]), step_hf(batches[i])
     times = {"megamoe": [], "transformers": []}
-    for _ in range(STEPS):
+    for i in range(WARMUP, WARMUP + STEPS):
         for name, fn in (("megamoe", step_ours), ("transformers", step_hf)):
             t0 = time.perf_counter()
-            fn()
+            fn(batches[i])
             times[name].append(time.perf_counter() - t0)
     peak = measure_cpu_matmul_peak(dtype)
     fpt = flops_per_token(cfg, SEQ)["total"]

@@ -11,8 +11,8 @@ MEGAMOE_KERNELS=auto|triton|reference chooses for every op; `set_backend()` does
 Attention has its own switch (flash | sdpa | eager), see kernels/attention.py. The experts' grouped
 matmul (`grouped_mm`, and `grouped_mm_wgrad` for its weight gradient) is torch._grouped_mm where
 torch supports the shapes and dtype, else one matmul per expert (kernels/reference.py);
-MEGAMOE_KERNELS=reference forces the loop. On CPUs the experts' rows are padded to multiples of
-`expert_row_block` first, so that oneDNN compiles few matmul shapes.
+MEGAMOE_KERNELS=reference forces the loop. On CPUs, in bf16, the experts' rows are padded to
+multiples of `expert_row_block` first, so that oneDNN compiles few matmul shapes.
 
 Kernel modules (each: Triton kernels, a launch-config function, a torch.autograd.Function):
   kernels/rmsnorm.py  rms_norm     any width, fp32 statistics, dx and dweight
@@ -150,14 +150,16 @@ CPU_EXPERT_ROW_BLOCK = 32
 def expert_row_block(x: torch.Tensor, w: torch.Tensor) -> int:
     """The multiple each expert's row count is padded to before the grouped matmuls (1: none).
 
-    32 on CPUs where torch._grouped_mm runs: its CPU path is a loop of per-expert matmuls, and
-    oneDNN JIT-compiles a matmul for every new row count (about 2 ms for a bf16 one on AMX, 0.25 ms
-    for fp32, against 0.07 ms to run it). Routing gives every expert a new count at every step, and
-    the shapes outgrow oneDNN's primitive cache (1024): measured on small-moe at the demo's lr, the
-    grouped matmuls took 0.2 to 0.9 s of a 0.5 to 1.3 s step, rising as routing skews. Multiples of
-    32 leave 64 row counts per matmul up to 2048 rows, compiled once. GPUs (a real grouped GEMM) and
-    the reference loop (float64 oracles) pad nothing."""
-    if x.device.type != "cpu" or backend() == "reference" or not grouped_mm_supported(x, w):
+    32 for bf16/fp16 on CPUs where torch._grouped_mm runs: its CPU path is a loop of per-expert
+    matmuls, and oneDNN compiles a matmul for every new row count, about 2 ms for a bf16 one on AMX
+    against 0.07 ms to run it. Routing gives every expert a new count at every step, and the
+    shapes outgrow oneDNN's primitive cache (1024): on small-moe at the demo's lr, the grouped
+    matmuls took 0.2-0.9 s of a 0.5-1.3 s step, rising as routing skewed. Multiples of 32 leave 64
+    row counts per matmul up to 2,048 rows, compiled once. fp32 (a new shape: 0.25 ms) runs faster
+    unpadded (bench/moe_layer.py: the copies into and out of the padded rows cost more); GPUs (a
+    real grouped GEMM) and the reference loop (float64 oracles) pad nothing."""
+    if (x.device.type != "cpu" or x.dtype not in (torch.bfloat16, torch.float16) or backend() == "reference"
+            or not grouped_mm_supported(x, w)):
         return 1
     return max(1, CPU_EXPERT_ROW_BLOCK)
 

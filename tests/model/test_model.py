@@ -556,34 +556,39 @@ def test_sorted_experts_keep_the_input_and_gate_up_only():
 
 
 def test_cpu_experts_pad_each_experts_rows_to_the_block():
-    """On CPUs every grouped matmul sees row counts in multiples of kernels.expert_row_block (so
-    oneDNN compiles few shapes); pad rows are zeros in, dropped out, and AutoEP's alignment rows
-    past the last expert come back as zeros."""
+    """On CPUs in bf16 every grouped matmul sees row counts in multiples of
+    kernels.expert_row_block (so oneDNN compiles few shapes); pad rows are zeros in, dropped out,
+    and AutoEP's alignment rows past the last expert come back as zeros."""
     from megamoe.model.dispatch import PaddedRows
-    (x, w1, _, _), counts_E, _, N = _sorted_experts_case(torch.float32)
+    N, counts_E = 11, torch.tensor([4, 0, 5, 2])
+    x = torch.cat([torch.randn(N, 16), torch.zeros(3, 16)]).bfloat16()   # 3 alignment rows
+    w1 = torch.randn(4, 8, 16).bfloat16()       # widths torch._grouped_mm takes in bf16 (16 bytes)
     block = kernels.expert_row_block(x, w1)
     assert block == kernels.CPU_EXPERT_ROW_BLOCK > 1
     padded = PaddedRows.of(x, w1, counts_E)
     assert padded.counts_E.tolist() == [block, 0, block, block]
     assert padded.offs_E.tolist() == [block, block, 2 * block, 3 * block] and padded.rows == 3 * block
-    x_P = padded.pad(x.detach())
+    x_P = padded.pad(x)
     kept = torch.zeros(padded.rows, dtype=torch.bool)
     kept[padded.pos] = True
-    assert torch.equal(x_P[padded.pos], x.detach()[:N]) and not x_P[~kept].any()
+    assert torch.equal(x_P[padded.pos], x[:N]) and not x_P[~kept].any()
     back = padded.unpad(x_P, x.shape[0])
-    assert torch.equal(back[:N], x.detach()[:N]) and not back[N:].any()
-    assert PaddedRows.of(x.detach().double(), w1.detach().double(), counts_E) is None   # the float64 oracle's loop
+    assert torch.equal(back[:N], x[:N]) and not back[N:].any()
+    for dtype in (torch.float32, torch.float64):    # fp32 runs faster unpadded; float64 is the oracle's loop
+        assert PaddedRows.of(x.to(dtype), w1.to(dtype), counts_E) is None
 
 
 def test_padded_cpu_experts_equal_unpadded(monkeypatch):
-    """A small-moe-shaped MoE layer's output and gradients with the CPU row padding equal those
-    without it (fp32: the same products, only the matmuls' row blocking differs)."""
+    """A small-moe-shaped bf16 MoE layer's output and gradients with the CPU row padding equal
+    those without it (the same products; only the matmuls' row blocking differs, within bf16's
+    rounding)."""
     cfg = ModelConfig.load("small-moe")
     torch.manual_seed(0)
     layer = MoE(cfg)
     for p in layer.parameters():
         torch.nn.init.normal_(p, std=0.02)
-    x = torch.randn(2, 64, cfg.hidden_size, requires_grad=True)
+    layer.bfloat16()
+    x = torch.randn(2, 64, cfg.hidden_size, dtype=torch.bfloat16, requires_grad=True)
 
     def run():
         layer.zero_grad(set_to_none=True)
@@ -591,10 +596,11 @@ def test_padded_cpu_experts_equal_unpadded(monkeypatch):
         y = layer(x)
         y.square().sum().backward()
         return [y.detach(), x.grad] + [p.grad for p in layer.parameters()]
+    assert kernels.expert_row_block(x, layer.experts.gate_up_proj) > 1
     padded = run()
     monkeypatch.setattr(kernels, "CPU_EXPERT_ROW_BLOCK", 1)
     for a, b in zip(padded, run()):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(a, b)
 
 
 def test_combine_sums_in_fp32_and_returns_the_inputs_dtypes():
