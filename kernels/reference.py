@@ -139,7 +139,10 @@ def grouped_mm_wgrad(dy_TN: torch.Tensor, x_TK: torch.Tensor, counts_E: torch.Te
 # A chunk's fp32 logits on CPUs: 8 MiB (256 tokens at the demo's vocabulary) stays in cache and
 # below glibc's mmap threshold (32 MiB at most), so the chunk's temporaries reuse heap memory; one
 # [1024, 8192] fp32 chunk was a fresh mapping every step, page faults included (13 ms per copy).
-LM_CHUNK_BYTES_CPU = 1 << 23
+# Only where that holds 256 tokens or more (vocabularies up to 8,192): each chunk reads the whole
+# [V, H] head again, and at 129,280 (256 MiB chunks of 519 tokens, as on GPUs) 256-token chunks
+# were 15-20% slower (one thread, fp32, 4,096 tokens, H 256).
+LM_CHUNK_BYTES_CPU, LM_CHUNK_MIN_TOKENS_CPU = 1 << 23, 256
 
 
 def lm_chunk_tokens(vocab: int, budget_bytes: int = 1 << 28) -> int:
@@ -148,8 +151,10 @@ def lm_chunk_tokens(vocab: int, budget_bytes: int = 1 << 28) -> int:
 
 
 def device_lm_chunk(vocab: int, device_type: str) -> int:
-    """The default chunk: 256 MiB of fp32 logits on GPUs (only to bound memory), 8 MiB on CPUs."""
-    return lm_chunk_tokens(vocab, LM_CHUNK_BYTES_CPU if device_type == "cpu" else 1 << 28)
+    """The default chunk: 256 MiB of fp32 logits (only to bound memory), or on CPUs 8 MiB where
+    that still holds LM_CHUNK_MIN_TOKENS_CPU tokens."""
+    small = lm_chunk_tokens(vocab, LM_CHUNK_BYTES_CPU)
+    return small if device_type == "cpu" and small >= LM_CHUNK_MIN_TOKENS_CPU else lm_chunk_tokens(vocab)
 
 
 def _chunk_ce_torch(logits_CV: torch.Tensor, labels_C: torch.Tensor, n_valid: torch.Tensor, ignore_index: int,
