@@ -473,7 +473,16 @@ def test_lm_chunk_is_the_largest_under_the_budget_and_sized_by_the_vocab(monkeyp
     seen = []
     monkeypatch.setattr(reference, "lm_chunk_tokens", lambda v, budget_bytes=1 << 28: seen.append(v) or 16)
     reference.linear_cross_entropy(torch.randn(5, 8), torch.randn(40, 8), torch.randint(0, 40, (5,)))
-    assert seen == [40]                                          # the vocab, not the hidden size
+    assert seen and set(seen) == {40}                            # the vocab, not the hidden size
+
+
+def test_cpu_lm_chunks_are_cache_sized_where_they_hold_256_tokens():
+    """On CPUs 8 MiB of fp32 logits per chunk when that is at least 256 tokens, else the GPU's
+    256 MiB chunk (each chunk reads the whole head again)."""
+    chunk = reference.device_lm_chunk
+    assert (chunk(8192, "cpu"), chunk(8192, "cuda")) == (256, 8192)
+    assert chunk(512, "cpu") == 4096 and chunk(129280, "cpu") == chunk(129280, "cuda") == 519
+    assert chunk(32000, "cpu") == chunk(32000, "cuda")
 
 
 def test_linear_cross_entropy_with_one_input_frozen_and_far_apart_rows():
