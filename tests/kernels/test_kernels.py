@@ -474,6 +474,10 @@ def test_lm_chunk_is_the_largest_under_the_budget_and_sized_by_the_vocab(monkeyp
     monkeypatch.setattr(reference, "lm_chunk_tokens", lambda v, budget_bytes=1 << 28: seen.append(v) or 16)
     reference.linear_cross_entropy(torch.randn(5, 8), torch.randn(40, 8), torch.randint(0, 40, (5,)))
     assert seen and set(seen) == {40}                            # the vocab, not the hidden size
+    used = []
+    monkeypatch.setattr(reference, "device_lm_chunk", lambda v, device: used.append((v, device)) or 16)
+    reference.linear_cross_entropy(torch.randn(5, 8), torch.randn(40, 8), torch.randint(0, 40, (5,)))
+    assert used == [(40, "cpu")]                                 # and the hidden states' device
 
 
 def test_cpu_lm_chunks_are_cache_sized_where_they_hold_256_tokens():

@@ -557,22 +557,48 @@ def test_cpu_experts_pad_each_experts_rows_to_the_block():
     kernels.expert_row_block (so oneDNN compiles few shapes); pad rows are zeros in, dropped out,
     and AutoEP's alignment rows past the last expert come back as zeros."""
     from megamoe.model.dispatch import PaddedRows
-    N, counts_E = 11, torch.tensor([4, 0, 5, 2])
+    counts_E = torch.tensor([4, 0, 1, 33, 2])
+    N = int(counts_E.sum())
     x = torch.cat([torch.randn(N, 16), torch.zeros(3, 16)]).bfloat16()   # 3 alignment rows
-    w1 = torch.randn(4, 8, 16).bfloat16()       # widths torch._grouped_mm takes in bf16 (16 bytes)
+    w1 = torch.randn(5, 8, 16).bfloat16()       # widths torch._grouped_mm takes in bf16 (16 bytes)
     block = kernels.expert_row_block(x, w1)
-    assert block == kernels.CPU_EXPERT_ROW_BLOCK > 1
+    assert block == kernels.CPU_EXPERT_ROW_BLOCK == 32
     padded = PaddedRows.of(x, w1, counts_E)
-    assert padded.counts_E.tolist() == [block, 0, block, block]
-    assert padded.offs_E.tolist() == [block, block, 2 * block, 3 * block] and padded.rows == 3 * block
+    assert padded.counts_E.tolist() == [32, 0, 32, 64, 32]
+    assert padded.offs_E.tolist() == [32, 32, 64, 128, 160] and padded.rows == 160
     x_P = padded.pad(x)
     kept = torch.zeros(padded.rows, dtype=torch.bool)
     kept[padded.pos] = True
     assert torch.equal(x_P[padded.pos], x[:N]) and not x_P[~kept].any()
     back = padded.unpad(x_P, x.shape[0])
-    assert torch.equal(back[:N], x[:N]) and not back[N:].any()
+    assert back.shape == x.shape and torch.equal(back[:N], x[:N]) and not back[N:].any()
     for dtype in (torch.float32, torch.float64):    # fp32 runs faster unpadded; float64 is the oracle's loop
         assert PaddedRows.of(x.to(dtype), w1.to(dtype), counts_E) is None
+
+
+def test_padded_sorted_experts_equal_unpadded(monkeypatch):
+    """AutoEP's layout in bf16 (an idle expert, alignment rows past the last expert's): with the CPU
+    row padding the output and every gradient equal those without it, in the input's shape."""
+    from megamoe.model.dispatch import SortedExperts
+    counts_E = torch.tensor([5, 0, 33, 2])
+    n, H, I = int(counts_E.sum()), 16, 8
+    torch.manual_seed(0)
+    x = torch.cat([torch.randn(n, H), torch.zeros(3, H)]).bfloat16()
+    w1, w3, w2 = (torch.randn(4, I, H) / 3).bfloat16(), (torch.randn(4, I, H) / 3).bfloat16(), (torch.randn(4, H, I) / 2).bfloat16()
+    g = torch.randn(x.shape).bfloat16()
+
+    def run():
+        ins = [t.clone().requires_grad_() for t in (x, w1, w2, w3)]
+        y = SortedExperts.apply(*ins, counts_E, counts_E.cumsum(0).to(torch.int32))
+        y.backward(g)
+        return [y[:n].detach()] + [t.grad for t in ins]
+    assert kernels.expert_row_block(x, w1) > 1
+    padded = run()
+    monkeypatch.setattr(kernels, "CPU_EXPERT_ROW_BLOCK", 1)
+    unpadded = run()
+    assert padded[1].shape == x.shape
+    for a, b in zip(padded, unpadded):
+        torch.testing.assert_close(a, b)
 
 
 def test_padded_cpu_experts_equal_unpadded(monkeypatch):
