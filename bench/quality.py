@@ -195,6 +195,42 @@ def eval_texts(data: dict, extra: list[str] = ()) -> dict[str, Path]:
 # ----------------------------------------------------------------------------------------------
 # runs
 # ----------------------------------------------------------------------------------------------
+def provenance() -> str:
+    """What made a run: the code's git revision ("+changes" if megamoe/ or kernels/ differ from it),
+    the device and torch. Not part of a run's key (a README edit must not retrain a sweep), but a
+    change of code, device or library changes a run's last bits and so its trajectory: a seed's loss
+    moved by up to 0.08 nats after one such change, so the summary says when its runs mix them."""
+    import platform
+
+    import torch
+
+    def git(*args: str) -> str:
+        try:
+            return subprocess.run(["git", "-C", str(ROOT), *args], capture_output=True, text=True,
+                                  timeout=30).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            return ""
+    rev = git("rev-parse", "--short=10", "HEAD") or "unknown revision"
+    if git("status", "--porcelain", "--", "megamoe", "kernels", "bench/quality.py"):
+        rev += "+changes"
+    if torch.cuda.is_available() and os.environ.get("DS_ACCELERATOR", "cuda") != "cpu":
+        device = torch.cuda.get_device_name()
+    else:
+        device = cpu_model() or platform.processor() or "cpu"
+    return f"{rev} on {device}, torch {torch.__version__}"
+
+
+def cpu_model() -> str:
+    """The CPU's model name from /proc/cpuinfo ("" where there is none)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.partition(":")[2].strip()
+    except OSError:
+        pass
+    return ""
+
+
 def pick_precision(choice: str) -> str:
     """auto: bf16 on a GPU; on a CPU whichever matmul is faster here (bf16 needs AMX)."""
     import torch
@@ -339,7 +375,17 @@ def summary(rows: list[dict], baseline: str) -> str:
     note = ("\nLosses in nats per token on the first "
             f"{EVAL_TOKENS:,} tokens of each text; gap = baseline loss - config loss (positive: the config is better), "
             "per seed, then mean ± standard deviation over seeds.\n")
-    return head + body + agg + note
+    return head + body + agg + note + made_by(rows)
+
+
+def made_by(rows: list[dict]) -> str:
+    """Which code, device and torch trained the runs; every run's own when they differ, since a run
+    of other code or hardware is another draw of its seed, not the same run."""
+    makers = {r["run"]: r.get("made_by", "not recorded (an older run)") for r in rows}
+    if len(set(makers.values())) == 1:
+        return f"\nTrained by {next(iter(makers.values()))}.\n"
+    return ("\n**The runs mix code, devices or torch versions**, so a seed is not the same draw in every run "
+            "(use a fresh --out to compare like with like):\n" + "".join(f"- {run}: {m}\n" for run, m in makers.items()))
 
 
 def finished_result(run_dir: Path) -> dict:
@@ -400,7 +446,7 @@ def run_one(s: Spec, seed: int, iters: int, data: dict, run_dir: Path, extra: li
         curve = read_curve(run_dir / "tensorboard", fpt)
         row = dict(run=run_dir.name, config=s.name, seed=seed, iters=iters, tokens=iters * tokens_per_iter(),
                    flops=iters * tokens_per_iter() * fpt, seconds=curve.seconds[-1], wall=wall,
-                   val_loss=curve.val_loss[-1])
+                   val_loss=curve.val_loss[-1], made_by=provenance())
     row["evals"] = {name: list(evaluate(run_dir / "checkpoints", path)) for name, path in data["evals"].items()}
     atomic_write_text(done, json.dumps({"key": key, "texts": texts, "row": row}, indent=1))
     return row, read_curve(run_dir / "tensorboard", fpt)
