@@ -158,8 +158,13 @@ def expert_row_block(x: torch.Tensor, w: torch.Tensor) -> int:
     row counts per matmul up to 2,048 rows, compiled once. fp32 (a new shape: 0.25 ms) runs faster
     unpadded (bench/moe_layer.py: the copies into and out of the padded rows cost more); GPUs (a
     real grouped GEMM) and the reference loop (float64 oracles) pad nothing."""
-    if (x.device.type != "cpu" or x.dtype not in (torch.bfloat16, torch.float16) or backend() == "reference"
-            or not grouped_mm_supported(x, w)):
+    return row_block(x.device.type, x.dtype) if grouped_mm_supported(x, w) else 1
+
+
+def row_block(device_type: str, dtype: torch.dtype) -> int:
+    """expert_row_block's rule by device and dtype alone, for where there are no tensors yet (the
+    memory planner): CPU_EXPERT_ROW_BLOCK for bf16/fp16 on CPUs unless the reference backend runs."""
+    if device_type != "cpu" or dtype not in (torch.bfloat16, torch.float16) or backend() == "reference":
         return 1
     return max(1, CPU_EXPERT_ROW_BLOCK)
 

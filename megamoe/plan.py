@@ -252,8 +252,11 @@ def _cpu_expert_padding(cfg: ModelConfig, s: Setup) -> float:
     """Rows one MoE layer's saved [gate | up] gains on CPUs in bf16, where each expert's rows are
     padded to a multiple of kernels.expert_row_block (dispatch.PaddedRows), at the mean row count:
     up to the block below it, half a block on average above it. 0 on GPUs and in fp32."""
-    from megamoe.kernels import CPU_EXPERT_ROW_BLOCK as B
-    if s.device != "cpu" or s.dtype == "fp32" or not cfg.is_moe:
+    import torch
+
+    from megamoe.kernels import row_block
+    B = row_block(s.device, {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[s.dtype])
+    if B == 1 or not cfg.is_moe:
         return 0.0
     local = cfg.n_routed_experts / s.ep
     mean = s.micro_batch * s.seq_length * cfg.num_experts_per_tok / local   # this rank's pairs per local expert

@@ -574,6 +574,9 @@ def test_cpu_experts_pad_each_experts_rows_to_the_block():
     assert back.shape == x.shape and torch.equal(back[:N], x[:N]) and not back[N:].any()
     for dtype in (torch.float32, torch.float64):    # fp32 runs faster unpadded; float64 is the oracle's loop
         assert PaddedRows.of(x.to(dtype), w1.to(dtype), counts_E) is None
+    # the rule by device and dtype alone (the memory planner's): CPUs in bf16/fp16 only
+    assert kernels.row_block("cpu", torch.float16) == kernels.row_block("cpu", torch.bfloat16) == 32
+    assert kernels.row_block("cuda", torch.bfloat16) == kernels.row_block("cpu", torch.float32) == 1
 
 
 def test_padded_sorted_experts_equal_unpadded(monkeypatch):
