@@ -229,8 +229,10 @@ def main():
         mem[impl] = json.loads(proc.stdout.strip().splitlines()[-1])
     ms, peak, device = time_interleaved(a, [i for i in IMPLS if i in mem])
     flops = layer_flops(a)
+    from megamoe.monitor import device_name
     print(f"MoE layer fwd+bwd: {a.tokens} tokens, H={a.hidden}, E={a.experts} x I={a.inter}, top-{a.top_k}, "
-          f"1 shared expert, fp32, no token dropping, {a.threads} thread(s), device={device}; {a.steps} rounds "
+          f"1 shared expert, fp32, no token dropping, {a.threads} thread(s), device={device} ({device_name()}); "
+          f"{a.steps} rounds "
           f"interleaved; {flops / 1e9:.2f} GFLOP/step" + (f"; fp32 matmul peak {peak / 1e9:.1f} GFLOP/s "
                                                          "measured in this run" if peak else ""))
     print(f"{'impl':14s} {'ms/step':>9s} {'of peak':>8s} {'peak MB':>9s} {'RSS MB':>8s} {'time vs megamoe':>16s} "

@@ -195,40 +195,28 @@ def eval_texts(data: dict, extra: list[str] = ()) -> dict[str, Path]:
 # ----------------------------------------------------------------------------------------------
 # runs
 # ----------------------------------------------------------------------------------------------
-def provenance() -> str:
-    """What made a run: the code's git revision ("+changes" if megamoe/ or kernels/ differ from it),
-    the device and torch. Not part of a run's key (a README edit must not retrain a sweep), but a
-    change of code, device or library changes a run's last bits and so its trajectory: a seed's loss
-    moved by up to 0.08 nats after one such change, so the summary says when its runs mix them."""
-    import platform
-
+def provenance() -> dict:
+    """What trains a run: a digest of the package's sources (megamoe/ and kernels/), the device and
+    torch, and the git revision to find that code by. Not part of a run's key (an edit that changes
+    no result must not retrain a sweep), but any change of code, device or library changes a run's
+    last bits and so its trajectory: a seed's loss moved by up to 0.08 nats after one, so the
+    summary says when a comparison's runs mix them."""
     import torch
 
-    def git(*args: str) -> str:
-        try:
-            return subprocess.run(["git", "-C", str(ROOT), *args], capture_output=True, text=True,
-                                  timeout=30).stdout.strip()
-        except (OSError, subprocess.SubprocessError):
-            return ""
-    rev = git("rev-parse", "--short=10", "HEAD") or "unknown revision"
-    if git("status", "--porcelain", "--", "megamoe", "kernels", "bench/quality.py"):
-        rev += "+changes"
-    if torch.cuda.is_available() and os.environ.get("DS_ACCELERATOR", "cuda") != "cpu":
-        device = torch.cuda.get_device_name()
-    else:
-        device = cpu_model() or platform.processor() or "cpu"
-    return f"{rev} on {device}, torch {torch.__version__}"
-
-
-def cpu_model() -> str:
-    """The CPU's model name from /proc/cpuinfo ("" where there is none)."""
+    from megamoe.monitor import device_name
+    h = hashlib.sha256()
+    for top in ("megamoe", "kernels"):
+        for d, dirs, files in sorted(os.walk(ROOT / top)):      # megamoe/kernels, a link, is kernels/
+            dirs.sort()
+            for f in sorted(f for f in files if f.endswith(".py")):
+                path = Path(d) / f
+                h.update(str(path.relative_to(ROOT)).encode() + b"\0" + path.read_bytes())
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.partition(":")[2].strip()
-    except OSError:
-        pass
-    return ""
+        rev = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short=10", "HEAD"], capture_output=True,
+                             text=True, timeout=30).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        rev = ""
+    return {"code": h.hexdigest()[:12], "git": rev or "unknown", "device": device_name(), "torch": torch.__version__}
 
 
 def pick_precision(choice: str) -> str:
@@ -381,11 +369,18 @@ def summary(rows: list[dict], baseline: str) -> str:
 def made_by(rows: list[dict]) -> str:
     """Which code, device and torch trained the runs; every run's own when they differ, since a run
     of other code or hardware is another draw of its seed, not the same run."""
-    makers = {r["run"]: r.get("made_by", "not recorded (an older run)") for r in rows}
-    if len(set(makers.values())) == 1:
-        return f"\nTrained by {next(iter(makers.values()))}.\n"
+    def says(m) -> str:
+        if not isinstance(m, dict):
+            return str(m) if m else "not recorded (an older run)"
+        return f"megamoe sources {m['code']} (git {m['git']}) on {m['device']}, torch {m['torch']}"
+
+    def same(m) -> tuple:      # the git revision moves with any commit; the sources' digest does not
+        return (m["code"], m["device"], m["torch"]) if isinstance(m, dict) else (m,)
+    makers = {r["run"]: r.get("made_by") for r in rows}
+    if len({same(m) for m in makers.values()}) == 1:
+        return f"\nTrained by {says(next(iter(makers.values())))}.\n"
     return ("\n**The runs mix code, devices or torch versions**, so a seed is not the same draw in every run "
-            "(use a fresh --out to compare like with like):\n" + "".join(f"- {run}: {m}\n" for run, m in makers.items()))
+            "(a fresh --out compares like with like):\n" + "".join(f"- {run}: {says(m)}\n" for run, m in makers.items()))
 
 
 def finished_result(run_dir: Path) -> dict:
@@ -442,11 +437,12 @@ def run_one(s: Spec, seed: int, iters: int, data: dict, run_dir: Path, extra: li
         print(f"reuse {run_dir} (evaluated again: the evaluation texts changed)", flush=True)
     else:
         print(f"train {run_dir.name}: {iters} iterations", flush=True)
+        made = provenance()         # before training: the code that trains it, not the code at its end
         wall = train(s, seed, iters, data, run_dir, extra)
         curve = read_curve(run_dir / "tensorboard", fpt)
         row = dict(run=run_dir.name, config=s.name, seed=seed, iters=iters, tokens=iters * tokens_per_iter(),
                    flops=iters * tokens_per_iter() * fpt, seconds=curve.seconds[-1], wall=wall,
-                   val_loss=curve.val_loss[-1], made_by=provenance())
+                   val_loss=curve.val_loss[-1], made_by=made)
     row["evals"] = {name: list(evaluate(run_dir / "checkpoints", path)) for name, path in data["evals"].items()}
     atomic_write_text(done, json.dumps({"key": key, "texts": texts, "row": row}, indent=1))
     return row, read_curve(run_dir / "tensorboard", fpt)

@@ -26,7 +26,8 @@ import torch  # noqa: E402
 
 from megamoe import hf  # noqa: E402
 from megamoe.config import ModelConfig  # noqa: E402
-from megamoe.monitor import faster_cpu_precision, flops_per_token, measure_cpu_matmul_peak, mfu  # noqa: E402
+from megamoe.monitor import (device_name, faster_cpu_precision, flops_per_token,  # noqa: E402
+                             measure_cpu_matmul_peak, mfu)
 
 BATCH, SEQ, WARMUP, STEPS = int(os.environ.get("BENCH_BATCH", 2)), 256, 1, int(os.environ.get("BENCH_STEPS", 10))
 
@@ -79,7 +80,7 @@ def main() -> int:
     fpt = flops_per_token(cfg, SEQ)["total"]
     print(f"small-moe training step, batch {BATCH} x seq {SEQ}, "
           f"{'bf16 autocast' if precision == 'bf16' else 'fp32'}, fused AdamW, {torch.get_num_threads()} "
-          f"thread(s); first-step loss megamoe {first[0]:.4f} / transformers {first[1]:.4f} (same weights)")
+          f"thread(s) of an {device_name()}; first-step loss megamoe {first[0]:.4f} / transformers {first[1]:.4f} (same weights)")
     print(f"model FLOPs/token {fpt / 1e6:.2f} M; measured {precision} matmul peak {peak / 1e9:.1f} GFLOP/s")
     res = {}
     for name, ts in times.items():

@@ -17,9 +17,11 @@ a torch.matmul timing in this process at the training dtype (said so in the log)
 from __future__ import annotations
 
 import os
+import platform
 import resource
 import time
 import warnings
+from pathlib import Path
 from typing import Optional
 
 import torch
@@ -68,11 +70,26 @@ def measure_cpu_matmul_peak(dtype=torch.bfloat16, n: int = 1024, seconds: float 
 
 
 def faster_cpu_precision() -> str:
-    """"bf16" where this CPU's bf16 matmul outruns fp32 (AMX), else "fp32": without AMX, bf16
-    matmuls run a hundred times slower, and a bf16 demo that takes minutes would take hours."""
+    """"bf16" where this CPU's bf16 matmul outruns fp32 (AMX, or AVX512-BF16: 4.5x fp32 on a Zen 5
+    EPYC), else "fp32": without either, bf16 matmuls run a hundred times slower, and a bf16 demo
+    that takes minutes would take hours."""
     bf16 = measure_cpu_matmul_peak(torch.bfloat16, 512, 0.2)
     fp32 = measure_cpu_matmul_peak(torch.float32, 512, 0.2)
     return "bf16" if bf16 > fp32 else "fp32"
+
+
+def device_name() -> str:
+    """The GPU's name, or the CPU's model from /proc/cpuinfo: what a timing was measured on (the
+    same code's CPU timings differ by more than its changes do from one host to another)."""
+    if torch.cuda.is_available() and os.environ.get("DS_ACCELERATOR", "cuda") != "cpu":
+        return torch.cuda.get_device_name()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.partition(":")[2].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "CPU"
 
 
 def device_peak_flops(dtype=torch.bfloat16) -> tuple[Optional[float], str]:

@@ -87,15 +87,17 @@ def test_summary_reports_gaps_per_seed():
     assert "0.1600 ± 0.0566 (min 0.1200)" in moe_row[8]
     assert all(len(line.split("|")) == len(moe_row) for line in table.splitlines()
                if line.startswith("| moe") and "-s" not in line)
-    # one maker is named once; runs of other code or hardware are named run by run
-    for r in rows:
-        r["made_by"] = "abc on CPU X, torch 2.13.0"
-    assert quality.summary(rows, "dense").endswith("\nTrained by abc on CPU X, torch 2.13.0.\n")
-    rows[1]["made_by"] = "def on GPU Y, torch 2.13.0"
+    # one maker is named once (its git revision may differ: the sources' digest decides);
+    # runs of other sources, hardware or torch are named run by run
+    for i, r in enumerate(rows):
+        r["made_by"] = {"code": "c0de", "git": f"rev{i}", "device": "CPU X", "torch": "2.13.0"}
+    assert quality.summary(rows, "dense").endswith("\nTrained by megamoe sources c0de (git rev0) on CPU X, torch 2.13.0.\n")
+    rows[1]["made_by"] = dict(rows[1]["made_by"], device="GPU Y")
     del rows[2]["made_by"]
     table = quality.summary(rows, "dense")
     assert "The runs mix code, devices or torch versions" in table and "Trained by" not in table
-    assert "- dense-s1: def on GPU Y, torch 2.13.0\n" in table and "- moe-s1: abc on CPU X" in table
+    assert "- dense-s1: megamoe sources c0de (git rev1) on GPU Y, torch 2.13.0\n" in table
+    assert "- moe-s1: megamoe sources c0de (git rev0) on CPU X" in table
     assert "- moe-s2: not recorded (an older run)\n" in table
 
 
@@ -160,7 +162,15 @@ def test_a_finished_run_is_reused_and_evaluated_again_on_new_texts(tmp_path, mon
     spec = quality.parse_spec("small-dense")
     row, _ = quality.run_one(spec, 1, 1, data, tmp_path / "run", [])
     assert calls == [("train", "small-dense"), ("evaluate", "plays"), ("evaluate", "Ruth 1 in paragraphs")]
-    assert row["made_by"] == quality.provenance() and f"torch {torch.__version__}" in row["made_by"]
+    made = quality.provenance()
+    assert row["made_by"] == made and made["torch"] == torch.__version__ and len(made["code"]) == 12
+    with monkeypatch.context() as m:        # the digest follows the sources' content
+        m.setattr(quality, "ROOT", tmp_path / "ROOT")
+        (tmp_path / "ROOT" / "megamoe").mkdir(parents=True)
+        (tmp_path / "ROOT" / "megamoe" / "a.py").write_text("x = 1")
+        first = quality.provenance()["code"]
+        (tmp_path / "ROOT" / "megamoe" / "a.py").write_text("x = 2")
+        assert quality.provenance()["code"] != first
     calls.clear()
     assert quality.run_one(spec, 1, 1, data, tmp_path / "run", [])[0] == row and calls == []
     data["kjv"].write_text("Ruth 1\nin verses")
