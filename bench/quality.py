@@ -363,7 +363,39 @@ def summary(rows: list[dict], baseline: str) -> str:
     note = ("\nLosses in nats per token on the first "
             f"{EVAL_TOKENS:,} tokens of each text; gap = baseline loss - config loss (positive: the config is better), "
             "per seed, then mean ± standard deviation over seeds.\n")
-    return head + body + agg + note + made_by(rows)
+    return head + body + agg + note + intervals(by, base, texts, baseline) + made_by(rows)
+
+
+# Student's t, two-sided 95%, by degrees of freedom (1-30); past 30 the normal 1.96 is within 4%.
+T95 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
+       2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
+
+
+def interval95(xs: list[float]) -> tuple[float, float]:
+    """The 95% t-interval of the mean of paired per-seed gaps: where the mean gap of many more seeds
+    would lie. A seed's gap is one draw (any change of code or hardware redraws it); this says how
+    far the mean of a few is from settled."""
+    m, n = statistics.mean(xs), len(xs)
+    half = (T95[n - 2] if n - 1 <= len(T95) else 1.96) * statistics.stdev(xs) / n ** 0.5
+    return m - half, m + half
+
+
+def intervals(by: dict[str, list[dict]], base: dict[int, dict], texts: list[str], baseline: str) -> str:
+    """One line per config with two or more seeds paired with the baseline: each text's mean gap
+    and its 95% t-interval."""
+    out = ""
+    for name, rs in by.items():
+        paired = [r for r in rs if r["seed"] in base]
+        if name == baseline or len(paired) < 2:
+            continue
+        parts = []
+        for t in texts:
+            g = [base[r["seed"]]["evals"][t][0] - r["evals"][t][0] for r in paired]
+            lo, hi = interval95(g)
+            parts.append(f"{t} {statistics.mean(g):+.4f} [{lo:+.4f}, {hi:+.4f}]")
+        out += f"- {name}, {len(paired)} seeds: " + ", ".join(parts) + "\n"
+    return ("\nMean gap to the baseline with its 95% t-interval over seeds (an interval above 0: "
+            "better at this budget beyond the seed-to-seed spread):\n" + out) if out else ""
 
 
 def made_by(rows: list[dict]) -> str:

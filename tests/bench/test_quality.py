@@ -2,6 +2,7 @@
 import importlib.util
 import json
 import math
+import statistics
 import sys
 from pathlib import Path
 
@@ -87,6 +88,13 @@ def test_summary_reports_gaps_per_seed():
     assert "0.1600 ± 0.0566 (min 0.1200)" in moe_row[8]
     assert all(len(line.split("|")) == len(moe_row) for line in table.splitlines()
                if line.startswith("| moe") and "-s" not in line)
+    # the mean gaps' 95% t-intervals: 2 seeds, gaps 0.10 and 0.06 -> 0.08 ± 12.706 * 0.0283 / sqrt(2)
+    line = next(line for line in table.splitlines() if line.startswith("- moe, 2 seeds:"))
+    assert "held-out +0.0800 [-0.1741, +0.3341]" in line and "news +0.1600 [-0.3482, +0.6682]" in line
+    lo, hi = quality.interval95([0.1, 0.12, 0.08, 0.11, 0.09])     # 5 seeds: t = 2.776
+    assert math.isclose(hi - 0.1, 2.776 * statistics.stdev([0.1, 0.12, 0.08, 0.11, 0.09]) / math.sqrt(5))
+    assert math.isclose(lo + hi, 0.2)
+    assert "t-interval" not in quality.summary(rows[:2], "dense")     # one seed: no interval
     # one maker is named once (its git revision may differ: the sources' digest decides);
     # runs of other sources, hardware or torch are named run by run
     for i, r in enumerate(rows):
