@@ -40,8 +40,8 @@ tensorboard/NAME-sSEED/ (the curves
 below as compare/* scalars). Each comparison (the set of --configs) writes its own folder,
 OUT/NAME+NAME-vs-BASELINE/ (--compare-name to choose): curves.png (validation loss vs training
 FLOPs and vs training time, read back from each run's own TensorBoard scalars), summary.md (one
-row per run, then mean and spread per config over seeds and the gap to the baseline) and
-results.json (the rows).
+row per run, then mean and spread per config over seeds and the gap to the baseline, each mean
+gap's 95% t-interval, and what trained the runs) and results.json (the rows).
 """
 from __future__ import annotations
 
