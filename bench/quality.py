@@ -220,7 +220,7 @@ def provenance() -> dict:
 
 
 def pick_precision(choice: str) -> str:
-    """auto: bf16 on a GPU; on a CPU whichever matmul is faster here (bf16 needs AMX)."""
+    """auto: bf16 on a GPU; on a CPU whichever matmul is faster here (bf16 needs AMX or AVX512-BF16)."""
     import torch
 
     from megamoe.monitor import faster_cpu_precision
