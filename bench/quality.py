@@ -411,8 +411,9 @@ def made_by(rows: list[dict]) -> str:
     makers = {r["run"]: r.get("made_by") for r in rows}
     if len({same(m) for m in makers.values()}) == 1:
         return f"\nTrained by {says(next(iter(makers.values())))}.\n"
+    each = "".join(f"- {run}: {says(m)}\n" for run, m in makers.items())
     return ("\n**The runs mix code, devices or torch versions**, so a seed is not the same draw in every run "
-            "(a fresh --out compares like with like):\n" + "".join(f"- {run}: {says(m)}\n" for run, m in makers.items()))
+            "(a fresh --out compares like with like):\n" + each)
 
 
 def finished_result(run_dir: Path) -> dict:

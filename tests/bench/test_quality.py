@@ -99,7 +99,8 @@ def test_summary_reports_gaps_per_seed():
     # runs of other sources, hardware or torch are named run by run
     for i, r in enumerate(rows):
         r["made_by"] = {"code": "c0de", "git": f"rev{i}", "device": "CPU X", "torch": "2.13.0"}
-    assert quality.summary(rows, "dense").endswith("\nTrained by megamoe sources c0de (git rev0) on CPU X, torch 2.13.0.\n")
+    one = "\nTrained by megamoe sources c0de (git rev0) on CPU X, torch 2.13.0.\n"
+    assert quality.summary(rows, "dense").endswith(one)
     rows[1]["made_by"] = dict(rows[1]["made_by"], device="GPU Y")
     del rows[2]["made_by"]
     table = quality.summary(rows, "dense")
