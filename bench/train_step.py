@@ -80,7 +80,8 @@ def main() -> int:
     fpt = flops_per_token(cfg, SEQ)["total"]
     print(f"small-moe training step, batch {BATCH} x seq {SEQ}, "
           f"{'bf16 autocast' if precision == 'bf16' else 'fp32'}, fused AdamW, {torch.get_num_threads()} "
-          f"thread(s) of an {device_name()}; first-step loss megamoe {first[0]:.4f} / transformers {first[1]:.4f} (same weights)")
+          f"thread(s) of an {device_name()}; first-step loss megamoe {first[0]:.4f} / transformers "
+          f"{first[1]:.4f} (same weights)")
     print(f"model FLOPs/token {fpt / 1e6:.2f} M; measured {precision} matmul peak {peak / 1e9:.1f} GFLOP/s")
     res = {}
     for name, ts in times.items():
