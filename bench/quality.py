@@ -206,8 +206,7 @@ def provenance() -> dict:
     from megamoe.monitor import device_name
     h = hashlib.sha256()
     for top in ("megamoe", "kernels"):
-        for d, dirs, files in sorted(os.walk(ROOT / top)):      # megamoe/kernels, a link, is kernels/
-            dirs.sort()
+        for d, _, files in sorted(os.walk(ROOT / top)):      # megamoe/kernels, a link, is kernels/
             for f in sorted(f for f in files if f.endswith(".py")):
                 path = Path(d) / f
                 h.update(str(path.relative_to(ROOT)).encode() + b"\0" + path.read_bytes())
@@ -355,7 +354,7 @@ def summary(rows: list[dict], baseline: str) -> str:
     base = {r["seed"]: r for r in by.get(baseline, [])}
     for name, rs in by.items():
         def gap(t: str) -> str:
-            g = [base[r["seed"]]["evals"][t][0] - r["evals"][t][0] for r in rs if r["seed"] in base]
+            g = gaps(rs, base, t)
             return "-" if name == baseline or not g else f"{spread(g)} (min {min(g):.4f})"
         agg += (f"| {name} | {sorted(r['seed'] for r in rs)} |" + "".join(f" {spread([r['evals'][t][0] for r in rs])} |"
                                                                        for t in texts)
@@ -369,6 +368,11 @@ def summary(rows: list[dict], baseline: str) -> str:
 # Student's t, two-sided 95%, by degrees of freedom (1-30); past 30 the normal 1.96 is within 4%.
 T95 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
        2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
+
+
+def gaps(rs: list[dict], base: dict[int, dict], text: str) -> list[float]:
+    """Per seed the baseline's loss on `text` minus the config's, for the seeds both ran."""
+    return [base[r["seed"]]["evals"][text][0] - r["evals"][text][0] for r in rs if r["seed"] in base]
 
 
 def interval95(xs: list[float]) -> tuple[float, float]:
@@ -390,7 +394,7 @@ def intervals(by: dict[str, list[dict]], base: dict[int, dict], texts: list[str]
             continue
         parts = []
         for t in texts:
-            g = [base[r["seed"]]["evals"][t][0] - r["evals"][t][0] for r in paired]
+            g = gaps(paired, base, t)
             lo, hi = interval95(g)
             parts.append(f"{t} {statistics.mean(g):+.4f} [{lo:+.4f}, {hi:+.4f}]")
         out += f"- {name}, {len(paired)} seeds: " + ", ".join(parts) + "\n"
