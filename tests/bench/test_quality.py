@@ -111,10 +111,10 @@ def test_summary_reports_gaps_per_seed():
 
 
 def test_eval_texts_name_their_columns(tmp_path):
-    data = {"held_out": tmp_path / "held.txt", "kjv": tmp_path / "kjv.txt"}
+    data = {"held_out": tmp_path / "held.txt", "kjv": tmp_path / "kjv.txt", "wiki": tmp_path / "wiki.txt"}
     (tmp_path / "news.txt").write_text("news")
     texts = quality.eval_texts(data, [f"news={tmp_path / 'news.txt'}"])
-    assert list(texts) == ["held-out", "KJV", "news"] and texts["news"] == tmp_path / "news.txt"
+    assert list(texts) == ["held-out", "KJV", "wiki", "news"] and texts["news"] == tmp_path / "news.txt"
     for bad, why in ((f"{tmp_path / 'news.txt'}", "NAME=FILE"), (f"KJV={tmp_path / 'news.txt'}", "new NAME"),
                      (f"web={tmp_path / 'none.txt'}", "none.txt is not a file")):
         with pytest.raises(SystemExit, match=why):
@@ -135,6 +135,17 @@ def test_the_two_genre_corpus_keeps_the_evaluation_books_out(tmp_path):
         assert f"\n{book} 1\n" not in text and not text.startswith(f"{book} 1\n")
     with pytest.raises(SystemExit, match="choose from"):
         quality.training_texts(tmp_path / "c", "plays+web")
+
+
+def test_the_three_genre_corpus_keeps_the_evaluation_articles_out(tmp_path):
+    two, held = quality.training_texts(tmp_path / "a", "plays+kjv")
+    three, held3 = quality.training_texts(tmp_path / "b", "plays+kjv+wiki")
+    assert [p.name for p in held3] == [p.name for p in held]
+    articles = [p for p in three if p.parent.name == "wiki"]
+    assert [p.name for p in three if p not in articles] == [p.name for p in two]
+    assert len(articles) == 101 - len(quality.WIKI_ARTICLES)
+    titles = {p.read_text().split("\n", 1)[0] for p in articles}
+    assert "Anarchism" in titles and not titles & set(quality.WIKI_ARTICLES)
 
 
 def fake_train(record):
@@ -163,14 +174,17 @@ def test_a_finished_run_is_reused_and_evaluated_again_on_new_texts(tmp_path, mon
     monkeypatch.setattr(quality, "evaluate", evaluate)
     ds = tmp_path / "ds.json"
     ds.write_text("{}")
-    data = {"held_out": tmp_path / "held.txt", "kjv": tmp_path / "kjv.txt", "ds_config": ds, "train": tmp_path / "train"}
+    data = {"held_out": tmp_path / "held.txt", "kjv": tmp_path / "kjv.txt", "wiki": tmp_path / "wiki.txt",
+            "ds_config": ds, "train": tmp_path / "train"}
     data["held_out"].write_text("plays")
     data["kjv"].write_text("Ruth 1 in paragraphs")
+    data["wiki"].write_text("Albedo")
     (tmp_path / "train.idx").write_bytes(b"plays")
     data["evals"] = quality.eval_texts(data)
     spec = quality.parse_spec("small-dense")
     row, _ = quality.run_one(spec, 1, 1, data, tmp_path / "run", [])
-    assert calls == [("train", "small-dense"), ("evaluate", "plays"), ("evaluate", "Ruth 1 in paragraphs")]
+    assert calls == [("train", "small-dense"), ("evaluate", "plays"), ("evaluate", "Ruth 1 in paragraphs"),
+                     ("evaluate", "Albedo")]
     made = quality.provenance()
     assert row["made_by"] == made and made["torch"] == torch.__version__ and len(made["code"]) == 12
     with monkeypatch.context() as m:        # the digest follows the sources' content
@@ -184,7 +198,7 @@ def test_a_finished_run_is_reused_and_evaluated_again_on_new_texts(tmp_path, mon
     assert quality.run_one(spec, 1, 1, data, tmp_path / "run", [])[0] == row and calls == []
     data["kjv"].write_text("Ruth 1\nin verses")
     row2, _ = quality.run_one(spec, 1, 1, data, tmp_path / "run", [])
-    assert calls == [("evaluate", "plays"), ("evaluate", "Ruth 1\nin verses")]
+    assert calls == [("evaluate", "plays"), ("evaluate", "Ruth 1\nin verses"), ("evaluate", "Albedo")]
     assert row2["evals"]["KJV"][0] == len("Ruth 1\nin verses") and row2["seconds"] == row["seconds"] == 3.0
     calls.clear()
     (tmp_path / "train.idx").write_bytes(b"plays and the Bible")     # other training data: trained again
@@ -228,7 +242,8 @@ def test_main_gives_each_config_its_flags_and_writes_its_comparison_folder(tmp_p
         (out / "train.idx").write_bytes(b"tokens")
         (out / "held.txt").write_text("plays")
         (out / "kjv.txt").write_text("Ruth 1")
-        return {"held_out": out / "held.txt", "kjv": out / "kjv.txt", "train": out / "train"}
+        (out / "wiki.txt").write_text("Albedo")
+        return {"held_out": out / "held.txt", "kjv": out / "kjv.txt", "wiki": out / "wiki.txt", "train": out / "train"}
     monkeypatch.setattr(quality, "train", train)
     monkeypatch.setattr(quality, "evaluate", lambda ckpt, text: (5.0, 2.0))
     monkeypatch.setattr(quality, "prepare_data", prepare_data)

@@ -59,3 +59,71 @@ def test_prepare_kjv_writes_a_file_per_book_in_order_without_the_excluded(tmp_pa
     assert len(kjv_books()) == 66
     with pytest.raises(ValueError, match="Hezekiah"):
         prepare_kjv(tmp_path / "x", exclude=["Hezekiah"])
+
+
+_PAGE = """<page><title>{title}</title><ns>{ns}</ns><revision><text xml:space="preserve">{text}</text></revision></page>"""
+_ARTICLE = """'''Anarchism''' is a [[political philosophy]] that advocates [[Self-governance|self-governed]] societies.&lt;ref&gt;{{cite web|url=http://x|title=T}}&lt;/ref&gt; {{Citation needed}}
+[[File:Portrait.jpg|thumb|upright|A [[portrait]] of Proudhon.]]
+
+== History ==
+It began in the 19th century.&lt;ref name="EB1910"/&gt;
+{| class="wikitable"
+|-
+! Year !! Event
+|-
+| 1840 || What is Property?
+|}
+{| class="wikitable" font-size:80%;"
+|-
+| broken || table
+|}
+
+== See also ==
+* [[Libertarianism]]
+
+== References ==
+{{Reflist}}
+[[Category:Political ideologies]]"""
+
+
+def _dump(tmp_path, pages, compress):
+    import bz2
+    xml = ('<mediawiki xmlns="http://www.mediawiki.org/xml/export-0.10/">'
+           + "".join(_PAGE.format(**p) for p in pages) + "</mediawiki>")
+    path = tmp_path / ("dump.xml.bz2" if compress else "dump.xml")
+    path.write_bytes(bz2.compress(xml.encode()) if compress else xml.encode())
+    return path
+
+
+@pytest.mark.parametrize("compress", [True, False])
+def test_wiki_articles_plain_text_without_markup_redirects_or_other_namespaces(tmp_path, compress):
+    from megamoe.data.corpus import prepare_wiki, wiki_articles, wiki_text
+    dump = _dump(tmp_path, [{"title": "Anarchism", "ns": 0, "text": _ARTICLE},
+                            {"title": "AccessibleComputing", "ns": 0, "text": "#REDIRECT [[Computer accessibility]]"},
+                            {"title": "Talk:Anarchism", "ns": 1, "text": "A talk page."},
+                            {"title": "Empty", "ns": 0, "text": "{{Infobox}}"},
+                            {"title": "Anarchy (disambiguation)", "ns": 0, "text": "Anarchy may refer to: a list"},
+                            {"title": "Albedo", "ns": 0, "text": "'''Albedo''' is the [[diffuse reflection]]."}],
+                 compress)
+    (title, body), albedo = wiki_articles(dump)
+    assert title == "Anarchism" and albedo == ("Albedo", "Albedo is the diffuse reflection.")
+    assert body.splitlines() == ["Anarchism is a political philosophy that advocates self-governed societies.", "",
+                                 "History", "", "It began in the 19th century."]
+    files = prepare_wiki(tmp_path / "wiki", exclude=["Albedo"], dump=dump)
+    assert [f.name for f in files] == ["000-Anarchism.txt"]
+    assert files[0].read_text() == f"Anarchism\n\n{body}\n\n"
+    assert wiki_text(["Albedo", "Anarchism"], dump) == files[0].read_text() + "Albedo\n\nAlbedo is the diffuse reflection.\n\n"
+    with pytest.raises(ValueError, match="Anarchy"):
+        prepare_wiki(tmp_path / "x", exclude=["Anarchy"], dump=dump)
+    with pytest.raises(ValueError, match="Anarchy"):
+        wiki_text(["Anarchy"], dump)
+
+
+def test_wiki_articles_from_the_gensim_sample():
+    from megamoe.data.corpus import wiki_articles
+    titles = [t for t, _ in wiki_articles()]
+    assert len(titles) == 101 and titles[0] == "Anarchism" and not [t for t in titles if "disambiguation" in t]
+    text = "\n".join(body for _, body in wiki_articles())
+    assert len(text) > 2_500_000
+    for markup in ("[[", "]]", "{{", "}}", "<ref", "thumb|", "{|", "&lt;"):
+        assert markup not in text, markup

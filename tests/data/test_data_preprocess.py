@@ -130,9 +130,10 @@ def run_tool(name, *args):
 
 def test_clis(tmp_path, small_spm):
     corpus = tmp_path / "corpus"
-    r = run_tool("prepare_corpus.py", "--output", corpus, "--bible", tmp_path / "kjv")
+    r = run_tool("prepare_corpus.py", "--output", corpus, "--bible", tmp_path / "kjv", "--wiki", tmp_path / "wiki")
     assert r.returncode == 0 and "38 plays" in r.stdout and "66 books of the Bible" in r.stdout, r.stderr
-    assert len(list((tmp_path / "kjv").glob("*.txt"))) == 66
+    assert "101 Wikipedia articles" in r.stdout
+    assert len(list((tmp_path / "kjv").glob("*.txt"))) == 66 and len(list((tmp_path / "wiki").glob("*.txt"))) == 101
     plays = sorted(corpus.glob("*.txt"))[:2]
     r = run_tool("train_tokenizer.py", "--input", *plays, "--vocab-size", 400, "--output", tmp_path / "tok")
     assert r.returncode == 0, r.stderr
