@@ -408,7 +408,8 @@ def main(argv=None) -> int:
         return 0
     dev = torch.device("cpu" if args.cpu else "cuda")
     shapes = TINY if args.cpu else FULL
-    report = {"device": torch.cuda.get_device_name() if dev.type == "cuda" else platform.processor() or "cpu",
+    from megamoe.monitor import cpu_name
+    report = {"device": torch.cuda.get_device_name() if dev.type == "cuda" else cpu_name(),
               "torch": torch.__version__, "python": platform.python_version(), "shapes": shapes, "rows": []}
     t0 = time.perf_counter()
     for name in args.parts:

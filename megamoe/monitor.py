@@ -79,10 +79,15 @@ def faster_cpu_precision() -> str:
 
 
 def device_name() -> str:
-    """The GPU's name, or the CPU's model from /proc/cpuinfo: what a timing was measured on (the
-    same code's CPU timings differ by more than its changes do from one host to another)."""
+    """The GPU's name, or the CPU's model (cpu_name): what a timing was measured on (the same
+    code's CPU timings differ by more than its changes do from one host to another)."""
     if torch.cuda.is_available() and os.environ.get("DS_ACCELERATOR", "cuda") != "cpu":
         return torch.cuda.get_device_name()
+    return cpu_name()
+
+
+def cpu_name() -> str:
+    """The CPU's model name from /proc/cpuinfo, else what the platform module knows."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):

@@ -21,6 +21,8 @@ def test_gpu_check_passes_on_the_cpu_at_tiny_shapes(tmp_path):
                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert p.returncode == 0, (p.stdout + p.stderr)[-5000:]
     report = json.loads(out.read_text())
+    from megamoe.monitor import cpu_name
+    assert report["device"] == cpu_name()          # the CPU's model, as the benches name it
     assert report["ok"] and {r["part"] for r in report["rows"]} == {"kernels", "attention", "syncs", "end_to_end"}
     names = " | ".join(r["name"] for r in report["rows"])
     for expected in ("rms_norm strided", "rope", "router E=256 top-8 sigmoid groups 8/4", "NaN row", "fused LM head",

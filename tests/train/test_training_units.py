@@ -206,11 +206,11 @@ def test_device_name_is_the_cpu_model_off_cuda(monkeypatch):
     """Benches and quality runs say what they ran on: the CPU's model name from /proc/cpuinfo."""
     from pathlib import Path
 
-    from megamoe.monitor import device_name
+    from megamoe.monitor import cpu_name, device_name
     monkeypatch.setenv("DS_ACCELERATOR", "cpu")
     models = [line.partition(":")[2].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
               if line.startswith("model name")]
-    assert device_name() == (models[0] if models else device_name()) and device_name()
+    assert device_name() == cpu_name() == (models[0] if models else cpu_name()) and device_name()
 
 
 def test_heatmap_is_skipped_with_a_warning_without_matplotlib(tmp_path, monkeypatch):
