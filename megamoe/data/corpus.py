@@ -139,14 +139,15 @@ def prepare_kjv(out_dir, exclude: Sequence[str] = ()) -> list[Path]:
     return written
 
 
-# The Wikipedia sample that gensim's wheel ships for its own tests: the first 106 articles of an
-# English dump ("Anarchism" ... ), about 3 MB of prose once the markup is gone.
+# The Wikipedia sample that gensim's wheel ships for its own tests: the first 206 pages of an
+# English dump ("Anarchism" ...), 101 articles once redirects and disambiguation pages are left
+# out, 2.8 MB of prose once the markup is gone.
 _WIKI_DUMP = "test/test_data/enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
 _WIKI_DROP_TAGS = {"ref", "gallery", "math", "table", "timeline", "imagemap", "score", "syntaxhighlight"}
 _WIKI_DROP_LINKS = ("file:", "image:", "category:")
-# markup the parser could not read stays as text, and its paragraph is dropped (12 of 9,711 in
-# the sample): a table's rows (malformed attributes) start with {| |- | ! or |}; links, templates
-# and tags after an unbalanced '' or an unclosed tag keep their brackets
+# markup the parser could not read stays as text, and its line is dropped: the rows of a table
+# with malformed attributes start with {| |- | ! or |} (258 lines in the sample); links, templates
+# and tags after an unbalanced '' or an unclosed tag keep their brackets (13 paragraphs of 9,448)
 _WIKI_LEFTOVER = re.compile(r"^(\{\||\||!)|\[\[|\]\]|\{\{|\}\}|</?[A-Za-z]+\b[^>]*>")
 # end matter (lists of links and citations), cut from its first heading on
 _WIKI_END = re.compile(r"^==\s*(See also|References|External links|Further reading|Notes|Bibliography|Sources|"
