@@ -187,17 +187,21 @@ def wiki_articles(dump: Optional[os.PathLike] = None) -> tuple[tuple[str, str], 
 
     path = Path(dump) if dump else _package_data("gensim", _WIKI_DUMP, "gensim==4.4.0")
     articles = []
-    with (bz2.open if path.suffix == ".bz2" else open)(path, "rb") as f:
-        for _, el in ET.iterparse(f):
-            if el.tag.rsplit("}", 1)[-1] != "page":
-                continue
-            title, ns, text = (el.findtext(f".//{{*}}{k}") or "" for k in ("title", "ns", "text"))
-            el.clear()
-            if ns == "0" and not text.lstrip().lower().startswith("#redirect") \
-                    and not title.endswith("(disambiguation)"):
-                body = wiki_plain_text(text)
-                if body:
-                    articles.append((title, body))
+    try:
+        with (bz2.open if path.suffix == ".bz2" else open)(path, "rb") as f:
+            for _, el in ET.iterparse(f):
+                if el.tag.rsplit("}", 1)[-1] != "page":
+                    continue
+                title, ns, text = (el.findtext(f".//{{*}}{k}") or "" for k in ("title", "ns", "text"))
+                el.clear()
+                if ns == "0" and not text.lstrip().lower().startswith("#redirect") \
+                        and not title.endswith("(disambiguation)"):
+                    body = wiki_plain_text(text)
+                    if body:
+                        articles.append((title, body))
+    except (ET.ParseError, OSError, EOFError) as e:     # malformed XML, a bad or cut bz2 stream
+        raise ValueError(f"{path}: not a readable MediaWiki XML dump ({e}); pass a .xml or .xml.bz2 "
+                         "export (Special:Export or a dumps.wikimedia.org file)") from e
     return tuple(articles)
 
 

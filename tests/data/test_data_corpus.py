@@ -119,6 +119,18 @@ def test_wiki_articles_plain_text_without_markup_redirects_or_other_namespaces(t
         wiki_text(["Anarchy"], dump)
 
 
+@pytest.mark.parametrize("damage", ["truncated xml", "truncated bz2", "not bz2"])
+def test_a_broken_dump_is_named_in_a_clear_error(tmp_path, damage):
+    import bz2
+    from megamoe.data.corpus import wiki_articles
+    xml = _PAGE.format(title="Albedo", ns=0, text="Albedo is reflection.").encode()
+    xml = b'<mediawiki xmlns="http://www.mediawiki.org/xml/export-0.10/">' + xml + b"</mediawiki>"
+    path = tmp_path / ("dump.xml" if damage == "truncated xml" else "dump.xml.bz2")
+    path.write_bytes({"truncated xml": xml[:-20], "truncated bz2": bz2.compress(xml)[:-30], "not bz2": xml}[damage])
+    with pytest.raises(ValueError, match=f"{path}: not a readable MediaWiki XML dump"):
+        wiki_articles(path)
+
+
 def test_wiki_articles_from_the_gensim_sample():
     from megamoe.data.corpus import wiki_articles
     titles = [t for t, _ in wiki_articles()]
