@@ -164,7 +164,7 @@ def wiki_plain_text(markup: str) -> str:
     code = mw.parse(markup[:end.start()] if end else markup)
     for node in code.filter(recursive=True, forcetype=(mw.nodes.Tag, mw.nodes.Wikilink)):
         if isinstance(node, mw.nodes.Tag):
-            drop = str(node.tag).lower() in _WIKI_DROP_TAGS or node.wiki_markup == "{|"
+            drop = str(node.tag).lower() in _WIKI_DROP_TAGS      # a {| ... |} table is a "table" tag
         else:
             drop = str(node.title).strip().lower().startswith(_WIKI_DROP_LINKS)
         if drop:
@@ -208,11 +208,18 @@ def wiki_articles(dump: Optional[os.PathLike] = None) -> tuple[tuple[str, str], 
 def wiki_text(titles: Sequence[str], dump: Optional[os.PathLike] = None) -> str:
     """The articles named in `titles`, in dump order, each as :func:`prepare_wiki` writes it (for
     held-out evaluation)."""
-    found = {t: body for t, body in wiki_articles(dump) if t in titles}
-    missing = sorted(set(titles) - set(found))
-    if missing:
-        raise ValueError(f"the Wikipedia sample has no article titled {missing}")
+    articles = _with_titles(titles, dump)
+    found = {t: body for t, body in articles if t in titles}
     return "".join(_wiki_file_text(t, body) for t, body in found.items())
+
+
+def _with_titles(titles: Sequence[str], dump: Optional[os.PathLike]) -> tuple[tuple[str, str], ...]:
+    """The dump's articles, after checking that every title in `titles` is one of them."""
+    articles = wiki_articles(dump)
+    unknown = sorted(set(titles) - {t for t, _ in articles})
+    if unknown:
+        raise ValueError(f"{dump or 'the Wikipedia sample in gensim'}: no article titled {unknown}")
+    return articles
 
 
 def _wiki_file_text(title: str, body: str) -> str:
@@ -223,10 +230,7 @@ def prepare_wiki(out_dir, exclude: Sequence[str] = (), dump: Optional[os.PathLik
     """Write one plain-text file per Wikipedia article (see :func:`wiki_articles`), titled on its
     first line, to ``out_dir`` as ``NNN-Title.txt`` in dump order, leaving out the titles in
     `exclude`; return their paths in that order."""
-    articles = wiki_articles(dump)
-    unknown = sorted(set(exclude) - {t for t, _ in articles})
-    if unknown:
-        raise ValueError(f"the Wikipedia sample has no article titled {unknown}")
+    articles = _with_titles(exclude, dump)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     written = []
