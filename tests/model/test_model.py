@@ -600,6 +600,10 @@ def test_padded_sorted_experts_equal_unpadded(monkeypatch):
     monkeypatch.setattr(kernels, "CPU_EXPERT_ROW_BLOCK", 1)
     unpadded = run()
     assert padded[1].shape == x.shape
+    # the alignment rows' input gradient: zeros when padded; unpadded, torch._grouped_mm leaves
+    # them unwritten (uninitialised memory, AutoEP drops them), so only the real rows compare
+    assert padded[1][n:].eq(0).all()
+    padded[1], unpadded[1] = padded[1][:n], unpadded[1][:n]
     for a, b in zip(padded, unpadded):
         torch.testing.assert_close(a, b)
 
