@@ -31,6 +31,7 @@ from typing import Optional
 import torch
 
 from . import reference
+from .reference import autocast_operands  # noqa: F401  (the experts cast with it too)
 from .attention import attention, attention_backend  # noqa: F401
 from .attention import set_deterministic as set_attention_deterministic  # noqa: F401
 

@@ -35,6 +35,7 @@ class PaddedRows(NamedTuple):
     kernels.expert_row_block (CPUs: oneDNN then compiles few matmul shapes). Pad rows are zeros in
     the input, so they stay zero through the SwiGLU and add nothing to the weight gradients."""
     pos: torch.Tensor        # [used] padded row of each real row
+    src: torch.Tensor        # [rows] real row of each padded row; `used` (a zero row) for pad rows
     counts_E: torch.Tensor   # padded row counts
     offs_E: torch.Tensor     # their int32 cumulative sums, for torch._grouped_mm
     rows: int                # padded rows in all
@@ -50,11 +51,17 @@ class PaddedRows(NamedTuple):
             used, rows = int(counts_E.sum()), int(offs_P[-1])
             shift = torch.repeat_interleave(offs_P - counts_P - (counts_E.cumsum(0) - counts_E), counts_E,
                                             output_size=used)
-        return cls(torch.arange(used, device=x_NH.device) + shift, counts_P, offs_P.to(torch.int32), rows)
+        ids = torch.arange(used, device=x_NH.device)
+        pos = ids + shift
+        src = torch.full((rows,), used, device=x_NH.device).index_copy_(0, pos, ids)
+        return cls(pos, src, counts_P, offs_P.to(torch.int32), rows)
 
     def pad(self, x_NH: torch.Tensor) -> torch.Tensor:
-        # rows past the last expert's (AutoEP's alignment padding) are left out
-        return x_NH.new_zeros(self.rows, x_NH.shape[-1]).index_copy_(0, self.pos, x_NH[:self.pos.numel()])
+        # a gather from the real rows and one zero row: 4x faster than index_copy_ into zeros (bf16,
+        # small-moe's 6,144 padded rows: 107 against 483 us); rows past the last expert's (AutoEP's
+        # alignment padding) are left out
+        used = self.pos.numel()
+        return torch.cat([x_NH[:used], x_NH.new_zeros(1, x_NH.shape[-1])]).index_select(0, self.src)
 
     def unpad(self, x_PH: torch.Tensor, rows: int) -> torch.Tensor:
         out = x_PH.index_select(0, self.pos)      # differentiable: the dropping path runs it under autograd

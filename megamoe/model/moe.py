@@ -239,7 +239,9 @@ class GroupedExperts(nn.Module):
         """Each (token, slot) pair runs through its expert; pairs with kept_TK False are skipped.
         `counts_E`: the router's per-expert counts of `indices_TK` (dropless), reused as they are."""
         T, K = indices_TK.shape
-        x_in, gate_up_E2IH, down_EHI = autocast_experts(x_TH, self.gate_up_proj, self.down_proj)
+        # torch._grouped_mm is on no autocast list: under bf16 autocast the experts, most of an MoE
+        # model's FLOPs, would run in fp32. Without autocast (DeepSpeed's bf16) nothing changes.
+        x_in, gate_up_E2IH, down_EHI = kernels.autocast_operands(x_TH, self.gate_up_proj, self.down_proj)
         flat_expert = indices_TK.reshape(-1)
         order = flat_expert.argsort(stable=True)       # (token, slot) pairs grouped by expert
         if kept_TK is not None:
@@ -257,18 +259,6 @@ class GroupedExperts(nn.Module):
             return dispatch.Combine.apply(y_sorted, weights_TK, order, inverse).to(x_TH.dtype)
         _, y_sorted = dispatch.swiglu_experts(x_in[order // K], gate_up_E2IH, down_EHI, counts_E, offs_E)
         return combine(y_sorted, order, weights_TK, x_TH.dtype)
-
-
-def autocast_experts(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """The experts' input and weights in autocast's dtype when autocast is on (as it casts F.linear's):
-    torch._grouped_mm is on no autocast list, so under bf16 autocast the experts, most of an MoE
-    model's FLOPs, would otherwise run in fp32. Without autocast (DeepSpeed's bf16: the weights
-    are bf16 already) nothing changes."""
-    device = tensors[0].device.type
-    if not torch.is_autocast_enabled(device):
-        return tensors
-    dtype = torch.get_autocast_dtype(device)
-    return tuple(t.to(dtype) for t in tensors)
 
 
 def combine(y_sorted: torch.Tensor, order: torch.Tensor, weights_TK: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

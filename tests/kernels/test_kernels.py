@@ -361,6 +361,45 @@ def test_linear_cross_entropy_equals_the_unfused_loss_and_gradients(dtype, chunk
         torch.testing.assert_close(kernels.linear_cross_entropy(h, w, y, -100, chunk), ref.detach(), rtol=tol, atol=tol)
 
 
+def test_linear_cross_entropy_under_autocast_casts_the_weight_once():
+    """Under bf16 autocast the fused loss computes what the chunks' autocast matmuls computed
+    (bf16 operands, the fp32 weight gradient summed in fp32), casting the fp32 weight once in
+    all, not at every matmul of every chunk (autocast caches no cast of a view)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from megamoe import kernels
+    g = torch.Generator().manual_seed(0)
+    T, H, V, chunk = 23, 16, 50, 5
+    h = torch.randn(T, H, generator=g).requires_grad_()
+    w = (torch.randn(V, H, generator=g) * 0.3).requires_grad_()
+    y = torch.randint(0, V, (T,), generator=g)
+
+    class WeightCasts(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if (func is torch.ops.aten._to_copy.default and args[0].dtype == torch.float32
+                    and args[0].shape in ((V, H), (H, V))):
+                WeightCasts.n += 1
+            return func(*args, **(kwargs or {}))
+
+    with WeightCasts(), torch.autocast("cpu", dtype=torch.bfloat16):
+        fused = kernels.linear_cross_entropy(h, w, y, -100, chunk)
+        # autocast_operands casts as autocast does: float64 and integer tensors stay as they are
+        casts = kernels.autocast_operands(h, h.double(), y, h.half())
+        assert [t.dtype for t in casts] == [torch.bfloat16, torch.float64, torch.int64, torch.bfloat16]
+    assert WeightCasts.n == 1
+    dh, dw = torch.autograd.grad(fused, (h, w))
+    assert dh.dtype == dw.dtype == torch.float32
+    hb, wb = h.detach().bfloat16().requires_grad_(), w.detach().bfloat16().requires_grad_()
+    ref = kernels.linear_cross_entropy(hb, wb, y, -100, chunk)      # the same products on bf16 copies
+    assert torch.equal(fused, ref)
+    ref_dh, _ = torch.autograd.grad(ref, (hb, wb))
+    assert torch.equal(dh, ref_dh.float())
+    torch.testing.assert_close(dw, torch.autograd.grad(
+        torch.nn.functional.cross_entropy((hb.detach() @ w.bfloat16().T).float(), y), w)[0], rtol=0.02, atol=2e-3)
+
+
 def test_the_training_loss_never_holds_full_vocab_logits():
     """Forward and backward of a model with labels: no tensor as large as [tokens, vocab] (a
     TorchDispatchMode sees every op's output), and the loss is the unfused one."""
