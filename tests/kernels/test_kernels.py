@@ -385,10 +385,12 @@ def test_linear_cross_entropy_under_autocast_casts_the_weight_once():
 
     with WeightCasts(), torch.autocast("cpu", dtype=torch.bfloat16):
         fused = kernels.linear_cross_entropy(h, w, y, -100, chunk)
+    assert WeightCasts.n == 1
+    with torch.autocast("cpu", dtype=torch.bfloat16):
         # autocast_operands casts as autocast does: float64 and integer tensors stay as they are
         casts = kernels.autocast_operands(h, h.double(), y, h.half())
         assert [t.dtype for t in casts] == [torch.bfloat16, torch.float64, torch.int64, torch.bfloat16]
-    assert WeightCasts.n == 1
+        assert kernels.autocast_operands(w)[0].dtype == torch.bfloat16
     dh, dw = torch.autograd.grad(fused, (h, w))
     assert dh.dtype == dw.dtype == torch.float32
     hb, wb = h.detach().bfloat16().requires_grad_(), w.detach().bfloat16().requires_grad_()

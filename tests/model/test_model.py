@@ -555,11 +555,11 @@ def test_sorted_experts_keep_the_input_and_gate_up_only():
 def test_cpu_experts_pad_each_experts_rows_to_the_block():
     """On CPUs in bf16 every grouped matmul sees row counts in multiples of
     kernels.expert_row_block (so oneDNN compiles few shapes); pad rows are zeros in, dropped out,
-    and AutoEP's alignment rows past the last expert come back as zeros."""
+    and AutoEP's alignment rows past the last expert (whatever they hold) come back as zeros."""
     from megamoe.model.dispatch import PaddedRows
     counts_E = torch.tensor([4, 0, 1, 33, 2])
     N = int(counts_E.sum())
-    x = torch.cat([torch.randn(N, 16), torch.zeros(3, 16)]).bfloat16()   # 3 alignment rows
+    x = torch.cat([torch.randn(N, 16), torch.full((3, 16), 7.0)]).bfloat16()   # 3 alignment rows
     w1 = torch.randn(5, 8, 16).bfloat16()       # widths torch._grouped_mm takes in bf16 (16 bytes)
     block = kernels.expert_row_block(x, w1)
     assert block == kernels.CPU_EXPERT_ROW_BLOCK == 32
@@ -572,6 +572,11 @@ def test_cpu_experts_pad_each_experts_rows_to_the_block():
     assert torch.equal(x_P[padded.pos], x[:N]) and not x_P[~kept].any()
     back = padded.unpad(x_P, x.shape[0])
     assert back.shape == x.shape and torch.equal(back[:N], x[:N]) and not back[N:].any()
+    few = torch.tensor([2, 1])              # fewer rows in all (5) than the width (16)
+    x5, w5 = torch.randn(5, 16).bfloat16(), torch.randn(2, 8, 16).bfloat16()
+    small = PaddedRows.of(x5, w5, few)
+    back5 = small.unpad(small.pad(x5), 5)
+    assert back5.shape == x5.shape and torch.equal(back5[:3], x5[:3]) and not back5[3:].any()
     for dtype in (torch.float32, torch.float64):    # fp32 runs faster unpadded; float64 is the oracle's loop
         assert PaddedRows.of(x.to(dtype), w1.to(dtype), counts_E) is None
     # the rule by device and dtype alone (the memory planner's): CPUs in bf16/fp16 only
