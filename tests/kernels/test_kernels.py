@@ -364,7 +364,7 @@ def test_linear_cross_entropy_equals_the_unfused_loss_and_gradients(dtype, chunk
 def test_linear_cross_entropy_under_autocast_casts_the_weight_once():
     """Under bf16 autocast the fused loss computes what the chunks' autocast matmuls computed
     (bf16 operands, the fp32 weight gradient summed in fp32), casting the fp32 weight once in
-    all, not at every matmul of every chunk (autocast caches no cast of a view)."""
+    all, not again in every chunk (autocast caches no cast of a view, and `h @ w.T` takes one)."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     from megamoe import kernels
