@@ -178,47 +178,55 @@ def _combine_chunk(T: int, K: int, H: int, device: torch.device) -> int:
     return max(1, min(T, budget // (4 * K * H)))
 
 
+def _slot_chunks(y_NH: torch.Tensor, inverse: torch.Tensor, T: int, K: int, acc: torch.dtype):
+    """(first token, [C, K, H] copy in `acc`) of y's pairs in slot order, a chunk of tokens at a
+    time: each chunk gathered on its own, so y in slot order is never whole (a [T*K, H] copy: 400 MB
+    per MoE layer at V2-Lite's micro batch 4 x 4096 in bf16)."""
+    H = y_NH.shape[-1]
+    step = _combine_chunk(T, K, H, y_NH.device)
+    for s in range(0, T, step):
+        y_CKH = y_NH.index_select(0, inverse[s * K:(s + step) * K]).view(-1, K, H)
+        yield s, y_CKH.to(acc)       # the gather is a fresh tensor: callers may work in place
+
+
 class Combine(torch.autograd.Function):
     """y_NH (expert order) -> y_TH = sum_k w[t, k] * y[pair (t, k)], accumulated in fp32 (float64
     stays float64), returned in y's dtype: DeepSpeed AutoEP's weighted_sum combine, bit for bit,
-    computed a chunk of tokens at a time, so the fp32 [T, K, H] product it materialises (10 MB per
-    layer at the demo's micro batch, 0.8 GB at V2-Lite's) is never whole. (Each chunk is cast,
-    then multiplied in place: the same numbers as the promoting multiply, 30% faster on CPUs.)
-    Saves y in slot order for the weight gradient."""
+    computed a chunk of tokens at a time, so neither y in slot order nor the fp32 [T, K, H] product
+    AutoEP materialises (10 MB per layer at the demo's micro batch, 0.8 GB at V2-Lite's) is ever
+    whole. (Each chunk is cast, then multiplied in place: the same numbers as the promoting
+    multiply, 30% faster on CPUs.) Saves y as it came, for the weight gradient's own chunks."""
 
     @staticmethod
     def forward(ctx, y_NH: torch.Tensor, weights_TK: torch.Tensor, order: torch.Tensor,
                 inverse: torch.Tensor) -> torch.Tensor:
         T, K = weights_TK.shape
         acc = torch.promote_types(y_NH.dtype, torch.float32)   # fp32, or float64 for the oracle
-        y_TKH = y_NH.index_select(0, inverse).view(T, K, -1)
         w_TK1 = weights_TK.to(acc).unsqueeze(-1)
         out_TH = y_NH.new_empty(T, y_NH.shape[-1], dtype=acc)
-        step = _combine_chunk(T, K, y_NH.shape[-1], y_NH.device)
         with torch.autocast(y_NH.device.type, enabled=False):   # the sum stays in `acc` under autocast
-            for s in range(0, T, step):
-                y_CKH = y_TKH[s:s + step].to(acc, copy=True)     # a copy, also when y is in `acc`
-                torch.sum(y_CKH.mul_(w_TK1[s:s + step]), dim=1, out=out_TH[s:s + step])
-        ctx.save_for_backward(y_TKH, w_TK1, order)
+            for s, y_CKH in _slot_chunks(y_NH, inverse, T, K, acc):
+                e = s + y_CKH.shape[0]
+                torch.sum(y_CKH.mul_(w_TK1[s:e]), dim=1, out=out_TH[s:e])
+        ctx.save_for_backward(y_NH, w_TK1, order, inverse)
         ctx.w_dtype = weights_TK.dtype
         return out_TH.to(y_NH.dtype)
 
     @staticmethod
     def backward(ctx, grad_TH: torch.Tensor):
-        y_TKH, w_TK1, order = ctx.saved_tensors
-        (T, K, H), acc = y_TKH.shape, w_TK1.dtype
+        y_NH, w_TK1, order, inverse = ctx.saved_tensors
+        (T, K), acc = w_TK1.shape[:2], w_TK1.dtype
         g_T1H = grad_TH.to(acc).unsqueeze(1)
         grad_w_TK = None
         if ctx.needs_input_grad[1]:
             grad_w_TK = g_T1H.new_empty(T, K)
-            step = _combine_chunk(T, K, H, y_TKH.device)
-            for s in range(0, T, step):
-                y_CKH = y_TKH[s:s + step].to(acc, copy=True)
-                torch.sum(y_CKH.mul_(g_T1H[s:s + step]), dim=-1, out=grad_w_TK[s:s + step])
+            for s, y_CKH in _slot_chunks(y_NH, inverse, T, K, acc):
+                e = s + y_CKH.shape[0]
+                torch.sum(y_CKH.mul_(g_T1H[s:e]), dim=-1, out=grad_w_TK[s:e])
             grad_w_TK = grad_w_TK.to(ctx.w_dtype)
         grad_y_NH = None
         if ctx.needs_input_grad[0]:
             # pair n of expert order is (token order[n] // K, slot order[n] % K)
             grad_y_NH = g_T1H[:, 0].index_select(0, order // K).mul_(w_TK1.view(-1, 1).index_select(0, order))
-            grad_y_NH = grad_y_NH.to(y_TKH.dtype)
+            grad_y_NH = grad_y_NH.to(y_NH.dtype)
         return grad_y_NH, grad_w_TK, None, None

@@ -437,10 +437,21 @@ def _plain_experts_and_combine(x, w, gate_up, down, routing):
 def test_combine_is_the_fp32_weighted_sum_bit_for_bit_across_chunks(dtype):
     """Combine, which works a chunk of tokens at a time (three chunks here, the last one short),
     gives what the one-pass fp32 weighted sum (DeepSpeed AutoEP's weighted_sum combine) and its
-    autograd give, exactly, and warns about nothing (an `out=` of the wrong shape would)."""
+    autograd give, exactly, and warns about nothing (an `out=` of the wrong shape would). Forward
+    and backward gather y's rows a chunk at a time: y in slot order is never whole."""
     import warnings
 
+    from torch.utils._python_dispatch import TorchDispatchMode
+
     from megamoe.model.dispatch import Combine, _combine_chunk, inverse_permutation
+
+    class Gathers(TorchDispatchMode):
+        from_y = []                       # rows of each gather from y ([T*K, H])
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func is torch.ops.aten.index_select.default and args[0].shape == (T * K, H):
+                Gathers.from_y.append(args[2].numel())
+            return func(*args, **(kwargs or {}))
     T, K, H = 600, 4, 256
     # about 1 MiB of fp32 per chunk on CPUs (cache-sized), 256 MiB elsewhere (only to bound memory)
     assert _combine_chunk(T, K, H, torch.device("cpu")) == (1 << 20) // (4 * K * H) == 256
@@ -452,10 +463,11 @@ def test_combine_is_the_fp32_weighted_sum_bit_for_bit_across_chunks(dtype):
     y0, w0 = torch.randn(T * K, H, generator=g).to(dtype), torch.rand(T, K, generator=g)
     y, w, y_ref, w_ref = (t.clone().requires_grad_() for t in (y0, w0, y0, w0))
     grad = torch.randn(T, H, generator=g).to(dtype)
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), Gathers():
         warnings.simplefilter("error")
         out = Combine.apply(y, w, order, inverse_permutation(order))
         out.backward(grad)
+    assert Gathers.from_y == [256 * K, 256 * K, 88 * K] * 2       # forward, then the weight gradient
     scattered = torch.zeros_like(y_ref).index_put((order,), y_ref)
     want = (scattered.view(T, K, H) * w_ref.unsqueeze(-1).float()).sum(dim=1).to(dtype)
     want.backward(grad)
