@@ -194,17 +194,26 @@ def _log_choice(requested: str, name: str, why: str) -> None:
         logger.info("attention backend: %s (requested %r; %s)", name, requested, why)
 
 
+def _one_head_dim(q, k, v):
+    """q, k, v zero-padded to one head dim, the larger: zeros change neither q.k nor the first Dv
+    columns of P.V, so the caller slices the output back to v's width (and the slice's backward
+    drops the padded columns' gradient)."""
+    Dqk, Dv = q.shape[-1], v.shape[-1]
+    D = max(Dqk, Dv)
+    if Dv < D:
+        v = F.pad(v, (0, D - Dv))
+    if Dqk < D:   # only one side is ever padded: no copy of the other
+        q, k = F.pad(q, (0, D - Dqk)), F.pad(k, (0, D - Dqk))
+    return q, k, v
+
+
 def _flash_call(fn, name: str, q, k, v, scale, causal, *varlen_args):
     """One FlashAttention call in either layout: head dims the flavour does not take as they are get
     zero-padded to the larger one (zeros change neither q.k nor the kept columns of P.V) and the
     output is sliced back to v's width."""
-    Dqk, Dv = q.shape[-1], v.shape[-1]
-    if not takes_natively(name, Dqk, Dv):
-        D = max(Dqk, Dv)
-        if Dv < D:
-            v = F.pad(v, (0, D - Dv))
-        if Dqk < D:   # only one side is ever padded: no copy of the other
-            q, k = F.pad(q, (0, D - Dqk)), F.pad(k, (0, D - Dqk))
+    Dv = v.shape[-1]
+    if not takes_natively(name, q.shape[-1], Dv):
+        q, k, v = _one_head_dim(q, k, v)
     kwargs = {"softmax_scale": scale, "causal": causal, "deterministic": _deterministic}
     if name == "flash":
         kwargs["dropout_p"] = 0.0
@@ -242,18 +251,24 @@ def _sdpa(q_BSHD, k_BSHD, v_BSHE, scale, causal, docs: Optional[Documents] = Non
 
 
 def _sdpa_call(q_BSHD, k_BSHD, v_BSHE, scale, causal, docs: Optional[Documents] = None):
+    Dv = v_BSHE.shape[-1]
+    if q_BSHD.device.type == "cpu" and q_BSHD.shape[-1] != Dv:
+        # SDPA's one fused CPU kernel (flash) needs one head dim; MLA's differ (nope + rope vs v),
+        # and the math fallback materialises [B, H, Sq, Sk] scores and probabilities in fp32.
+        # Padded (bench/attention.py, one thread, fwd+bwd, 48/32 dims): 1.2-1.4x faster at 256
+        # tokens, 1.6-2.5x at 1,024. CUDA's memory-efficient kernel takes unequal dims as they are.
+        q_BSHD, k_BSHD, v_BSHE = _one_head_dim(q_BSHD, k_BSHD, v_BSHE)
     q, k, v = (t.transpose(1, 2) for t in (q_BSHD, k_BSHD, v_BSHE))
     if docs is not None:
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=docs.mask_BSS()[:, None], scale=scale)
-        return out.transpose(1, 2)
-    # is_causal aligns the mask top-left; with a KV prefix (Sq < Sk) we need bottom-right.
-    Sq, Sk = q.shape[-2], k.shape[-2]
-    if causal and Sq != Sk:
+        mask = docs.mask_BSS()[:, None]
+    elif causal and q.shape[-2] != k.shape[-2]:
+        # is_causal aligns the mask top-left; with a KV prefix (Sq < Sk) we need bottom-right.
+        Sq, Sk = q.shape[-2], k.shape[-2]
         mask = torch.ones(Sq, Sk, dtype=torch.bool, device=q.device).tril(Sk - Sq)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
     else:
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale)
-    return out.transpose(1, 2)
+        mask = None
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal and mask is None, scale=scale)
+    return out.transpose(1, 2)[..., :Dv]
 
 
 def attention(q_BSHD: torch.Tensor, k_BSHD: torch.Tensor, v_BSHE: torch.Tensor, scale: float,

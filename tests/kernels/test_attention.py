@@ -93,6 +93,35 @@ def test_sdpa_equals_eager(Sq, Sk):
                                rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("Dqk,Dv,Sq,Sk,docs", [(24, 16, 6, 6, False), (16, 24, 6, 6, False),
+                                               (24, 16, 3, 7, False), (24, 16, 7, 7, True)])
+def test_sdpa_on_cpu_pads_mla_head_dims_into_the_fused_kernel(Dqk, Dv, Sq, Sk, docs):
+    """MLA's unequal head dims would send CPU SDPA to its math path ([B, H, Sq, Sk] fp32 scores);
+    padded to one dim they run its flash kernel, forward and backward, with eager's values and
+    gradients (causal, KV prefix, documents)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Ops(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            seen.add(func.name())
+            return func(*args, **(kwargs or {}))
+
+    q, k, v = _qkv(Sq=Sq, Sk=Sk, Dqk=Dqk, Dv=Dv)
+    d = attn.documents_of(torch.tensor([[4, 2, 5, 5, 2, 6, 6], [7, 7, 7, 2, 8, 8, 2]]), 2) if docs else None
+    seen: set = set()
+    with Ops():
+        out = attn.attention(q, k, v, 0.3, backend="sdpa", documents=d)
+        grads = torch.autograd.grad(out.pow(2).sum(), (q, k, v))
+    assert {"aten::_scaled_dot_product_flash_attention_for_cpu",
+            "aten::_scaled_dot_product_flash_attention_for_cpu_backward"} <= seen
+    assert not any("math" in name or "bmm" in name for name in seen), seen
+    ref = _per_document(q, k, v, 0.3, d) if docs else attn.attention(q, k, v, 0.3, backend="eager")
+    assert out.shape == ref.shape
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+    for g, gr in zip(grads, torch.autograd.grad(ref.pow(2).sum(), (q, k, v))):
+        torch.testing.assert_close(g, gr, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.skipif(attn._flash_attn_func()[0] is None or not torch.cuda.is_available(),
                     reason="needs flash_attn and a CUDA GPU (flash_attn cannot be built here)")
 def test_real_flash_attn_matches_eager():
