@@ -63,8 +63,8 @@ class Setup:
     max_live_parameters: int = 1_000_000_000
     persistence_threshold: int = 100_000   # ZeRO-3 keeps smaller parameters whole on every rank
     overlap_comm: bool = True
-    device: str = "cuda"                # cuda: FlashAttention and the Triton loss kernel | cpu: SDPA's math
-                                        # path ([N, S] softmax rows saved) and the PyTorch loss chunk
+    device: str = "cuda"                # cuda: FlashAttention and the Triton loss kernel | cpu: SDPA's flash
+                                        # kernel on padded head dims and the PyTorch loss chunk
     reserve: float = 0.10               # share of GPU memory kept free for the allocator
 
     @classmethod
@@ -136,21 +136,21 @@ class Params:
 # ----------------------------------------------------------------------------------------------
 # activations: elements saved for backward per token, per block kind
 # ----------------------------------------------------------------------------------------------
-def attention_saved(cfg: ModelConfig, seq: int, device: str) -> tuple[float, float]:
+def attention_saved(cfg: ModelConfig, device: str) -> tuple[float, float]:
     """(elements in the activation dtype, fp32 elements) MLA saves per token, its norm included:
     the block input, the norm's normalised and scaled outputs, the q low-rank path (output, normed,
     scaled), the kv latent + rope key, its norm (2), q and k [N, dqk], v and the output [N, dv],
-    and on the CPU (SDPA's math path) the softmax [N, S] (causal: the whole row is kept); flash
-    attention keeps the log-sum-exp [N] instead."""
+    and the flash kernels' log-sum-exp [N] (fp32). On CPUs SDPA's flash kernel gets q, k and v
+    padded to one head dim D (kernels/attention.py) and saves them and its output at D; the output
+    projection saves its own [N, dv] copy of the sliced output. No backend keeps an [N, S] row."""
     H, N = cfg.hidden_size, cfg.num_attention_heads
     dqk, dv, C = cfg.qk_head_dim, cfg.v_head_dim, cfg.kv_lora_rank
-    elems = 3 * H + 3 * (cfg.q_lora_rank or 0) + C + cfg.qk_rope_head_dim + 2 * C + 2 * N * dqk + 2 * N * dv
-    fp32 = 3.0   # rstd of the three norms
-    if device == "cpu":
-        elems += N * seq
+    elems = 3 * H + 3 * (cfg.q_lora_rank or 0) + C + cfg.qk_rope_head_dim + 2 * C
+    if device == "cpu" and dqk != dv:
+        elems += 4 * N * max(dqk, dv) + N * dv
     else:
-        fp32 += N
-    return elems, fp32
+        elems += 2 * N * dqk + 2 * N * dv
+    return elems, 3.0 + N   # rstd of the three norms, the log-sum-exp
 
 
 def mlp_saved(H: int, I: int) -> int:
@@ -181,7 +181,7 @@ def ffn_saved(cfg: ModelConfig, moe: bool, ep: int = 1) -> tuple[float, float]:
 def block_saved_bytes(cfg: ModelConfig, moe: bool, setup: Setup) -> float:
     """Bytes one block saves per token."""
     a = _BYTES[setup.dtype]
-    ae, af = attention_saved(cfg, setup.seq_length, setup.device)
+    ae, af = attention_saved(cfg, setup.device)
     fe, ff = ffn_saved(cfg, moe, setup.ep)
     return a * (ae + fe) + 4 * (af + ff)
 
