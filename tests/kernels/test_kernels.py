@@ -361,6 +361,40 @@ def test_linear_cross_entropy_equals_the_unfused_loss_and_gradients(dtype, chunk
         torch.testing.assert_close(kernels.linear_cross_entropy(h, w, y, -100, chunk), ref.detach(), rtol=tol, atol=tol)
 
 
+def test_linear_cross_entropy_sums_bf16_weight_gradients_without_fp32_copies():
+    """In bf16 each chunk's [V, H] weight gradient is added to the fp32 sum as it is: one fp32
+    [V, H] in all (the sum), not a cast copy per chunk; the sum is the same to the bit."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from megamoe import kernels
+    g = torch.Generator().manual_seed(0)
+    T, H, V, chunk = 23, 16, 50, 5
+    h = torch.randn(T, H, generator=g).bfloat16().requires_grad_()
+    w = (torch.randn(V, H, generator=g) * 0.3).bfloat16().requires_grad_()
+    y = torch.randint(0, V, (T,), generator=g)
+    fp32_VH = []
+
+    class Allocs(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if isinstance(out, torch.Tensor) and out.dtype == torch.float32 and out.shape == (V, H):
+                fp32_VH.append(func.name())
+            return out
+
+    with Allocs():
+        loss = kernels.linear_cross_entropy(h, w, y, -100, chunk)
+    assert fp32_VH.count("aten::_to_copy") == 1, fp32_VH
+    # the same sum the per-chunk fp32 copies gave, in the same order
+    ref = None
+    for s in range(0, T, chunk):
+        _, g_CV = kernels.reference._chunk_ce_torch(h[s:s + chunk] @ w.T, y[s:s + chunk],
+                                                    torch.tensor(float(T)), -100, True)
+        d = (g_CV.T @ h[s:s + chunk]).float()
+        ref = d if ref is None else ref + d
+    dw, = torch.autograd.grad(loss, w)
+    assert torch.equal(dw, ref.bfloat16())
+
+
 def test_linear_cross_entropy_under_autocast_casts_the_weight_once():
     """Under bf16 autocast the fused loss computes what the chunks' autocast matmuls computed
     (bf16 operands, the fp32 weight gradient summed in fp32), casting the fp32 weight once in
