@@ -7,7 +7,9 @@ one step of each per round (the machine is shared and noisy: interleaving spread
 each round on a new input (the same for all three: routing changes from step to step as in
 training), median per layer; each layer's FLOP/s (the same analytic count for all: router, routed and shared
 experts, forward and backward = 3x forward) as a fraction of the fp32 matmul peak measured in
-this process. Memory: a separate pass, each layer in its own subprocess so the peak is its own.
+this process. A fourth row, "matmuls only", times megamoe's matmuls alone at each round's
+routing (the same FLOPs, nothing else): the fraction of peak any layer built on these matmul
+kernels stays under. Memory: a separate pass, each layer in its own subprocess so the peak is its own.
 "peak MB" is the tensor peak of a warm step, gradients included: torch.cuda.max_memory_allocated
 on CUDA, the same count from torch.profiler's allocator events on CPU. "RSS MB" (CPU) is the
 process's resident-set growth during the first, cold step, sampled every ms with glibc's mmap
@@ -29,6 +31,7 @@ import time
 
 
 IMPLS = ("megamoe", "transformers", "deepspeed")
+MATMULS = "matmuls only"   # megamoe's matmuls alone: not a layer, the ceiling its kernels set
 
 
 def rss_bytes() -> int:
@@ -176,21 +179,59 @@ def layer_flops(a) -> float:
     return 3 * fwd
 
 
+def make_matmul_step(a, device, rounds):
+    """The layer's matmuls alone, at each round's routing: megamoe's router (the same weights)
+    gives the per-expert row counts, then the six grouped matmuls of the routed experts (forward
+    gate/up and down, their input and weight gradients) and the shared expert's and router's
+    matmuls run on operands allocated once (the token count after routing is fixed: dropless,
+    T x K rows). The same FLOPs as layer_flops: the ceiling for a layer built on these kernels."""
+    import torch
+
+    from megamoe import kernels
+    layer, _ = build("megamoe", a, device)
+    T, H, I, E, K = a.tokens, a.hidden, a.inter, a.experts, a.top_k
+    with torch.no_grad():
+        counts = {id(x): layer.router.route(x.view(T, H)).counts_E for x in rounds}
+    offs = {k: c.cumsum(0).to(torch.int32) for k, c in counts.items()}
+    g = torch.Generator(device=device).manual_seed(2)
+    rnd = lambda *shape: torch.randn(*shape, device=device, generator=g)  # noqa: E731
+    x_NH, dy_NH, a_NI, dh_N2I = rnd(T * K, H), rnd(T * K, H), rnd(T * K, I), rnd(T * K, 2 * I)
+    w_gu, w_d = rnd(E, 2 * I, H), rnd(E, H, I)
+    x_TH, dy_TH, w_r = rnd(T, H), rnd(T, H), rnd(E, H)
+    s_gu, s_d, s_a, s_dh = rnd(2 * I, H), rnd(H, I), rnd(T, I), rnd(T, 2 * I)
+
+    def step(x_in=None):
+        key = id(x_in) if x_in is not None else next(iter(counts))
+        c, o = counts[key], offs[key]
+        kernels.grouped_mm(x_NH, w_gu, c, o)                       # forward: gate/up
+        kernels.grouped_mm(a_NI, w_d, c, o)                        #          down
+        kernels.grouped_mm(dy_NH, w_d.transpose(1, 2), c, o)       # input gradients
+        kernels.grouped_mm(dh_N2I, w_gu.transpose(1, 2), c, o)
+        kernels.grouped_mm_wgrad(dy_NH, a_NI, c, o)                # weight gradients
+        kernels.grouped_mm_wgrad(dh_N2I, x_NH, c, o)
+        x_TH @ w_r.t(), dy_TH[:, :E] @ w_r, dy_TH[:, :E].t() @ x_TH              # router
+        x_TH @ s_gu.t(), s_a @ s_d.t(), dy_TH @ s_d, s_dh @ s_gu                 # shared expert
+        dy_TH.t() @ s_a, s_dh.t() @ x_TH
+    step.release = lambda: None
+    return step
+
+
 def time_interleaved(a, impls) -> tuple[dict, float, str]:
     import torch
 
     from megamoe.monitor import measure_cpu_matmul_peak
     torch.set_num_threads(a.threads)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    steps = {impl: make_step(impl, a, device) for impl in impls}
-    for step in steps.values():   # warm-up
-        step()
     # every round a new input, the same for every layer: as in training, the routing and with it
     # each expert's row count change from step to step (on CPUs a matmul of a new shape is
     # compiled first: with one input throughout, that cost would never be seen)
     gen = torch.Generator(device=device).manual_seed(1)
     rounds = [torch.randn(a.tokens // a.seq, a.seq, a.hidden, device=device, generator=gen) for _ in range(a.steps)]
-    times = {impl: [] for impl in impls}
+    steps = {impl: make_step(impl, a, device) for impl in impls}
+    steps[MATMULS] = make_matmul_step(a, device, rounds)
+    for step in steps.values():   # warm-up
+        step()
+    times = {impl: [] for impl in steps}
     for x in rounds:
         for impl, step in steps.items():
             t0 = time.perf_counter()
@@ -239,8 +280,11 @@ def main():
           f"{'mem vs megamoe':>15s}")
     for impl in ms:
         tr = ms[impl] / ms["megamoe"]
-        mr = mem[impl]["peak_mb"] / mem["megamoe"]["peak_mb"] if mem["megamoe"]["peak_mb"] > 0 else float("nan")
         frac = f"{100 * flops / (ms[impl] / 1000) / peak:7.1f}%" if peak else "     n/a"
+        if impl == MATMULS:
+            print(f"{impl:14s} {ms[impl]:9.1f} {frac} {'-':>9s} {'-':>8s} {tr:15.2f}x {'-':>15s}")
+            continue
+        mr = mem[impl]["peak_mb"] / mem["megamoe"]["peak_mb"] if mem["megamoe"]["peak_mb"] > 0 else float("nan")
         rss = f"{mem[impl]['rss_mb']:8.1f}" if device == "cpu" else "     n/a"
         print(f"{impl:14s} {ms[impl]:9.1f} {frac} {mem[impl]['peak_mb']:9.1f} {rss} {tr:15.2f}x {mr:14.2f}x")
 
