@@ -108,10 +108,11 @@ def test_flops_per_token_counts_active_experts_and_mla_attention():
 def test_flops_per_token_is_what_torch_counts(name, over, monkeypatch):
     """The training FLOPs per token that MFU and bench/quality.py's equal-compute budgets use,
     against torch's FlopCounterMode over a real forward + backward (experts as one matmul each so
-    that they are counted; attention runs as full S x S bmm's on the CPU, where ours is causal)."""
+    that they are counted; attention as the eager backend's full S x S bmm's, where ours is causal:
+    SDPA's CPU flash kernel has no FLOP formula)."""
     from torch.utils.flop_counter import FlopCounterMode
     monkeypatch.setenv("MEGAMOE_KERNELS", "reference")
-    cfg = ModelConfig.load(name, **over)
+    cfg = ModelConfig.load(name, attention_backend="eager", **over)
     model = cfg.build(seed=0).train()
     S = 64
     x = torch.randint(0, cfg.vocab_size, (2, S))
