@@ -255,8 +255,9 @@ def _sdpa_call(q_BSHD, k_BSHD, v_BSHE, scale, causal, docs: Optional[Documents] 
     if q_BSHD.device.type == "cpu" and q_BSHD.shape[-1] != Dv:
         # SDPA's one fused CPU kernel (flash) needs one head dim; MLA's differ (nope + rope vs v),
         # and the math fallback materialises [B, H, Sq, Sk] scores and probabilities in fp32.
-        # Padded (bench/attention.py, one thread, fwd+bwd, 48/32 dims): 1.2-1.4x faster at 256
-        # tokens, 1.6-2.5x at 1,024. CUDA's memory-efficient kernel takes unequal dims as they are.
+        # Padded (bench/attention.py, one thread, fwd+bwd, 48/32 dims): 1.3x faster at 256 tokens,
+        # 2.6-3.6x at 1,024, a tenth of the memory there. CUDA's memory-efficient kernel takes
+        # unequal dims as they are (not measured padded: no GPU here), so CUDA is left alone.
         q_BSHD, k_BSHD, v_BSHE = _one_head_dim(q_BSHD, k_BSHD, v_BSHE)
     q, k, v = (t.transpose(1, 2) for t in (q_BSHD, k_BSHD, v_BSHE))
     if docs is not None:
