@@ -212,7 +212,28 @@ def check_attention(dev, s: dict) -> list[dict]:
         r["fwd_bwd_ms"] = 1000 * timed(lambda: attn.attention(qb, kb, vb, scale, True, backend=name)
                                        .float().sum().backward(), dev)
         rows.append(r)
+    if dev.type == "cuda":
+        rows.append(sdpa_padded_row(attn, reference, q, k, v, scale, S, N, dev))
     return rows if oracle["ok"] else rows + [oracle]
+
+
+def sdpa_padded_row(attn, reference, q, k, v, scale, S, N, dev) -> dict:
+    """SDPA with v padded to 192 (what the sdpa backend does on CPUs, where it runs the flash
+    kernel instead of the math path), timed next to the sdpa row: on CUDA the sdpa backend leaves
+    MLA's dims as they are (the memory-efficient kernel takes them); whether padding into SDPA's
+    flash kernel is faster there has not been measured on a GPU yet."""
+    import torch
+    import torch.nn.functional as F
+
+    def padded(a, b, c):
+        qp, kp, vp = attn._one_head_dim(a, b, c)
+        out = F.scaled_dot_product_attention(*(t.transpose(1, 2) for t in (qp, kp, vp)), is_causal=True, scale=scale)
+        return out.transpose(1, 2)[..., :c.shape[-1]]
+    r = compare("attention", f"sdpa, v padded to 192, qk192/v128 S={S} heads {N}", padded,
+                lambda a, b, c: reference.attention(a, b, c, scale, True), [q, k, v], torch.bfloat16)
+    qb, kb, vb = (t.to(torch.bfloat16).requires_grad_() for t in (q, k, v))
+    r["fwd_bwd_ms"] = 1000 * timed(lambda: padded(qb, kb, vb).float().sum().backward(), dev)
+    return r
 
 
 def documents_agree(attn, reference, name, q, k, v, scale, r: dict) -> bool:

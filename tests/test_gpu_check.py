@@ -36,3 +36,23 @@ def test_gpu_check_without_a_gpu_says_so_and_exits_0():
     p = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu_check.py")], cwd=ROOT, capture_output=True,
                        text=True, timeout=120)
     assert p.returncode == 0 and "no CUDA GPU here" in p.stdout, p.stdout + p.stderr
+
+
+def test_the_padded_sdpa_row_agrees_with_the_oracle():
+    """The CUDA-only row (SDPA on v padded to 192, timed next to the sdpa backend), run here on CPU
+    tensors so that its first run on a GPU is not its first run."""
+    import importlib
+    import importlib.util
+
+    import torch
+
+    from megamoe.kernels import reference
+    spec = importlib.util.spec_from_file_location("gpu_check", ROOT / "bench" / "gpu_check.py")
+    gpu_check = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gpu_check)
+    attn = importlib.import_module("megamoe.kernels.attention")
+    g = torch.Generator().manual_seed(0)
+    q, k = (torch.randn(1, 16, 2, 192, generator=g) for _ in range(2))
+    v = torch.randn(1, 16, 2, 128, generator=g)
+    r = gpu_check.sdpa_padded_row(attn, reference, q, k, v, 192 ** -0.5, 16, 2, torch.device("cpu"))
+    assert r["ok"] and r["fwd_bwd_ms"] > 0 and "v padded to 192" in r["name"], r
