@@ -215,8 +215,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
             if want_h:
                 grad_h[s:s + chunk] = g_CV @ w_mm
             if want_w:   # the first chunk's product starts the fp32 sum (no zero-filled [V, H] to add to);
-                # later ones are added as they are (add_ upcasts exactly): no fp32 [V, H] temporary
-                # per chunk (3.7 GB at DeepSeek-V3's head in bf16)
+                # later ones are added as they are (add_ upcasts exactly): on GPUs add_ casts inside
+                # its kernel, so no fp32 [V, H] temporary per chunk (3.7 GB at DeepSeek-V3's head in
+                # bf16); on CPUs TensorIterator still makes one, as `.float()` did
                 dw_VH = g_CV.T @ h_CH
                 grad_w = dw_VH.float() if grad_w is None else grad_w.add_(dw_VH)
         ctx.save_for_backward(grad_h, grad_w)

@@ -362,8 +362,10 @@ def test_linear_cross_entropy_equals_the_unfused_loss_and_gradients(dtype, chunk
 
 
 def test_linear_cross_entropy_sums_bf16_weight_gradients_without_fp32_copies():
-    """In bf16 each chunk's [V, H] weight gradient is added to the fp32 sum as it is: one fp32
-    [V, H] in all (the sum), not a cast copy per chunk; the sum is the same to the bit."""
+    """In bf16 each chunk's [V, H] weight gradient is added to the fp32 sum as it is: one fp32 cast
+    in all (the sum's start), not one per chunk (on GPUs add_ casts inside its kernel; on CPUs
+    TensorIterator makes its own temporary, below the dispatcher this test sees); the sum is the
+    same to the bit."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     from megamoe import kernels
