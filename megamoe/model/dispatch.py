@@ -214,19 +214,24 @@ class Combine(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_TH: torch.Tensor):
+        # grad is used in its own dtype: every product below is still computed in `acc` and rounded
+        # once, as with an fp32 copy of grad, but on GPUs TensorIterator casts inside its kernels,
+        # so neither that [T, H] copy nor an fp32 [N, H] grad_y (805 MB per MoE layer at V2-Lite's
+        # micro batch 4 x 4096) is made; on CPUs TensorIterator still makes them itself
         y_NH, w_TK1, order, inverse = ctx.saved_tensors
         (T, K), acc = w_TK1.shape[:2], w_TK1.dtype
-        g_T1H = grad_TH.to(acc).unsqueeze(1)
+        g_T1H = grad_TH.unsqueeze(1)
         grad_w_TK = None
         if ctx.needs_input_grad[1]:
-            grad_w_TK = g_T1H.new_empty(T, K)
+            grad_w_TK = w_TK1.new_empty(T, K)
             for s, y_CKH in _slot_chunks(y_NH, inverse, T, K, acc):
                 e = s + y_CKH.shape[0]
                 torch.sum(y_CKH.mul_(g_T1H[s:e]), dim=-1, out=grad_w_TK[s:e])
             grad_w_TK = grad_w_TK.to(ctx.w_dtype)
         grad_y_NH = None
         if ctx.needs_input_grad[0]:
-            # pair n of expert order is (token order[n] // K, slot order[n] % K)
-            grad_y_NH = g_T1H[:, 0].index_select(0, order // K).mul_(w_TK1.view(-1, 1).index_select(0, order))
-            grad_y_NH = grad_y_NH.to(y_NH.dtype)
+            # pair n of expert order is (token order[n] // K, slot order[n] % K); the gather is in
+            # grad's dtype and the product, in `acc`, is written back into it in y's dtype
+            grad_y_NH = grad_TH.index_select(0, order // K)
+            grad_y_NH.mul_(w_TK1.view(-1, 1).index_select(0, order))
         return grad_y_NH, grad_w_TK, None, None

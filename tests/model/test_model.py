@@ -475,6 +475,35 @@ def test_combine_is_the_fp32_weighted_sum_bit_for_bit_across_chunks(dtype):
     assert torch.equal(y.grad, y_ref.grad) and torch.equal(w.grad, w_ref.grad)
 
 
+def test_combine_backward_makes_no_fp32_copy_of_bf16_gradients():
+    """In bf16 Combine's backward computes its products in fp32 from the bf16 gradient itself: no
+    fp32 [T, H] copy of it and no fp32 [N, H] gradient for y among the ops it dispatches (on GPUs
+    TensorIterator casts inside its kernels; CPUs make their temporaries below the dispatcher)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from megamoe.model.dispatch import Combine, inverse_permutation
+    T, K, H = 40, 4, 16
+    g = torch.Generator().manual_seed(0)
+    order = torch.argsort(torch.randint(0, 8, (T * K,), generator=g), stable=True)
+    y = torch.randn(T * K, H, generator=g).bfloat16().requires_grad_()
+    w = torch.rand(T, K, generator=g).requires_grad_()
+    out = Combine.apply(y, w, order, inverse_permutation(order))
+    big_fp32 = []
+
+    class Outputs(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            res = func(*args, **(kwargs or {}))
+            if isinstance(res, torch.Tensor) and res.dtype == torch.float32 and res.shape in ((T, H), (T * K, H)):
+                big_fp32.append((func.name(), tuple(res.shape)))
+            return res
+
+    grad = torch.randn(T, H, generator=g).bfloat16()
+    with Outputs():
+        out.backward(grad)
+    assert big_fp32 == [], big_fp32
+    assert y.grad.dtype == torch.bfloat16 and w.grad.dtype == torch.float32
+
+
 def test_routed_experts_and_combine_give_gradients_only_where_asked():
     """Each subset of (tokens, routing weights, gate/up, down) frozen: the others' gradients are
     autograd's through the plain ops, and nothing is computed for a frozen one."""
