@@ -65,6 +65,7 @@ class Setup:
     overlap_comm: bool = True
     device: str = "cuda"                # cuda: FlashAttention and the Triton loss kernel | cpu: SDPA's flash
                                         # kernel on padded head dims and the PyTorch loss chunk
+    kernels: str = "auto"               # RMSNorm's: triton | reference; auto: triton on cuda (MEGAMOE_KERNELS)
     reserve: float = 0.10               # share of GPU memory kept free for the allocator
 
     @classmethod
@@ -136,21 +137,31 @@ class Params:
 # ----------------------------------------------------------------------------------------------
 # activations: elements saved for backward per token, per block kind
 # ----------------------------------------------------------------------------------------------
-def attention_saved(cfg: ModelConfig, device: str) -> tuple[float, float]:
-    """(elements in the activation dtype, fp32 elements) MLA saves per token, its norm included:
-    the block input, the norm's normalised and scaled outputs, the q low-rank path (output, normed,
-    scaled), the kv latent + rope key, its norm (2), q and k [N, dqk], v and the output [N, dv],
-    and the flash kernels' log-sum-exp [N] (fp32). On CPUs SDPA's flash kernel gets q, k and v
+def norm_copies(s: Setup) -> tuple[int, int]:
+    """(copies in the activation dtype, fp32 copies) of its width an RMSNorm leaves saved, its
+    input and output included. The Triton kernel keeps its input (and an fp32 rstd, counted apart)
+    and the layer that reads it keeps its output: (2, 0). The PyTorch reference's autograd keeps
+    the input upcast to fp32 and the fp32 normalised values, and the reader its output: (1, 2)."""
+    triton = s.kernels == "triton" or (s.kernels == "auto" and s.device == "cuda")
+    return (2, 0) if triton else (1, 2)
+
+
+def attention_saved(cfg: ModelConfig, device: str, n: tuple[int, int] = (1, 2)) -> tuple[float, float]:
+    """(elements in the activation dtype, fp32 elements) MLA saves per token, its norm included,
+    each norm as `n` copies of its width (norm_copies): the block input's norm, the q low-rank
+    output's and the kv latent's, the rope key, q and k [N, dqk], v and the output [N, dv], three
+    rstd and the flash kernels' log-sum-exp [N] (fp32). On CPUs SDPA's flash kernel gets q, k and v
     padded to one head dim D (kernels/attention.py) and saves them and its output at D; the output
     projection saves its own [N, dv] copy of the sliced output. No backend keeps an [N, S] row."""
     H, N = cfg.hidden_size, cfg.num_attention_heads
     dqk, dv, C = cfg.qk_head_dim, cfg.v_head_dim, cfg.kv_lora_rank
-    elems = 3 * H + 3 * (cfg.q_lora_rank or 0) + C + cfg.qk_rope_head_dim + 2 * C
+    widths = H + (cfg.q_lora_rank or 0) + C
+    elems = n[0] * widths + cfg.qk_rope_head_dim
     if device == "cpu" and dqk != dv:
         elems += 4 * N * max(dqk, dv) + N * dv
     else:
         elems += 2 * N * dqk + 2 * N * dv
-    return elems, 3.0 + N   # rstd of the three norms, the log-sum-exp
+    return elems, n[1] * widths + 3.0 + N   # the norms' fp32 copies, their rstd, the log-sum-exp
 
 
 def mlp_saved(H: int, I: int) -> int:
@@ -158,9 +169,9 @@ def mlp_saved(H: int, I: int) -> int:
     return 4 * I
 
 
-def ffn_saved(cfg: ModelConfig, moe: bool, ep: int = 1) -> tuple[float, float]:
+def ffn_saved(cfg: ModelConfig, moe: bool, ep: int = 1, n: tuple[int, int] = (1, 2)) -> tuple[float, float]:
     """(activation-dtype elements, fp32 elements) per token of the FFN half of a block, its norm
-    and input included. MoE: each of the top-k copies of the token, the shared experts, the
+    and input included (`n` copies: norm_copies). MoE: each of the top-k copies of the token, the shared experts, the
     router's logits and scores (fp32) and its int64 indices/permutation (counted as 2 fp32 each).
     Per copy the gate/up output, from which backward recomputes the rest (model/dispatch.py), and
     the expert output kept for the weighted combine; at EP > 1 also the input in expert order that
@@ -168,7 +179,7 @@ def ffn_saved(cfg: ModelConfig, moe: bool, ep: int = 1) -> tuple[float, float]:
     (DeepSpeed's own experts, which AutoEP runs on pre-Hopper GPUs, keep silu and the product too:
     2I more per copy.)"""
     H = cfg.hidden_size
-    elems, fp32 = 3 * H, 1.0
+    elems, fp32 = n[0] * H, n[1] * H + 1.0
     if not moe:
         return elems + mlp_saved(H, cfg.intermediate_size), fp32
     K, I, E = cfg.num_experts_per_tok, cfg.moe_intermediate_size, cfg.n_routed_experts
@@ -181,8 +192,9 @@ def ffn_saved(cfg: ModelConfig, moe: bool, ep: int = 1) -> tuple[float, float]:
 def block_saved_bytes(cfg: ModelConfig, moe: bool, setup: Setup) -> float:
     """Bytes one block saves per token."""
     a = _BYTES[setup.dtype]
-    ae, af = attention_saved(cfg, setup.device)
-    fe, ff = ffn_saved(cfg, moe, setup.ep)
+    n = norm_copies(setup)
+    ae, af = attention_saved(cfg, setup.device, n)
+    fe, ff = ffn_saved(cfg, moe, setup.ep, n)
     return a * (ae + fe) + 4 * (af + ff)
 
 
@@ -243,8 +255,10 @@ def _activation_bytes(cfg: ModelConfig, s: Setup) -> tuple[float, float]:
     a, H = _BYTES[s.dtype], cfg.hidden_size
     saved = tokens * (len(kinds) * H * a if s.recompute else sum(per_block))
     saved += sum(kinds) * _cpu_expert_padding(cfg, s) * 2 * cfg.moe_intermediate_size * a
-    saved += tokens * (3 * H * a + 4)                                     # the final norm
-    saved += tokens * cfg.num_nextn_predict_layers * (11 * H * a + 12)   # MTP: 3 norms, the concat
+    n_a, n_f = norm_copies(s)
+    norm = n_a * H * a + n_f * H * 4 + 4
+    saved += tokens * norm                                                              # the final norm
+    saved += tokens * cfg.num_nextn_predict_layers * (3 * norm + 2 * H * a)   # MTP: 3 norms, the concat
     return saved, tokens * max(per_block) * (2 if s.recompute else 1)
 
 

@@ -475,6 +475,27 @@ def test_combine_is_the_fp32_weighted_sum_bit_for_bit_across_chunks(dtype):
     assert torch.equal(y.grad, y_ref.grad) and torch.equal(w.grad, w_ref.grad)
 
 
+def test_bf16_router_keeps_no_fp32_copy_of_its_input_and_gives_autograds_gradients():
+    """The router's fp32 logits from a bf16 input save the input as it is (no fp32 [T, H] copy for
+    backward), and the gradients are autograd's through `.float()` and F.linear, bit for bit."""
+    import torch.nn.functional as F
+
+    from megamoe.model.moe import RouterLogits
+    g = torch.Generator().manual_seed(0)
+    x0, w0 = torch.randn(96, 64, generator=g).bfloat16(), (torch.randn(8, 64, generator=g) * 0.1).bfloat16()
+    grad = torch.randn(96, 8, generator=g)
+    saved = []
+    x, w = x0.clone().requires_grad_(), w0.clone().requires_grad_()
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.dtype) or t, lambda t: t):
+        out = RouterLogits.apply(x, w)
+    assert saved == [torch.bfloat16, torch.bfloat16]
+    out.backward(grad)
+    x_ref, w_ref = x0.clone().requires_grad_(), w0.clone().requires_grad_()
+    ref = F.linear(x_ref.float(), w_ref.float())
+    ref.backward(grad)
+    assert torch.equal(out, ref) and torch.equal(x.grad, x_ref.grad) and torch.equal(w.grad, w_ref.grad)
+
+
 def test_combine_backward_makes_no_fp32_copy_of_bf16_gradients():
     """In bf16 Combine's backward computes its products in fp32 from the bf16 gradient itself: no
     fp32 [T, H] copy of it and no fp32 [N, H] gradient for y among the ops it dispatches (on GPUs

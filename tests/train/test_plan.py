@@ -19,9 +19,9 @@ ROOT = multirank.ROOT
 RANK_SCRIPT = ROOT / "tests" / "train" / "plan_rank.py"
 
 
-def saved_by_autograd(cfg: ModelConfig, batch: int, seq: int) -> int:
+def saved_by_autograd(cfg: ModelConfig, batch: int, seq: int, dtype=torch.float32) -> int:
     """Bytes of the distinct non-parameter storages autograd keeps for backward in one forward."""
-    model = cfg.build(seed=0)
+    model = cfg.build(seed=0).to(dtype)
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
     seen = {}
 
@@ -42,13 +42,32 @@ def saved_by_autograd(cfg: ModelConfig, batch: int, seq: int) -> int:
     ("tiny", {"num_nextn_predict_layers": 1}), ("tiny", {"q_lora_rank": None}),
     ("tiny", {"num_experts_per_tok": 4, "n_shared_experts": 0}),
 ])
-def test_activation_count_is_what_autograd_saves(name, overrides):
-    cfg = ModelConfig.load(name, **overrides)
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_activation_count_is_what_autograd_saves(name, overrides, dtype):
+    """fp32 and bf16 through the PyTorch reference kernels (the CPU path: its RMSNorm keeps fp32
+    copies in bf16)."""
+    assert_planned_is_saved(ModelConfig.load(name, **overrides), dtype, "reference")
+
+
+@pytest.mark.parametrize("name,overrides", [
+    ("tiny", {}), ("tiny", {"num_nextn_predict_layers": 1}),
+    ("small-moe", {"num_hidden_layers": 3, "num_experts_per_tok": 8}),   # the router kernel's top-k <= 8
+])
+def test_activation_count_with_the_gpu_kernels_is_what_autograd_saves(name, overrides, monkeypatch):
+    """bf16 through the Triton kernels the GPU runs (interpreted on the CPU: tests/conftest.py):
+    what the planner's GPU plans count for the norms (input and rstd kept, no fp32 copies) and
+    the router (no fp32 copy of its input either)."""
+    monkeypatch.setenv("MEGAMOE_KERNELS", "triton")
+    assert_planned_is_saved(ModelConfig.load(name, **overrides), "bf16", "triton")
+
+
+def assert_planned_is_saved(cfg: ModelConfig, dtype: str, kernels: str) -> None:
     batch, seq = 2, 48
-    setup = P.Setup(gpus=1, micro_batch=batch, seq_length=seq, dtype="fp32", grad_dtype="fp32", device="cpu")
+    setup = P.Setup(gpus=1, micro_batch=batch, seq_length=seq, dtype=dtype, grad_dtype=dtype, device="cpu",
+                    kernels=kernels)
     saved, _ = P._activation_bytes(cfg, setup)
     loss_saved, _ = P._loss_bytes(cfg, setup)
-    got = saved_by_autograd(cfg, batch, seq)
+    got = saved_by_autograd(cfg, batch, seq, {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype])
     assert abs((saved + loss_saved) / got - 1) < 0.05, f"planned {saved + loss_saved}, autograd saved {got}"
 
 
