@@ -93,7 +93,7 @@ class RouterLogits(torch.autograd.Function):
     """fp32 router logits, F.linear(x.float(), w.float()), keeping x and w as they came (bf16
     under DeepSpeed's bf16) and upcasting them again in backward: autograd through `.float()`
     would keep an fp32 copy of x, 4 bytes per token and hidden unit in every MoE layer (8 KB a
-    token at V2-Lite, about 9% of what its MoE layer saves). Backward makes autograd's two
+    token at V2-Lite, 7-9% of what its MoE layer saves). Backward makes autograd's two
     matmuls, in its layouts, so the gradients are its own to the bit."""
 
     @staticmethod
