@@ -494,6 +494,30 @@ def test_bf16_router_keeps_no_fp32_copy_of_its_input_and_gives_autograds_gradien
     ref = F.linear(x_ref.float(), w_ref.float())
     ref.backward(grad)
     assert torch.equal(out, ref) and torch.equal(x.grad, x_ref.grad) and torch.equal(w.grad, w_ref.grad)
+    # a frozen router weight: the input's gradient still comes back
+    x = x0.clone().requires_grad_()
+    RouterLogits.apply(x, w0).backward(grad)
+    assert torch.equal(x.grad, x_ref.grad)
+
+
+def test_a_bf16_model_routes_through_router_logits_unless_jitter_or_autocast():
+    """The Router takes RouterLogits for bf16 tokens in training, and the plain fp32 path (which
+    copies x) under input jitter or autocast: what autograd saves shows which ran."""
+    cfg = TINY
+    router = cfg.build(seed=0).to(torch.bfloat16).train().layers[1].ffn.router
+    x = torch.randn(48, cfg.hidden_size, generator=torch.Generator().manual_seed(0)).bfloat16().requires_grad_()
+
+    def fp32_copies_saved() -> int:
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+            router.route(x)
+        return sum(t.dtype == torch.float32 and t.shape == x.shape for t in saved)
+    assert fp32_copies_saved() == 0
+    router.jitter = 0.01
+    assert fp32_copies_saved() >= 1
+    router.jitter = 0.0
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert fp32_copies_saved() == 0 and router.route(x).weights_TK.isfinite().all()
 
 
 def test_combine_backward_makes_no_fp32_copy_of_bf16_gradients():
