@@ -165,8 +165,9 @@ def attention_saved(cfg: ModelConfig, device: str, n: tuple[int, int] = (1, 2)) 
 
 
 def mlp_saved(H: int, I: int) -> int:
-    """A SwiGLU MLP: gate and up outputs, silu(gate), the product (the down projection's input)."""
-    return 4 * I
+    """A SwiGLU MLP: its gate and up outputs; backward rebuilds silu(gate) and the product
+    (layers.SwiGLUDown)."""
+    return 2 * I
 
 
 def ffn_saved(cfg: ModelConfig, moe: bool, ep: int = 1, n: tuple[int, int] = (1, 2)) -> tuple[float, float]:
@@ -248,18 +249,25 @@ def _state_bytes(s: Setup, p: Params) -> dict[str, float]:
 
 def _activation_bytes(cfg: ModelConfig, s: Setup) -> tuple[float, float]:
     """(what the forward leaves saved for backward: with recompute each layer's input only;
-    the backward working set: one layer's gradients, plus with recompute its activations rebuilt)."""
+    the backward working set: one layer's gradients and its SwiGLUs' rebuilt products, plus with
+    recompute its activations rebuilt)."""
     tokens = s.micro_batch * s.seq_length
     kinds = [cfg.is_moe_layer(i) for i in range(cfg.num_hidden_layers)] + [cfg.is_moe] * cfg.num_nextn_predict_layers
     per_block = [block_saved_bytes(cfg, moe, s) for moe in kinds]
     a, H = _BYTES[s.dtype], cfg.hidden_size
     saved = tokens * (len(kinds) * H * a if s.recompute else sum(per_block))
     saved += sum(kinds) * _cpu_expert_padding(cfg, s) * 2 * cfg.moe_intermediate_size * a
+    # norms whose reader keeps nothing (the fused loss saves gradients, not its input; MTP's
+    # torch.cat keeps nothing either): their output is not saved
     n_a, n_f = norm_copies(s)
-    norm = n_a * H * a + n_f * H * 4 + 4
+    norm = (n_a - 1) * H * a + n_f * H * 4 + 4
     saved += tokens * norm                                                              # the final norm
     saved += tokens * cfg.num_nextn_predict_layers * (3 * norm + 2 * H * a)   # MTP: 3 norms, the concat
-    return saved, tokens * max(per_block) * (2 if s.recompute else 1)
+    # backward also rebuilds each SwiGLU's silu(gate) and product (MLPs and routed experts alike)
+    rebuilt = [2 * a * (cfg.intermediate_size if not moe else cfg.moe_intermediate_size
+                        * (cfg.n_shared_experts + cfg.num_experts_per_tok)) for moe in kinds]
+    work = max(b + r for b, r in zip(per_block, rebuilt)) + (max(per_block) if s.recompute else 0)
+    return saved, tokens * work
 
 
 def _cpu_expert_padding(cfg: ModelConfig, s: Setup) -> float:

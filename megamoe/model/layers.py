@@ -21,6 +21,41 @@ class RMSNorm(nn.Module):
         return kernels.rms_norm(x, self.weight, self.eps)
 
 
+class _SwiGLUDown(torch.autograd.Function):
+    """down(silu(gate) * up) keeping only gate and up for backward, which rebuilds silu(gate) and
+    the product (an elementwise op) where autograd would keep both: 2 x intermediate fewer values
+    per token, as the routed experts do (model/dispatch.py) and Megatron-Core's activation
+    recompute. Backward makes autograd's ops in its order and layouts: the same numbers."""
+
+    @staticmethod
+    def forward(ctx, gate: torch.Tensor, up: torch.Tensor, w_HI: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(gate, up, w_HI)
+        return F.linear(F.silu(gate) * up, w_HI)
+
+    @staticmethod
+    def backward(ctx, dy: torch.Tensor):
+        gate, up, w_HI = ctx.saved_tensors
+        silu = F.silu(gate)
+        dw = None
+        if ctx.needs_input_grad[2]:
+            dw = ((silu * up).reshape(-1, up.shape[-1]).t() @ dy.reshape(-1, dy.shape[-1])).t()
+        d_act = dy @ w_HI
+        d_gate = torch.ops.aten.silu_backward(d_act * up, gate) if ctx.needs_input_grad[0] else None
+        d_up = d_act * silu if ctx.needs_input_grad[1] else None
+        return d_gate, d_up, dw
+
+
+class SwiGLUDown(nn.Linear):
+    """The down projection of a SwiGLU MLP, fed gate and up rather than their product (see
+    _SwiGLUDown). Its weight is nn.Linear's [hidden, intermediate], named and initialised as one,
+    so checkpoints, HF names and ZeRO-3's per-module gathering are unchanged."""
+
+    def forward(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        # autocast covers F.linear but not the Function's backward: cast once here, differentiably
+        gate, up, w = kernels.autocast_operands(gate, up, self.weight)
+        return _SwiGLUDown.apply(gate, up, w)
+
+
 class MLP(nn.Module):
     """SwiGLU feed-forward: down(silu(gate(x)) * up(x)). Dense layers and shared experts."""
 
@@ -28,10 +63,10 @@ class MLP(nn.Module):
         super().__init__()
         self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
         self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
-        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+        self.down_proj = SwiGLUDown(intermediate_size, hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(self.gate_proj(x), self.up_proj(x))
 
 
 def rope_inv_freq(cfg: ModelConfig) -> tuple[torch.Tensor, float]:

@@ -520,6 +520,34 @@ def test_a_bf16_model_routes_through_router_logits_unless_jitter_or_autocast():
         assert fp32_copies_saved() == 0 and router.route(x).weights_TK.isfinite().all()
 
 
+@pytest.mark.parametrize("dtype,autocast", [(torch.float32, False), (torch.bfloat16, False), (torch.float32, True)])
+def test_swiglu_mlp_keeps_gate_and_up_only_and_gives_autograds_numbers(dtype, autocast):
+    """The MLP (dense layers, shared experts) keeps its input and its gate and up outputs for
+    backward, not silu(gate) or the product, and its output and gradients are those of autograd
+    through down(silu(gate(x)) * up(x)), bit for bit, in fp32, bf16 and under bf16 autocast."""
+    import torch.nn.functional as F
+
+    from megamoe.model.layers import MLP
+    g = torch.Generator().manual_seed(0)
+    mlp = MLP(64, 96).to(dtype)
+    for p in mlp.parameters():
+        torch.nn.init.normal_(p, std=0.05, generator=g)
+    x0, dy = torch.randn(2, 24, 64, generator=g).to(dtype), torch.randn(2, 24, 64, generator=g)
+
+    def run(ours: bool):
+        x, saved = x0.clone().requires_grad_(), []
+        mlp.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast), \
+                torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+            y = mlp(x) if ours else F.linear(F.silu(mlp.gate_proj(x)) * mlp.up_proj(x), mlp.down_proj.weight)
+        y.backward(dy.to(y.dtype))
+        wide = {t.untyped_storage().data_ptr() for t in saved if t.shape[-1] == 96 and t.numel() == 48 * 96}
+        return [y, x.grad, *(p.grad for p in mlp.parameters())], len(wide)
+    (ours, kept), (ref, kept_ref) = run(True), run(False)
+    assert all(torch.equal(a, b) for a, b in zip(ours, ref))
+    assert (kept, kept_ref) == (2, 4)   # [tokens, intermediate]: gate and up (autograd: silu and the product too)
+
+
 def test_combine_backward_makes_no_fp32_copy_of_bf16_gradients():
     """In bf16 Combine's backward computes its products in fp32 from the bf16 gradient itself: no
     fp32 [T, H] copy of it and no fp32 [N, H] gradient for y among the ops it dispatches (on GPUs
