@@ -195,8 +195,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
     linear cross-entropy): per chunk of tokens the logits live only until that chunk's
     softmax - onehot has gone through both matmuls. Backward scales the saved gradients. The
     numbers are the unfused path's: logits in h's dtype, softmax in fp32, d(logits) rounded to h's
-    dtype for the matmuls; d(w) accumulates in fp32 across chunks. `chunk_ce` does one chunk's
-    loss and gradient (_chunk_ce_torch, or the Triton kernel on GPUs)."""
+    dtype for the matmuls; d(w) accumulates in fp32 across chunks and is kept in w's dtype (like
+    d(h), scaled by the upstream gradient after that rounding). `chunk_ce` does one chunk's loss
+    and gradient (_chunk_ce_torch, or the Triton kernel on GPUs)."""
 
     @staticmethod
     def forward(ctx, h_TH, w_VH, labels_T, ignore_index: int, chunk: int, chunk_ce):
@@ -220,18 +221,22 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 # bf16); on CPUs TensorIterator still makes one, as `.float()` did
                 dw_VH = g_CV.T @ h_CH
                 grad_w = dw_VH.float() if grad_w is None else grad_w.add_(dw_VH)
+        if grad_w is not None:
+            # held until backward in w's dtype, rounded once here as grad_h is: the fp32 sum would
+            # hold 3.7 GB per head call at DeepSeek-V3's head through the whole backward, bf16 half
+            grad_w = grad_w.to(w_VH.dtype)
         ctx.save_for_backward(grad_h, grad_w)
-        ctx.w_dtype = w_VH.dtype
         return total / n_valid
 
     @staticmethod
     def backward(ctx, grad_loss):
-        # The saved gradients are this Function's own buffers: scaled in place, so the [V, H] fp32
-        # weight gradient is not held twice (3.7 GB each at DeepSeek-V3's head). A second backward
-        # through a retained graph is then refused by autograd's version check, not mis-scaled.
+        # The saved gradients are this Function's own buffers: scaled in place, so the [V, H]
+        # weight gradient is not held twice (1.85 GB each at DeepSeek-V3's head in bf16). A second
+        # backward through a retained graph is then refused by autograd's version check, not
+        # mis-scaled.
         grad_h, grad_w = ctx.saved_tensors
         dh = grad_h.mul_(grad_loss.to(grad_h.dtype)) if grad_h is not None else None
-        dw = grad_w.mul_(grad_loss).to(ctx.w_dtype) if grad_w is not None else None
+        dw = grad_w.mul_(grad_loss.to(grad_w.dtype)) if grad_w is not None else None
         return dh, dw, None, None, None, None
 
 

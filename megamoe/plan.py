@@ -286,14 +286,16 @@ def _cpu_expert_padding(cfg: ModelConfig, s: Setup) -> float:
 
 
 def _loss_bytes(cfg: ModelConfig, s: Setup) -> tuple[float, float]:
-    """(saved until backward: per head call the fp32 weight gradient and the hidden-state gradient;
-    one chunk's logits while it is computed: in the model dtype, plus the fp32 log-sum-exp pass of
-    the PyTorch path; the Triton kernel works in place)."""
+    """(saved until backward: per head call the weight gradient and the hidden-state gradient, in
+    the model dtype; while a head call runs: one chunk's logits (in the model dtype, plus the fp32
+    log-sum-exp pass of the PyTorch path; the Triton kernel works in place) and, for a 16-bit
+    model, the fp32 weight-gradient sum before its cast)."""
     from megamoe.kernels.reference import device_lm_chunk
     tokens, a, V, H = s.micro_batch * s.seq_length, _BYTES[s.dtype], cfg.vocab_size, cfg.hidden_size
     heads = 1 + cfg.num_nextn_predict_layers
     chunk = min(tokens, device_lm_chunk(V, s.device))
-    return heads * (4 * V * H + tokens * H * a), chunk * V * (a if s.device == "cuda" else a + 4)
+    building = 4 * V * H if a != 4 else 0
+    return heads * (a * V * H + tokens * H * a), chunk * V * (a if s.device == "cuda" else a + 4) + building
 
 
 def _comm_bytes(cfg: ModelConfig, s: Setup) -> float:

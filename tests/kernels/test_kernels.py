@@ -365,7 +365,7 @@ def test_linear_cross_entropy_sums_bf16_weight_gradients_without_fp32_copies():
     """In bf16 each chunk's [V, H] weight gradient is added to the fp32 sum as it is: one fp32 cast
     in all (the sum's start), not one per chunk (on GPUs add_ casts inside its kernel; on CPUs
     TensorIterator makes its own temporary, below the dispatcher this test sees); the sum is the
-    same to the bit."""
+    same to the bit, and what waits for backward is its bf16 rounding, not the fp32 sum."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     from megamoe import kernels
@@ -383,9 +383,12 @@ def test_linear_cross_entropy_sums_bf16_weight_gradients_without_fp32_copies():
                 fp32_VH.append(func.name())
             return out
 
-    with Allocs():
+    held = []
+    with Allocs(), torch.autograd.graph.saved_tensors_hooks(lambda t: held.append(t) or t, lambda t: t):
         loss = kernels.linear_cross_entropy(h, w, y, -100, chunk)
     assert fp32_VH.count("aten::_to_copy") == 1, fp32_VH
+    # held until backward at w's size: the sum is rounded to bf16 once, at the end of forward
+    assert [t.dtype for t in held if t.shape == (V, H)] == [torch.bfloat16]
     # the same sum the per-chunk fp32 copies gave, in the same order
     ref = None
     for s in range(0, T, chunk):
