@@ -196,7 +196,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
     softmax - onehot has gone through both matmuls. Backward scales the saved gradients. The
     numbers are the unfused path's: logits in h's dtype, softmax in fp32, d(logits) rounded to h's
     dtype for the matmuls; d(w) accumulates in fp32 across chunks and is kept in w's dtype (like
-    d(h), scaled by the upstream gradient after that rounding). `chunk_ce` does one chunk's loss
+    d(h); both are scaled by the upstream gradient in backward, one more rounding). `chunk_ce` does one chunk's loss
     and gradient (_chunk_ce_torch, or the Triton kernel on GPUs)."""
 
     @staticmethod
@@ -234,9 +234,10 @@ class _LinearCrossEntropy(torch.autograd.Function):
         # weight gradient is not held twice (1.85 GB each at DeepSeek-V3's head in bf16). A second
         # backward through a retained graph is then refused by autograd's version check, not
         # mis-scaled.
+        # mul_ keeps each buffer's dtype and multiplies by the fp32 scale before rounding once
         grad_h, grad_w = ctx.saved_tensors
-        dh = grad_h.mul_(grad_loss.to(grad_h.dtype)) if grad_h is not None else None
-        dw = grad_w.mul_(grad_loss.to(grad_w.dtype)) if grad_w is not None else None
+        dh = grad_h.mul_(grad_loss) if grad_h is not None else None
+        dw = grad_w.mul_(grad_loss) if grad_w is not None else None
         return dh, dw, None, None, None, None
 
 

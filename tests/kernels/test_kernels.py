@@ -396,8 +396,12 @@ def test_linear_cross_entropy_sums_bf16_weight_gradients_without_fp32_copies():
                                                     torch.tensor(float(T)), -100, True)
         d = (g_CV.T @ h[s:s + chunk]).float()
         ref = d if ref is None else ref + d
-    dw, = torch.autograd.grad(loss, w)
+    dw, = torch.autograd.grad(loss, w, retain_graph=True)
     assert torch.equal(dw, ref.bfloat16())
+    # an upstream scale is applied in fp32 to the rounded sum and rounded once (0.3 is not a bf16)
+    loss = kernels.linear_cross_entropy(h, w, y, -100, chunk)
+    dw, = torch.autograd.grad(loss * 0.3, w)
+    assert torch.equal(dw, (ref.bfloat16().float() * torch.tensor(0.3)).bfloat16())
 
 
 def test_linear_cross_entropy_under_autocast_casts_the_weight_once():
