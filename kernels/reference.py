@@ -196,8 +196,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
     softmax - onehot has gone through both matmuls. Backward scales the saved gradients. The
     numbers are the unfused path's: logits in h's dtype, softmax in fp32, d(logits) rounded to h's
     dtype for the matmuls; d(w) accumulates in fp32 across chunks and is kept in w's dtype (like
-    d(h); both are scaled by the upstream gradient in backward, one more rounding). `chunk_ce` does one chunk's loss
-    and gradient (_chunk_ce_torch, or the Triton kernel on GPUs)."""
+    d(h); both are scaled by the upstream gradient in backward, one more rounding). `chunk_ce`
+    does one chunk's loss and gradient (_chunk_ce_torch, or the Triton kernel on GPUs)."""
 
     @staticmethod
     def forward(ctx, h_TH, w_VH, labels_T, ignore_index: int, chunk: int, chunk_ce):
@@ -230,11 +230,10 @@ class _LinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss):
-        # The saved gradients are this Function's own buffers: scaled in place, so the [V, H]
-        # weight gradient is not held twice (1.85 GB each at DeepSeek-V3's head in bf16). A second
-        # backward through a retained graph is then refused by autograd's version check, not
-        # mis-scaled.
-        # mul_ keeps each buffer's dtype and multiplies by the fp32 scale before rounding once
+        # The saved gradients are this Function's own buffers: scaled in place (mul_ keeps their
+        # dtype, multiplying by the fp32 scale before rounding once), so the [V, H] weight gradient
+        # is not held twice (1.85 GB each at DeepSeek-V3's head in bf16). A second backward through
+        # a retained graph is then refused by autograd's version check, not mis-scaled.
         grad_h, grad_w = ctx.saved_tensors
         dh = grad_h.mul_(grad_loss) if grad_h is not None else None
         dw = grad_w.mul_(grad_loss) if grad_w is not None else None

@@ -65,7 +65,8 @@ class Setup:
     overlap_comm: bool = True
     device: str = "cuda"                # cuda: FlashAttention and the Triton loss kernel | cpu: SDPA's flash
                                         # kernel on padded head dims and the PyTorch loss chunk
-    kernels: str = "auto"               # RMSNorm's: triton | reference; auto: triton on cuda (MEGAMOE_KERNELS)
+    kernels: str = "auto"               # the target's RMSNorm: triton | reference; auto: triton on cuda
+                                        # (MEGAMOE_KERNELS=auto's rule; this process's setting is not read)
     reserve: float = 0.10               # share of GPU memory kept free for the allocator
 
     @classmethod
@@ -172,8 +173,9 @@ def mlp_saved(H: int, I: int) -> int:
 
 def ffn_saved(cfg: ModelConfig, moe: bool, ep: int = 1, n: tuple[int, int] = (1, 2)) -> tuple[float, float]:
     """(activation-dtype elements, fp32 elements) per token of the FFN half of a block, its norm
-    and input included (`n` copies: norm_copies). MoE: each of the top-k copies of the token, the shared experts, the
-    router's logits and scores (fp32) and its int64 indices/permutation (counted as 2 fp32 each).
+    and input included (`n` copies: norm_copies). MoE: each of the top-k copies of the token, the
+    shared experts, the router's logits and scores (fp32) and its int64 indices/permutation
+    (counted as 2 fp32 each).
     Per copy the gate/up output, from which backward recomputes the rest (model/dispatch.py), and
     the expert output kept for the weighted combine; at EP > 1 also the input in expert order that
     AutoEP's all-to-all delivers (at EP 1 the gather from the token's row is redone in backward).
