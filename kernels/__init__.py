@@ -162,10 +162,12 @@ def expert_row_block(x: torch.Tensor, w: torch.Tensor) -> int:
     return row_block(x.device.type, x.dtype) if grouped_mm_supported(x, w) else 1
 
 
-def row_block(device_type: str, dtype: torch.dtype) -> int:
-    """expert_row_block's rule by device and dtype alone, for where there are no tensors yet (the
-    memory planner): CPU_EXPERT_ROW_BLOCK for bf16/fp16 on CPUs unless the reference backend runs."""
-    if device_type != "cpu" or dtype not in (torch.bfloat16, torch.float16) or backend() == "reference":
+def row_block(device_type: str, dtype: torch.dtype, kernel_backend: Optional[str] = None) -> int:
+    """expert_row_block's rule by device, dtype and backend alone (default: this process's
+    backend()), for where there are no tensors yet (the memory planner, which passes its target's
+    backend): CPU_EXPERT_ROW_BLOCK for bf16/fp16 on CPUs unless the reference backend runs."""
+    name = backend() if kernel_backend is None else kernel_backend
+    if device_type != "cpu" or dtype not in (torch.bfloat16, torch.float16) or name == "reference":
         return 1
     return max(1, CPU_EXPERT_ROW_BLOCK)
 

@@ -65,8 +65,9 @@ class Setup:
     overlap_comm: bool = True
     device: str = "cuda"                # cuda: FlashAttention and the Triton loss kernel | cpu: SDPA's flash
                                         # kernel on padded head dims and the PyTorch loss chunk
-    kernels: str = "auto"               # the target's RMSNorm: triton | reference; auto: triton on cuda
-                                        # (MEGAMOE_KERNELS=auto's rule; this process's setting is not read)
+    kernels: str = "auto"               # the target's MEGAMOE_KERNELS: auto | triton | reference (auto:
+                                        # Triton on cuda); decides the norms and the CPU experts' padding;
+                                        # this process's setting is not read
     reserve: float = 0.10               # share of GPU memory kept free for the allocator
 
     @classmethod
@@ -279,7 +280,8 @@ def _cpu_expert_padding(cfg: ModelConfig, s: Setup) -> float:
     import torch
 
     from megamoe.kernels import row_block
-    B = row_block(s.device, {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[s.dtype])
+    B = row_block(s.device, {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[s.dtype],
+                  s.kernels)
     if B == 1 or not cfg.is_moe:
         return 0.0
     local = cfg.n_routed_experts / s.ep

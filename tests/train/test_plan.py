@@ -44,9 +44,21 @@ def saved_by_autograd(cfg: ModelConfig, batch: int, seq: int, dtype=torch.float3
 ])
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
 def test_activation_count_is_what_autograd_saves(name, overrides, dtype):
-    """fp32 and bf16 through the PyTorch reference kernels (the CPU path: its RMSNorm keeps fp32
-    copies in bf16)."""
-    assert_planned_is_saved(ModelConfig.load(name, **overrides), dtype, "reference")
+    """fp32 and bf16 as a CPU runs them by default (MEGAMOE_KERNELS=auto): the PyTorch reference
+    kernels (its RMSNorm keeps fp32 copies in bf16) and, in bf16, the experts' padded rows."""
+    assert_planned_is_saved(ModelConfig.load(name, **overrides), dtype, "auto")
+
+
+def test_activation_count_follows_the_planned_backend_not_this_process(monkeypatch):
+    """The planner describes the target: its Setup.kernels decides both the norms and the CPU
+    experts' row padding, whatever MEGAMOE_KERNELS this process has. With the reference backend
+    the experts are not padded, and the plan still matches what autograd saves."""
+    cfg = ModelConfig.load("small-moe", num_hidden_layers=3)
+    setup = P.Setup(gpus=1, micro_batch=2, seq_length=48, device="cpu")
+    monkeypatch.setenv("MEGAMOE_KERNELS", "reference")
+    assert P._cpu_expert_padding(cfg, setup) > 0                     # auto pads on CPUs in bf16
+    assert P._cpu_expert_padding(cfg, dataclasses.replace(setup, kernels="reference")) == 0
+    assert_planned_is_saved(cfg, "bf16", "reference")
 
 
 @pytest.mark.parametrize("name,overrides", [
