@@ -27,7 +27,7 @@ def test_gpu_check_passes_on_the_cpu_at_tiny_shapes(tmp_path):
     names = " | ".join(r["name"] for r in report["rows"])
     for expected in ("rms_norm strided", "rope", "router E=256 top-8 sigmoid groups 8/4", "NaN row", "fused LM head",
                      "sdpa qk192/v128",
-                     "MoE layer fwd+bwd", "training loop", "loss falls", "resume at 12", "throughput"):
+                     "MoE layer fwd+bwd", "training loop", "loss falls", "resume at 12", "throughput", "planner"):
         assert expected in names, names
     assert "gpu-check: PASSED" in p.stdout
 
@@ -56,3 +56,26 @@ def test_the_padded_sdpa_row_agrees_with_the_oracle():
     v = torch.randn(1, 16, 2, 128, generator=g)
     r = gpu_check.sdpa_padded_row(attn, reference, q, k, v, 192 ** -0.5, 16, 2, torch.device("cpu"))
     assert r["ok"] and r["fwd_bwd_ms"] > 0 and "v padded to 192" in r["name"], r
+
+
+def test_the_planner_row_holds_the_measured_cuda_peak_to_15_percent():
+    """The CUDA-only comparison of the end-to-end run's tensor peak with megamoe-plan's figure for
+    the same setup, fed numbers here: it passes within 15% of the plan and fails outside."""
+    import importlib.util
+
+    import torch
+
+    from megamoe.config import ModelConfig
+    spec = importlib.util.spec_from_file_location("gpu_check", ROOT / "bench" / "gpu_check.py")
+    gpu_check = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gpu_check)
+    s = gpu_check.FULL
+    cfg = ModelConfig.load(s["preset"], num_hidden_layers=s["e2e_layers"])
+    cuda = torch.device("cuda")          # only named: the planner allocates nothing
+    planned = gpu_check.planner_row(cfg, s, cuda, 1.0)["planned_gib"]
+    assert 5 < planned < 80                # V2-Lite x4 layers, micro batch 4 x 4096, one GPU
+    assert gpu_check.planner_row(cfg, s, cuda, 1.1 * planned)["ok"]
+    assert not gpu_check.planner_row(cfg, s, cuda, 1.2 * planned)["ok"]
+    assert not gpu_check.planner_row(cfg, s, cuda, 0.8 * planned)["ok"]
+    cpu = gpu_check.planner_row(cfg, s, torch.device("cpu"), 3.0)
+    assert cpu["ok"] and "CUDA only" in cpu["reason"]
