@@ -140,7 +140,8 @@ def loss_row(dev, s: dict, dtype, g) -> dict:
     T, H, V = s["ce_tokens"], s["ce_hidden"], s["ce_vocab"]
     h, w = torch.randn(T, H, generator=g), torch.randn(V, H, generator=g) * 0.05
     y = torch.randint(0, V, (T,), generator=g).to(dev)
-    return compare("kernels", f"fused LM head + loss [{T}, {H}] x vocab {V}",
+    fused = "fp32 GEMM accumulation" if kernels.gemm_accumulates_in_fp32(dev, dtype) else "16-bit products added"
+    return compare("kernels", f"fused LM head + loss [{T}, {H}] x vocab {V} ({fused})",
                    lambda a, b: kernels.linear_cross_entropy(a, b, y),
                    lambda a, b: reference.linear_cross_entropy(a, b, y), [h.to(dev), w.to(dev)], dtype)
 

@@ -122,12 +122,48 @@ def linear_cross_entropy(h_TH: torch.Tensor, w_VH: torch.Tensor, labels_T: torch
                          ignore_index: int = -100, chunk: Optional[int] = None) -> torch.Tensor:
     """LM head + mean cross-entropy in token chunks, never holding [T, V] fp32 logits
     (reference.linear_cross_entropy); each chunk's loss and gradient by kernels/cross_entropy.py
-    under Triton, in place over the chunk's logits."""
+    under Triton, in place over the chunk's logits; in 16 bits on CUDA each chunk's weight
+    gradient accumulated into the fp32 sum by the matmul itself where torch can
+    (fp32_accumulating_mm)."""
     chunk_ce = None
     if use_triton(h_TH):
         from . import cross_entropy
         chunk_ce = cross_entropy.chunk_cross_entropy
-    return reference.linear_cross_entropy(h_TH, w_VH, labels_T, ignore_index, chunk, chunk_ce)
+    mm_dtype = torch.get_autocast_dtype("cuda") if h_TH.is_cuda and torch.is_autocast_enabled("cuda") else h_TH.dtype
+    accumulate = fp32_accumulating_mm if gemm_accumulates_in_fp32(h_TH.device, mm_dtype) else None
+    return reference.linear_cross_entropy(h_TH, w_VH, labels_T, ignore_index, chunk, chunk_ce, accumulate)
+
+
+def fp32_accumulating_mm(acc_VH: Optional[torch.Tensor], a_VC: torch.Tensor, b_CH: torch.Tensor) -> torch.Tensor:
+    """reference.accumulate_mm for 16-bit operands on CUDA: the matmul accumulates in fp32 and
+    adds into the fp32 sum itself (cuBLAS with an fp32 C, beta 1; torch's out_dtype matmuls), as
+    Megatron-Core's gradient-accumulation fusion does. Per chunk of the fused loss that saves the
+    16-bit [V, H] product and the pass that adds it (1.85 GB written and read twice at
+    DeepSeek-V3's head), and the product is no longer rounded to 16 bits before the sum."""
+    if acc_VH is None:
+        return torch.mm(a_VC, b_CH, out_dtype=torch.float32)
+    return torch.addmm(acc_VH, a_VC, b_CH, out_dtype=torch.float32, out=acc_VH)
+
+
+_FP32_ACCUMULATION: dict = {}
+
+
+def gemm_accumulates_in_fp32(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether fp32_accumulating_mm runs here: CUDA, 16-bit operands, and a torch whose CUDA
+    addmm takes an fp32 `self` with 16-bit matrices (older ones refuse it: then the product is
+    added as reference.accumulate_mm does). Found once per device and dtype by a call on 16 x 16
+    tensors, which only raises or not: no value is read back."""
+    if device.type != "cuda" or dtype not in (torch.bfloat16, torch.float16):
+        return False
+    key = (device, dtype)
+    if key not in _FP32_ACCUMULATION:
+        a = torch.zeros(16, 16, device=device, dtype=dtype)
+        try:
+            fp32_accumulating_mm(fp32_accumulating_mm(None, a, a), a, a)
+            _FP32_ACCUMULATION[key] = True
+        except (RuntimeError, TypeError, NotImplementedError):
+            _FP32_ACCUMULATION[key] = False
+    return _FP32_ACCUMULATION[key]
 
 
 def grouped_mm_supported(x: torch.Tensor, w: torch.Tensor) -> bool:

@@ -197,10 +197,12 @@ class _LinearCrossEntropy(torch.autograd.Function):
     numbers are the unfused path's: logits in h's dtype, softmax in fp32, d(logits) rounded to h's
     dtype for the matmuls; d(w) accumulates in fp32 across chunks and is kept in w's dtype (like
     d(h); both are scaled by the upstream gradient in backward, one more rounding). `chunk_ce`
-    does one chunk's loss and gradient (_chunk_ce_torch, or the Triton kernel on GPUs)."""
+    does one chunk's loss and gradient (_chunk_ce_torch, or the Triton kernel on GPUs);
+    `accumulate` adds a chunk's d(w) to the fp32 sum (accumulate_mm, or on GPUs a matmul that
+    accumulates into the sum itself: kernels.fp32_accumulating_mm)."""
 
     @staticmethod
-    def forward(ctx, h_TH, w_VH, labels_T, ignore_index: int, chunk: int, chunk_ce):
+    def forward(ctx, h_TH, w_VH, labels_T, ignore_index: int, chunk: int, chunk_ce, accumulate):
         n_valid = (labels_T != ignore_index).sum().to(torch.float32)   # stays on the device
         want_h, want_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         grad_h = torch.empty_like(h_TH) if want_h else None
@@ -215,12 +217,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
             total += loss
             if want_h:
                 grad_h[s:s + chunk] = g_CV @ w_mm
-            if want_w:   # the first chunk's product starts the fp32 sum (no zero-filled [V, H] to add to);
-                # later ones are added as they are (add_ upcasts exactly): on GPUs add_ casts inside
-                # its kernel, so no fp32 [V, H] temporary per chunk (3.7 GB at DeepSeek-V3's head in
-                # bf16); on CPUs TensorIterator still makes one, as `.float()` did
-                dw_VH = g_CV.T @ h_CH
-                grad_w = dw_VH.float() if grad_w is None else grad_w.add_(dw_VH)
+            if want_w:
+                grad_w = accumulate(grad_w, g_CV.T, h_CH)
         if grad_w is not None:
             # held until backward in w's dtype, rounded once here as grad_h is: the fp32 sum would
             # hold 3.7 GB per head call at DeepSeek-V3's head through the whole backward, bf16 half
@@ -237,12 +235,25 @@ class _LinearCrossEntropy(torch.autograd.Function):
         grad_h, grad_w = ctx.saved_tensors
         dh = grad_h.mul_(grad_loss) if grad_h is not None else None
         dw = grad_w.mul_(grad_loss) if grad_w is not None else None
-        return dh, dw, None, None, None, None
+        return dh, dw, None, None, None, None, None
+
+
+def accumulate_mm(acc_VH: Optional[torch.Tensor], a_VC: torch.Tensor, b_CH: torch.Tensor) -> torch.Tensor:
+    """acc + a @ b in fp32 (float64 stays float64); acc None starts the sum, with no zero-filled
+    [V, H] to add to. In fp32 the matmul adds into the sum itself (addmm_, beta 1: no [V, H]
+    product per chunk). A 16-bit product is added as it is (add_ upcasts exactly): on GPUs add_
+    casts inside its kernel, so there is no fp32 copy of it (3.7 GB per chunk at DeepSeek-V3's
+    head); on CPUs TensorIterator still makes one, as `.float()` did."""
+    if a_VC.dtype in (torch.float32, torch.float64):
+        return a_VC @ b_CH if acc_VH is None else acc_VH.addmm_(a_VC, b_CH)
+    ab_VH = a_VC @ b_CH
+    return ab_VH.float() if acc_VH is None else acc_VH.add_(ab_VH)
 
 
 def linear_cross_entropy(h_TH: torch.Tensor, w_VH: torch.Tensor, labels_T: torch.Tensor,
-                         ignore_index: int = -100, chunk: Optional[int] = None, chunk_ce=None) -> torch.Tensor:
+                         ignore_index: int = -100, chunk: Optional[int] = None, chunk_ce=None,
+                         accumulate=None) -> torch.Tensor:
     """The LM head and the mean cross-entropy without [T, V] fp32 logits (see _LinearCrossEntropy)."""
     return _LinearCrossEntropy.apply(h_TH, w_VH, labels_T, ignore_index,
                                      chunk or device_lm_chunk(w_VH.shape[0], h_TH.device.type),
-                                     chunk_ce or _chunk_ce_torch)
+                                     chunk_ce or _chunk_ce_torch, accumulate or accumulate_mm)

@@ -445,6 +445,61 @@ def test_linear_cross_entropy_under_autocast_casts_the_weight_once():
         torch.nn.functional.cross_entropy((hb.detach() @ w.bfloat16().T).float(), y), w)[0], rtol=0.02, atol=2e-3)
 
 
+def test_linear_cross_entropy_in_fp32_adds_each_chunk_into_the_sum():
+    """In fp32 each later chunk's weight gradient goes into the sum by addmm_ (beta 1): no [V, H]
+    product per chunk and no separate add. Only the first chunk's matmul makes a [V, H] tensor,
+    and the gradient is the unfused one."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from megamoe import kernels
+    g = torch.Generator().manual_seed(0)
+    T, H, V, chunk = 23, 16, 50, 5
+    h = torch.randn(T, H, generator=g).requires_grad_()
+    w = (torch.randn(V, H, generator=g) * 0.3).requires_grad_()
+    y = torch.randint(0, V, (T,), generator=g)
+    made = []
+
+    class Ops(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if isinstance(out, torch.Tensor) and out.shape == (V, H):
+                made.append(func.name())
+            return out
+
+    with Ops():
+        loss = kernels.linear_cross_entropy(h, w, y, -100, chunk)
+    assert made[0] == "aten::mm" and made[1:] == ["aten::addmm_"] * (math.ceil(T / chunk) - 1), made
+    ref = torch.nn.functional.cross_entropy(h @ w.T, y)
+    for a, b in zip(torch.autograd.grad(loss, (h, w)), torch.autograd.grad(ref, (h, w))):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+
+
+def test_fused_loss_takes_the_fp32_accumulating_gemm_on_cuda_only(monkeypatch):
+    """fp32_accumulating_mm (CUDA, 16-bit: the matmul adds into the fp32 sum) is chosen only where
+    its probe says torch can run it, never on CPUs; its calls are torch's out_dtype matmuls,
+    checked here on the meta device (no CUDA here): fp32 out, the sum updated in place. With it
+    forced, the fused loss runs end to end (meta: shapes and dtypes) and still hands back d(w) in
+    w's dtype."""
+    from megamoe import kernels
+    assert not kernels.gemm_accumulates_in_fp32(torch.device("cpu"), torch.bfloat16)
+    assert not kernels.gemm_accumulates_in_fp32(torch.device("cuda"), torch.float32)
+    a = torch.empty(50, 5, device="meta", dtype=torch.bfloat16)
+    b = torch.empty(5, 16, device="meta", dtype=torch.bfloat16)
+    acc = kernels.fp32_accumulating_mm(None, a, b)
+    assert acc.dtype == torch.float32 and acc.shape == (50, 16)
+    assert kernels.fp32_accumulating_mm(acc, a, b) is acc
+    calls, real = [], kernels.fp32_accumulating_mm
+    monkeypatch.setattr(kernels, "fp32_accumulating_mm", lambda *args: calls.append(1) or real(*args))
+    monkeypatch.setattr(kernels, "gemm_accumulates_in_fp32", lambda device, dtype: True)
+    monkeypatch.setattr(reference, "autocast_operands", lambda *t: t)   # autocast knows no meta device
+    h = torch.empty(23, 16, device="meta", dtype=torch.bfloat16, requires_grad=True)
+    w = torch.empty(50, 16, device="meta", dtype=torch.bfloat16, requires_grad=True)
+    y = torch.zeros(23, device="meta", dtype=torch.long)
+    dh, dw = torch.autograd.grad(kernels.linear_cross_entropy(h, w, y, -100, 5), (h, w))
+    assert len(calls) == 5                                              # one per chunk of 5 tokens
+    assert dh.dtype == dw.dtype == torch.bfloat16 and dw.shape == w.shape
+
+
 def test_the_training_loss_never_holds_full_vocab_logits():
     """Forward and backward of a model with labels: no tensor as large as [tokens, vocab] (a
     TorchDispatchMode sees every op's output), and the loss is the unfused one."""
