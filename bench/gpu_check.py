@@ -9,7 +9,8 @@ the exit status 1:
               (float64 oracle), forward and backward, bf16 and fp32, at DeepSeek-V3 shapes:
               RMSNorm at 7168 and on a strided latent slice, RoPE with 128 heads, routers 256
               experts top-8 groups 8/4 (sigmoid) and 64 experts top-6 (softmax) over T=16384
-              tokens with a NaN row, the loss at vocabulary 129,280.
+              tokens with a NaN row, the loss at vocabulary 129,280; and the loss's time at its
+              default chunk against one chunk.
   attention   every attention backend that can run, qk 192 / v 128, S=4096, forward and
               backward: agreement with the fp32 eager oracle and time; and forward over packed
               documents (FlashAttention's varlen kernels) against the masked oracle.
@@ -127,6 +128,7 @@ def check_kernels(dev, s: dict) -> list[dict]:
                             [q_pe.to(dev), cos.to(dev), sin.to(dev)], dtype))
         rows += router_rows(dev, s, dtype, g)
         rows.append(loss_row(dev, s, dtype, g))
+    rows.append(loss_chunk_row(dev, s, g))
     kernels.set_backend(None)
     return rows
 
@@ -140,10 +142,30 @@ def loss_row(dev, s: dict, dtype, g) -> dict:
     T, H, V = s["ce_tokens"], s["ce_hidden"], s["ce_vocab"]
     h, w = torch.randn(T, H, generator=g), torch.randn(V, H, generator=g) * 0.05
     y = torch.randint(0, V, (T,), generator=g).to(dev)
-    fused = "fp32 GEMM accumulation" if kernels.gemm_accumulates_in_fp32(dev, dtype) else "16-bit products added"
+    fused = ("fp32 GEMM accumulation" if kernels.gemm_accumulates_in_fp32(dev, dtype)
+             else "addmm_ into the sum" if dtype == torch.float32 else "16-bit products added")
     return compare("kernels", f"fused LM head + loss [{T}, {H}] x vocab {V} ({fused})",
                    lambda a, b: kernels.linear_cross_entropy(a, b, y),
                    lambda a, b: reference.linear_cross_entropy(a, b, y), [h.to(dev), w.to(dev)], dtype)
+
+
+def loss_chunk_row(dev, s: dict, g) -> dict:
+    """The fused loss's time (bf16, forward and backward) at its default chunk and as one chunk:
+    each chunk adds its [V, H] weight gradient into the fp32 sum, which at the default chunk
+    (256 MiB of fp32 logits: 519 tokens at vocabulary 129,280) leaves that matmul memory-bound on
+    its fp32 output. The measurement that decides whether GPUs want larger chunks."""
+    import torch
+
+    from megamoe import kernels
+    from megamoe.kernels.reference import device_lm_chunk
+    T, H, V = s["ce_tokens"], s["ce_hidden"], s["ce_vocab"]
+    h = torch.randn(T, H, generator=g).to(dev, torch.bfloat16).requires_grad_()
+    w = (torch.randn(V, H, generator=g) * 0.05).to(dev, torch.bfloat16).requires_grad_()
+    y = torch.randint(0, V, (T,), generator=g).to(dev)
+    chunk = device_lm_chunk(V, dev.type)
+    ms = {n: 1000 * timed(lambda: kernels.linear_cross_entropy(h, w, y, -100, c).backward(), dev)
+          for n, c in (("default_chunk_ms", chunk), ("one_chunk_ms", T))}
+    return row("kernels", f"fused LM head + loss time, bf16: chunks of {min(chunk, T)} vs one of {T} tokens", True, **ms)
 
 
 def router_rows(dev, s: dict, dtype, g) -> list[dict]:
@@ -429,7 +451,7 @@ PARTS = {"kernels": check_kernels, "attention": check_attention, "syncs": check_
 def table(rows: list[dict]) -> str:
     lines = [f"{'part':<11} {'result':<6} check"]
     for r in rows:
-        keys = [k for k in ("max_rel_err", "documents_max_rel_err", "fwd_bwd_ms", "per_iteration", "cuda_sync_warnings", "max_abs_diff", "tokens_per_s", "mfu",
+        keys = [k for k in ("max_rel_err", "documents_max_rel_err", "fwd_bwd_ms", "per_iteration", "cuda_sync_warnings", "max_abs_diff", "default_chunk_ms", "one_chunk_ms", "tokens_per_s", "mfu",
                             "peak_memory_gb", "planned_gib", "measured_over_planned", "reason") if k in r]
         detail = ", ".join(f"{k}={r[k]:.3g}" if isinstance(r[k], float) else f"{k}={r[k]}" for k in keys)
         lines.append(f"{r['part']:<11} {'ok' if r['ok'] else 'FAIL':<6} {r['name']}" + (f"  ({detail})" if detail else ""))

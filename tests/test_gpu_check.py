@@ -26,6 +26,7 @@ def test_gpu_check_passes_on_the_cpu_at_tiny_shapes(tmp_path):
     assert report["ok"] and {r["part"] for r in report["rows"]} == {"kernels", "attention", "syncs", "end_to_end"}
     names = " | ".join(r["name"] for r in report["rows"])
     for expected in ("rms_norm strided", "rope", "router E=256 top-8 sigmoid groups 8/4", "NaN row", "fused LM head",
+                     "fused LM head + loss time",
                      "sdpa qk192/v128",
                      "MoE layer fwd+bwd", "training loop", "loss falls", "resume at 12", "throughput", "planner"):
         assert expected in names, names
