@@ -30,7 +30,10 @@ def main(argv=None) -> int:
     ap.add_argument("--seq-length", type=int, default=4096)
     ap.add_argument("--recompute", action="store_true", help="activation recompute (--recompute-activations)")
     ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"],
-                    help="cuda: FlashAttention + Triton loss; cpu: what a CPU run saves (SDPA math path)")
+                    help="cuda: FlashAttention + Triton loss; cpu: what a CPU run saves (SDPA's flash kernel on "
+                         "padded head dims, the PyTorch loss chunk)")
+    ap.add_argument("--kernels", default="auto", choices=["auto", "triton", "reference"],
+                    help="the run's MEGAMOE_KERNELS (auto: Triton on cuda); decides what the norms keep")
     ap.add_argument("--reserve", type=float, default=0.10, help="share of memory left to the allocator")
     ap.add_argument("--mfu", type=float, default=0.40, help="model FLOPs utilisation for the tokens/s line")
     ap.add_argument("--peak-tflops", type=float, default=989.0, help="per-GPU dense bf16 peak (H100/H200: 989)")
@@ -52,7 +55,7 @@ def main(argv=None) -> int:
         ds = load_ds_config(args.deepspeed_config)
         setup = Setup.from_ds_config(ds, gpus=args.gpus, gpu_gib=args.gpu_memory, ep=args.ep,
                                      seq_length=args.seq_length, recompute=args.recompute, device=args.device,
-                                     reserve=args.reserve)
+                                     kernels=args.kernels, reserve=args.reserve)
         if args.micro_batch is not None:
             if args.micro_batch < 1:
                 raise ValueError(f"--micro-batch {args.micro_batch}: must be at least 1")

@@ -164,6 +164,11 @@ def _cli(*args):
                           timeout=120, cwd=ROOT)
 
 
+def _activations_gib(out: str) -> float:
+    line = next(ln for ln in out.splitlines() if ln.strip().startswith("activations"))
+    return float(line.split()[1])
+
+
 def test_cli_prints_the_breakdown_and_says_whether_it_fits():
     fits = _cli("--model-config", "deepseek-v2-lite", "--deepspeed-config", "ds_configs/zero2.json",
                 "--gpus", "8", "--ep", "8", "--micro-batch", "1")
@@ -176,5 +181,9 @@ def test_cli_prints_the_breakdown_and_says_whether_it_fits():
     bad = _cli("--model-config", "deepseek-v2-lite", "--deepspeed-config", "ds_configs/zero2.json",
                "--gpus", "3", "--ep", "3")
     assert bad.returncode == 1 and "does not divide n_routed_experts=64" in bad.stderr, bad.stderr
+    # --kernels is the run's MEGAMOE_KERNELS: the PyTorch norms keep fp32 copies the Triton ones do not
+    ref = _cli("--model-config", "deepseek-v2-lite", "--deepspeed-config", "ds_configs/zero2.json",
+               "--gpus", "8", "--ep", "8", "--micro-batch", "1", "--kernels", "reference")
+    assert ref.returncode == 0 and _activations_gib(ref.stdout) > _activations_gib(fits.stdout), ref.stdout
     missing = _cli("--model-config", "deepseek-v2-lite", "--deepspeed-config", "nope.json")
     assert missing.returncode == 1 and "nope.json: file not found" in missing.stderr
