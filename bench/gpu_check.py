@@ -165,7 +165,8 @@ def loss_chunk_row(dev, s: dict, g) -> dict:
     chunk = device_lm_chunk(V, dev.type)
     ms = {n: 1000 * timed(lambda: kernels.linear_cross_entropy(h, w, y, -100, c).backward(), dev)
           for n, c in (("default_chunk_ms", chunk), ("one_chunk_ms", T))}
-    return row("kernels", f"fused LM head + loss time, bf16: chunks of {min(chunk, T)} vs one of {T} tokens", True, **ms)
+    return row("kernels", f"fused LM head + loss time, bf16: chunks of {min(chunk, T)} vs one of {T} tokens", True,
+               **ms)
 
 
 def router_rows(dev, s: dict, dtype, g) -> list[dict]:
@@ -451,8 +452,10 @@ PARTS = {"kernels": check_kernels, "attention": check_attention, "syncs": check_
 def table(rows: list[dict]) -> str:
     lines = [f"{'part':<11} {'result':<6} check"]
     for r in rows:
-        keys = [k for k in ("max_rel_err", "documents_max_rel_err", "fwd_bwd_ms", "per_iteration", "cuda_sync_warnings", "max_abs_diff", "default_chunk_ms", "one_chunk_ms", "tokens_per_s", "mfu",
-                            "peak_memory_gb", "planned_gib", "measured_over_planned", "reason") if k in r]
+        keys = [k for k in ("max_rel_err", "documents_max_rel_err", "fwd_bwd_ms", "per_iteration",
+                            "cuda_sync_warnings", "max_abs_diff", "default_chunk_ms", "one_chunk_ms",
+                            "tokens_per_s", "mfu", "peak_memory_gb", "planned_gib", "measured_over_planned",
+                            "reason") if k in r]
         detail = ", ".join(f"{k}={r[k]:.3g}" if isinstance(r[k], float) else f"{k}={r[k]}" for k in keys)
         lines.append(f"{r['part']:<11} {'ok' if r['ok'] else 'FAIL':<6} {r['name']}" + (f"  ({detail})" if detail else ""))
     return "\n".join(lines)
