@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Callable
 
 ROOT = Path(__file__).resolve().parents[1]   # megamoe itself comes from the install (or make gpu-check's PYTHONPATH)
+ZERO2 = ROOT / "ds_configs" / "zero2.json"    # the config the training runs use, and the planner plans
 
 FULL = dict(T=16384, hidden=7168, latent=512, rope=64, heads=128, B=1, S=4096, attn_heads=16, e2e_seq=4096,
             e2e_micro=4, e2e_iters=50, e2e_save=40, e2e_layers=4, preset="deepseek-v2-lite", peak_n=8192,
@@ -133,15 +134,22 @@ def check_kernels(dev, s: dict) -> list[dict]:
     return rows
 
 
+def _loss_inputs(s: dict, g, dev):
+    """(h [T, H], w [V, H] on the CPU, labels on `dev`) for the fused loss's rows."""
+    import torch
+    T, H, V = s["ce_tokens"], s["ce_hidden"], s["ce_vocab"]
+    h, w = torch.randn(T, H, generator=g), torch.randn(V, H, generator=g) * 0.05
+    return h, w, torch.randint(0, V, (T,), generator=g).to(dev)
+
+
 def loss_row(dev, s: dict, dtype, g) -> dict:
     """The fused LM head + loss (kernels/cross_entropy.py per chunk) at DeepSeek-V3's vocabulary."""
     import torch
 
     from megamoe import kernels
     from megamoe.kernels import reference
-    T, H, V = s["ce_tokens"], s["ce_hidden"], s["ce_vocab"]
-    h, w = torch.randn(T, H, generator=g), torch.randn(V, H, generator=g) * 0.05
-    y = torch.randint(0, V, (T,), generator=g).to(dev)
+    h, w, y = _loss_inputs(s, g, dev)
+    (T, H), V = h.shape, w.shape[0]
     fused = ("fp32 GEMM accumulation" if kernels.gemm_accumulates_in_fp32(dev, dtype)
              else "addmm_ into the sum" if dtype == torch.float32 else "16-bit products added")
     return compare("kernels", f"fused LM head + loss [{T}, {H}] x vocab {V} ({fused})",
@@ -158,10 +166,9 @@ def loss_chunk_row(dev, s: dict, g) -> dict:
 
     from megamoe import kernels
     from megamoe.kernels.reference import device_lm_chunk
-    T, H, V = s["ce_tokens"], s["ce_hidden"], s["ce_vocab"]
-    h = torch.randn(T, H, generator=g).to(dev, torch.bfloat16).requires_grad_()
-    w = (torch.randn(V, H, generator=g) * 0.05).to(dev, torch.bfloat16).requires_grad_()
-    y = torch.randint(0, V, (T,), generator=g).to(dev)
+    h, w, y = (t.to(dev, torch.bfloat16).requires_grad_() if t.is_floating_point() else t
+               for t in _loss_inputs(s, g, dev))
+    T, V = h.shape[0], w.shape[0]
     chunk = device_lm_chunk(V, dev.type)
     ms = {n: 1000 * timed(lambda: kernels.linear_cross_entropy(h, w, y, -100, c).backward(), dev)
           for n, c in (("default_chunk_ms", chunk), ("one_chunk_ms", T))}
@@ -341,7 +348,7 @@ def loop_sync_rows(dev) -> list[dict]:
         script.write_text(LOOP_AUDIT)
         out = run_py([str(script), "--model-config", "tiny", "--data-path", data, "--seq-length", "64",
                       "--train-iters", "11", "--lr", "1e-3", "--log-interval", "5", "--eval-iters", "0",
-                      "--deepspeed", str(ROOT / "ds_configs" / "zero2.json")], timeout=600)
+                      "--deepspeed", str(ZERO2)], timeout=600)
     line = next((ln for ln in out.splitlines() if ln.startswith("SYNCS ")), None)
     if line is None:
         return [row("syncs", "training loop", False, output=out[-3000:])]
@@ -380,7 +387,7 @@ def pretrain(s: dict, data: str, tb: Path, extra: list[str]) -> str:
                    "--micro-batch-size", str(s["e2e_micro"]), "--global-batch-size", str(s["e2e_micro"]),
                    "--train-iters", str(s["e2e_iters"]), "--lr", s["lr"], "--lr-warmup-iters", s["warmup"],
                    "--log-interval", "10", "--eval-interval", "20", "--eval-iters", "2",
-                   "--tensorboard-dir", str(tb), "--deepspeed", str(ROOT / "ds_configs" / "zero2.json"), *extra],
+                   "--tensorboard-dir", str(tb), "--deepspeed", str(ZERO2), *extra],
                   timeout=420)
 
 
@@ -428,7 +435,7 @@ def planner_row(cfg, s: dict, dev, measured_gib) -> dict:
     does not count: the tests compare it there against peaks above a baseline instead."""
     from megamoe import plan as P
     from megamoe.train_config import load_ds_config
-    setup = P.Setup.from_ds_config(load_ds_config(str(ROOT / "ds_configs" / "zero2.json")), gpus=1, ep=1,
+    setup = P.Setup.from_ds_config(load_ds_config(str(ZERO2)), gpus=1, ep=1,
                                    micro_batch=s["e2e_micro"], seq_length=s["e2e_seq"], device=dev.type)
     planned = P.plan(cfg, setup).total / 2 ** 30
     if dev.type != "cuda" or measured_gib is None:

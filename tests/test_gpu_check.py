@@ -39,18 +39,24 @@ def test_gpu_check_without_a_gpu_says_so_and_exits_0():
     assert p.returncode == 0 and "no CUDA GPU here" in p.stdout, p.stdout + p.stderr
 
 
+def _gpu_check_module():
+    """bench/gpu_check.py as a module (a script, not part of the package), for its row functions."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("gpu_check", ROOT / "bench" / "gpu_check.py")
+    gpu_check = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gpu_check)
+    return gpu_check
+
+
 def test_the_padded_sdpa_row_agrees_with_the_oracle():
     """The CUDA-only row (SDPA on v padded to 192, timed next to the sdpa backend), run here on CPU
     tensors so that its first run on a GPU is not its first run."""
     import importlib
-    import importlib.util
 
     import torch
 
     from megamoe.kernels import reference
-    spec = importlib.util.spec_from_file_location("gpu_check", ROOT / "bench" / "gpu_check.py")
-    gpu_check = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(gpu_check)
+    gpu_check = _gpu_check_module()
     attn = importlib.import_module("megamoe.kernels.attention")
     g = torch.Generator().manual_seed(0)
     q, k = (torch.randn(1, 16, 2, 192, generator=g) for _ in range(2))
@@ -62,14 +68,10 @@ def test_the_padded_sdpa_row_agrees_with_the_oracle():
 def test_the_planner_row_holds_the_measured_cuda_peak_to_15_percent():
     """The CUDA-only comparison of the end-to-end run's tensor peak with megamoe-plan's figure for
     the same setup, fed numbers here: it passes within 15% of the plan and fails outside."""
-    import importlib.util
-
     import torch
 
     from megamoe.config import ModelConfig
-    spec = importlib.util.spec_from_file_location("gpu_check", ROOT / "bench" / "gpu_check.py")
-    gpu_check = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(gpu_check)
+    gpu_check = _gpu_check_module()
     s = gpu_check.FULL
     cfg = ModelConfig.load(s["preset"], num_hidden_layers=s["e2e_layers"])
     cuda = torch.device("cuda")          # only named: the planner allocates nothing
